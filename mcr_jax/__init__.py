@@ -1,0 +1,45 @@
+"""mcr_jax: the Multimodal Competition Regularizer (MCR) and balanced multimodal learning in JAX.
+
+The pure losses and the competition game are available at the top level::
+
+    import mcr_jax
+    d = mcr_jax.mipd_divergences(clean_logits, fuse_fn, [z_audio, z_video], perms)
+    tx = mcr_jax.competition(optax.adam(1e-4), players=players, strategy="greedy", weight=0.1)
+"""
+
+from mcr_jax import losses
+from mcr_jax.game import (
+    SHARED,
+    STRATEGIES,
+    CompetitionState,
+    assign_players,
+    combine_mipd_grads,
+    competition,
+    game_mipd_divergences,
+    per_term_grads,
+    scale_gradient,
+    scale_shared_params,
+    shared_weight,
+    strategy_k,
+)
+from mcr_jax.losses import *  # noqa: F403
+from mcr_jax.losses import __all__ as _losses_all
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SHARED",
+    "STRATEGIES",
+    "CompetitionState",
+    "assign_players",
+    "combine_mipd_grads",
+    "competition",
+    "game_mipd_divergences",
+    "losses",
+    "per_term_grads",
+    "scale_gradient",
+    "scale_shared_params",
+    "shared_weight",
+    "strategy_k",
+    *_losses_all,
+]

@@ -1,0 +1,299 @@
+r"""The competition game: how the modalities' MIPD gradients are combined (SPEC.md §4).
+
+Players are the modalities. Player ``m`` owns its encoder (and, for separable fusions such as
+linear late fusion, its own fusion branch ``W_m``). With :math:`k \in \{-1, 0, +1\}` and weight
+:math:`\lambda_M`, the MIPD terms :math:`L_j = -D_j` reach player ``m``'s parameters as
+
+.. math::
+   g_{\theta_m} = \lambda_M \Big( \nabla_{\theta_m} L_m + k \sum_{j \ne m} \nabla_{\theta_m} L_j \Big),
+
+where :math:`\nabla_{\theta_m} L_j` is taken through the *perturbed* prediction of term ``j``.
+Everything both sides of the game see — the clean prediction and parameters owned by no player
+(a shared fusion bias, the layers of a non-separable fusion head) — receives the plain gradient
+times :math:`s(k)`: ``s = 0`` for greedy (the two sides' contributions cancel exactly, as in the
+reference code, so stopping the clean prediction's gradient is exact) and ``s = 1`` for
+independent and collaborative (collaborative is then exactly the plain gradient of
+:math:`\sum_m L_m`).
+
+- **greedy** (``k = -1``, default): each modality raises the effect of perturbing its own latent and
+  lowers the effect of perturbing the others — a min–max game.
+- **independent** (``k = 0``): each player sees only its own term.
+- **collaborative** (``k = +1``): the plain gradient of :math:`\sum_m L_m`.
+
+There is no adaptive weighting: :math:`\lambda_M` is constant; the balancing is the sign structure.
+
+Two equivalent implementations:
+
+1. :func:`competition`, an optax gradient transformation. Its ``update`` takes the per-term
+   gradients ``mipd_grads`` (leaves with a leading axis ``M``: the gradient of each ``L_j`` through
+   the perturbed prediction, the clean prediction under ``stop_gradient``), combines them with
+   :func:`combine_mipd_grads` and adds ``weight ×`` the result to the incoming gradient before the
+   inner optimizer. The clean-prediction path (``s = 1`` strategies) belongs to the rest of the loss.
+2. The single-backward form: :func:`scale_gradient` (identity forward, cotangent × ``k``) on every
+   non-perturbed latent inside the perturbed predictions, × ``s`` on the clean prediction and on the
+   shared parameters used by the perturbed predictions. One ordinary backward pass of
+   :math:`\lambda_M \sum_m L_m` then yields exactly the rule above (:func:`game_mipd_divergences`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mcr_jax.losses.mipd import mipd_divergences
+
+SHARED = -1
+STRATEGIES: dict[str, float] = {"greedy": -1.0, "independent": 0.0, "collaborative": 1.0}
+
+
+def strategy_k(strategy: str | float) -> float:
+    """The game coefficient ``k`` of a strategy name (or of ``k`` itself: -1, 0 or +1)."""
+    if isinstance(strategy, str):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown game strategy {strategy!r}; use one of {tuple(STRATEGIES)} or k in (-1, 0, 1).")
+        return STRATEGIES[strategy]
+    k = float(strategy)
+    if k not in (-1.0, 0.0, 1.0):
+        raise ValueError(f"the game coefficient k must be -1 (greedy), 0 (independent) or +1 (collaborative); got {k}.")
+    return k
+
+
+def shared_weight(strategy: str | float) -> float:
+    """``s(k)``: the weight of the clean-prediction path and of unowned parameters (0 greedy, else 1)."""
+    return 0.0 if strategy_k(strategy) < 0 else 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# The single-backward form.
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _scale_grad(x, k):
+    return x
+
+
+def _scale_grad_fwd(x, k):
+    return x, None
+
+
+def _scale_grad_bwd(k, _, g):
+    return (jax.tree.map(lambda t: t * jnp.asarray(k, t.dtype), g),)
+
+
+_scale_grad.defvjp(_scale_grad_fwd, _scale_grad_bwd)
+
+
+def scale_gradient(x: Any, k: float) -> Any:
+    """Identity in the forward pass; multiplies the cotangent by ``k`` in the backward pass.
+
+    ``k = 0`` is ``stop_gradient`` and ``k = 1`` the identity (both without a custom rule).
+    Works on any pytree of arrays.
+    """
+    k = float(k)
+    if k == 1.0:
+        return x
+    if k == 0.0:
+        return jax.lax.stop_gradient(x)
+    return _scale_grad(x, k)
+
+
+def scale_shared_params(params: Any, players: Any, strategy: str | float) -> Any:
+    """Scales the gradient of every parameter owned by no player by ``s(k)`` (single-backward form).
+
+    Apply to the parameters that the perturbed predictions use (e.g. a shared fusion bias).
+    """
+    s = shared_weight(strategy)
+    return jax.tree.map(lambda p, owner: scale_gradient(p, s) if owner == SHARED else p, params, players)
+
+
+def game_mipd_divergences(
+    clean_logits: jax.Array,
+    fuse_fn: Callable[[list[jax.Array]], jax.Array],
+    latents: Sequence[jax.Array],
+    permutations: jax.Array | None = None,
+    *,
+    strategy: str | float = "greedy",
+    **mipd_kwargs,
+) -> jax.Array:
+    """:func:`mcr_jax.losses.mipd_divergences` wired for the single-backward game.
+
+    The clean logits get gradient scale ``s(k)`` and every non-perturbed latent inside the
+    perturbed predictions gets ``k``. ``fuse_fn`` must already use parameters passed through
+    :func:`scale_shared_params`. The returned values equal the plain divergences ``[M]``; only
+    the gradient of ``-weight * sum(D)`` is shaped by the game.
+    """
+    k = strategy_k(strategy)
+    s = shared_weight(strategy)
+    return mipd_divergences(
+        scale_gradient(clean_logits, s),
+        fuse_fn,
+        latents,
+        permutations,
+        nonperturbed_transform=lambda z: scale_gradient(z, k),
+        **mipd_kwargs,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The optax form.
+
+
+def combine_mipd_grads(mipd_grads: Any, players: Any, strategy: str | float) -> Any:
+    """Combines per-term gradients by the game rule.
+
+    Args:
+      mipd_grads: pytree like the parameters whose leaves carry a leading axis ``M``: entry ``j``
+        is the gradient of ``L_MIPD_j``.
+      players: pytree like the parameters with int leaves: the owning modality's index, or
+        ``SHARED`` (-1).
+      strategy: ``"greedy"``, ``"independent"``, ``"collaborative"`` or ``k``.
+
+    Returns:
+      pytree like the parameters: ``g_m + k·(Σ_j g_j − g_m)`` for player ``m``'s leaves and
+      ``s(k)·Σ_j g_j`` for shared leaves (not yet multiplied by the weight).
+    """
+    k = strategy_k(strategy)
+    s = shared_weight(strategy)
+
+    def combine(g, owner):
+        if owner == SHARED:
+            return s * jnp.sum(g, axis=0)
+        if not 0 <= owner < g.shape[0]:
+            raise ValueError(f"player index {owner} is out of range for per-term gradients with M={g.shape[0]}.")
+        own = g[owner]
+        return own + k * (jnp.sum(g, axis=0) - own)
+
+    try:
+        return jax.tree.map(combine, mipd_grads, players)
+    except ValueError as err:
+        if "player index" in str(err):
+            raise
+        raise ValueError(
+            "mipd_grads and players must have the parameters' tree structure; "
+            f"got {jax.tree.structure(mipd_grads)} and {jax.tree.structure(players)}."
+        ) from err
+
+
+class CompetitionState(NamedTuple):
+    """State of :func:`competition`: the inner optimizer's state only (the game is stateless)."""
+
+    inner_state: optax.OptState
+
+
+def competition(
+    inner: optax.GradientTransformation,
+    *,
+    players: Any,
+    strategy: str | float = "greedy",
+    weight: float | jax.Array = 0.1,
+) -> optax.GradientTransformationExtraArgs:
+    """Wraps an optimizer so that MIPD gradients are combined by the competition game first.
+
+    ``update(grads, state, params, *, mipd_grads, **extra)`` returns the inner optimizer's update
+    of ``grads + weight * combine_mipd_grads(mipd_grads, players, strategy)``, where ``grads`` is
+    the gradient of the rest of the loss (task CE, unimodal CEs, contrastive, CEB and, for
+    ``s(k) = 1`` strategies, the clean-prediction path of the MIPD terms).
+
+    ``weight`` can be injected: ``optax.inject_hyperparams(competition)(inner, players=..., weight=0.1)``.
+    With ``nnx.Optimizer``, pass the keyword through: ``optimizer.update(model, grads, mipd_grads=...)``.
+
+    Args:
+      inner: the optimizer that receives the combined gradient.
+      players: pytree like the parameters with int leaves (see :func:`assign_players`).
+      strategy: ``"greedy"`` (default), ``"independent"``, ``"collaborative"`` or ``k``.
+      weight: ``lambda_M``.
+    """
+    strategy_k(strategy)  # validate early
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        return CompetitionState(inner_state=inner.init(params))
+
+    def update_fn(updates, state, params=None, *, mipd_grads=None, **extra_args):
+        if mipd_grads is None:
+            raise ValueError(
+                "competition.update needs mipd_grads=: the per-term MIPD gradients (leaves with a leading axis M)."
+            )
+        combined = combine_mipd_grads(mipd_grads, players, strategy)
+        updates = jax.tree.map(lambda g, c: g + jnp.asarray(weight, g.dtype) * c.astype(g.dtype), updates, combined)
+        new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+        return new_updates, CompetitionState(inner_state=inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------------
+# Players.
+
+
+def _path_keys(path) -> list[str]:
+    keys = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                keys.append(str(getattr(entry, attr)))
+                break
+        else:
+            keys.append(str(entry))
+    return keys
+
+
+def assign_players(
+    params: Any,
+    modalities: Sequence[str],
+    *,
+    patterns: Mapping[str, Sequence[str]] | None = None,
+) -> Any:
+    """Labels every parameter leaf with its owning modality's index, or ``SHARED``.
+
+    By default a leaf belongs to modality ``m`` when ``modalities[m]`` is one of the keys on its
+    path (``encoders/audio/...``, ``fusion/branches/audio/kernel``). ``patterns`` maps a modality
+    to regular expressions matched (``re.search``) against the ``/``-joined path instead.
+
+    Args:
+      params: a parameter pytree, or an ``nnx.Module`` (its ``nnx.Param`` state is used).
+      modalities: ordered modality names; the index is the player id.
+      patterns: optional ``{modality: [regex, ...]}``.
+
+    Returns:
+      a pytree like ``params`` with int leaves.
+    """
+    if len(modalities) < 2:
+        raise ValueError(f"the game needs at least 2 modalities; got {list(modalities)}.")
+    try:
+        from flax import nnx
+
+        if isinstance(params, nnx.Module):
+            params = nnx.as_pure(nnx.state(params, nnx.Param))
+    except ImportError:  # pragma: no cover - flax is a dependency
+        pass
+    compiled = None
+    if patterns is not None:
+        unknown = set(patterns) - set(modalities)
+        if unknown:
+            raise ValueError(f"patterns name unknown modalities {sorted(unknown)}; modalities are {list(modalities)}.")
+        compiled = {m: [re.compile(p) for p in patterns[m]] for m in patterns}
+
+    def owner(path, _leaf):
+        keys = _path_keys(path)
+        joined = "/".join(keys)
+        if compiled is not None:
+            hits = [i for i, m in enumerate(modalities) if any(r.search(joined) for r in compiled.get(m, ()))]
+        else:
+            hits = [i for i, m in enumerate(modalities) if m in keys]
+        if len(hits) > 1:
+            raise ValueError(f"parameter {joined!r} matches several modalities {[modalities[i] for i in hits]}.")
+        return hits[0] if hits else SHARED
+
+    return jax.tree_util.tree_map_with_path(owner, params)
+
+
+def per_term_grads(loss_terms_fn: Callable[[Any], jax.Array], params: Any) -> Any:
+    """Per-term gradients of a vector-valued loss ``params -> [M]``: leaves ``[M, ...]`` (``jacrev``)."""
+    return jax.jacrev(loss_terms_fn)(params)

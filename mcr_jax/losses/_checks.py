@@ -1,0 +1,43 @@
+"""Shape and argument checks shared by the losses (trace-time only: they cost nothing under jit)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+
+
+def shape_of(x) -> tuple[int, ...]:
+    return tuple(jax.numpy.shape(x))
+
+
+def require_same_shape(a, b, name_a: str, name_b: str) -> None:
+    if shape_of(a) != shape_of(b):
+        raise ValueError(f"{name_a} has shape {shape_of(a)} but {name_b} has shape {shape_of(b)}; they must match.")
+
+
+def require_rank(x, rank: int, name: str, layout: str) -> None:
+    if len(shape_of(x)) != rank:
+        raise ValueError(f"{name} must have rank {rank} ({layout}); got shape {shape_of(x)}.")
+
+
+def require_min_rank(x, rank: int, name: str, layout: str) -> None:
+    if len(shape_of(x)) < rank:
+        raise ValueError(f"{name} must have rank >= {rank} ({layout}); got shape {shape_of(x)}.")
+
+
+def require_modalities(latents: Sequence, name: str = "latents") -> int:
+    if isinstance(latents, dict):
+        raise TypeError(f"{name} must be a sequence (list/tuple) ordered by modality, not a dict.")
+    m = len(latents)
+    if m < 2:
+        raise ValueError(f"{name} holds {m} modality; MCR needs at least 2 modalities.")
+    return m
+
+
+def require_same_batch(latents: Sequence, name: str = "latents") -> int:
+    sizes = [shape_of(z)[0] if len(shape_of(z)) else None for z in latents]
+    if any(s is None for s in sizes) or len(set(sizes)) != 1:
+        shapes = ", ".join(str(shape_of(z)) for z in latents)
+        raise ValueError(f"every entry of {name} must share the leading batch axis [B, ...]; got shapes {shapes}.")
+    return sizes[0]

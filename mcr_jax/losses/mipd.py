@@ -1,0 +1,265 @@
+r"""The unique-information term: MIPD estimated by perturbing one modality's latent.
+
+For modality :math:`m` the Mutual Information Perturbation Difference is lower-bounded through the
+divergence between the clean prediction and the prediction with :math:`z_m` replaced by a sample
+from its marginal (SPEC.md §3; Kontras et al. 2025, §3.2):
+
+.. math::
+   D_m = \mathbb{E}_{\sigma}\Big[\tfrac{1}{B}\sum_b
+         \mathrm{JSD}\big(p(y \mid z_1, \dots, z_M)_b \,\|\,
+                          p(y \mid z_1, \dots, z_m^{\sigma}, \dots, z_M)_b\big)\Big],
+   \qquad L^{\mathrm{MIPD}}_m = -D_m,
+
+where :math:`z_m^{\sigma} = z_m[\sigma]` for a random permutation :math:`\sigma` of the batch rows.
+With ``S`` permutations the fusion head runs once on ``S·B`` stacked rows per modality (no Python
+loop over ``S``).
+
+Cheap permutations. ``jax.random.permutation`` is a sort; drawing ``S`` of them per step costs
+more than a small model's whole step on a CPU. :func:`sample_permutations` therefore defaults to
+``method="shift"``: one uniform permutation :math:`\pi` of the batch, conjugated with ``S``
+independent cyclic shifts, :math:`\sigma_s = \pi \circ (\cdot + r_s) \circ \pi^{-1}`. Each
+:math:`\sigma_s(b)` is uniform over the batch (over the other rows for a derangement, i.e.
+:math:`r_s \ne 0`), exactly the per-row marginal of a uniform permutation (derangement), so the
+expected MIPD estimate is unchanged; only the correlation between the ``S`` samples differs.
+``method="uniform"`` draws ``S`` independent uniform permutations (uniform derangements by
+rejection) for studies that want the reference's sampler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from mcr_jax.losses._checks import require_modalities, require_rank, require_same_batch, shape_of
+from mcr_jax.losses.divergences import DIVERGENCES
+
+PERTURBATIONS = ("permute", "noise", "zero")
+
+
+def sample_permutations(
+    key: jax.Array,
+    num_samples: int,
+    batch_size: int,
+    *,
+    derangement: bool = False,
+    method: str = "shift",
+) -> jax.Array:
+    """Draws ``S`` permutations of ``B`` batch rows.
+
+    Args:
+      key: a PRNG key.
+      num_samples: ``S >= 1``.
+      batch_size: ``B >= 1`` (``>= 2`` for a derangement).
+      derangement: forbid fixed points (``sigma(b) != b``).
+      method: ``"shift"`` (cheap; one sort of ``B`` per call, see the module docstring) or
+        ``"uniform"`` (``S`` independent uniform permutations; one sort each).
+
+    Returns:
+      ``[S, B]`` int32; row ``s`` is a permutation of ``0..B-1``.
+    """
+    num_samples, batch_size = int(num_samples), int(batch_size)
+    if num_samples < 1:
+        raise ValueError(f"num_samples (S) must be >= 1; got {num_samples}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size (B) must be >= 1; got {batch_size}.")
+    if derangement and batch_size < 2:
+        raise ValueError(f"a derangement needs batch_size >= 2; got {batch_size}.")
+    if method == "shift":
+        key_pi, key_r = jax.random.split(key)
+        pi = jax.random.permutation(key_pi, batch_size).astype(jnp.int32)
+        inv = jnp.zeros_like(pi).at[pi].set(jnp.arange(batch_size, dtype=jnp.int32))
+        low = 1 if derangement else 0
+        shifts = jax.random.randint(key_r, (num_samples, 1), low, batch_size, dtype=jnp.int32)
+        return pi[(inv[None, :] + shifts) % batch_size]
+    if method == "uniform":
+        keys = jax.random.split(key, num_samples)
+        if not derangement:
+            return jax.vmap(lambda k: jax.random.permutation(k, batch_size).astype(jnp.int32))(keys)
+        return jax.vmap(lambda k: _uniform_derangement(k, batch_size))(keys)
+    raise ValueError(f"unknown permutation method {method!r}; use 'shift' or 'uniform'.")
+
+
+def _uniform_derangement(key: jax.Array, batch_size: int) -> jax.Array:
+    """A uniform derangement by rejection (about e ≈ 2.7 draws on average)."""
+    arange = jnp.arange(batch_size, dtype=jnp.int32)
+
+    def draw(k):
+        return jax.random.permutation(k, batch_size).astype(jnp.int32)
+
+    def cond(carry):
+        _, perm = carry
+        return jnp.any(perm == arange)
+
+    def body(carry):
+        k, _ = carry
+        k, sub = jax.random.split(k)
+        return k, draw(sub)
+
+    k0, sub0 = jax.random.split(key)
+    _, perm = jax.lax.while_loop(cond, body, (k0, draw(sub0)))
+    return perm
+
+
+def perturb_latent(
+    z: jax.Array,
+    *,
+    kind: str = "permute",
+    permutations: jax.Array | None = None,
+    key: jax.Array | None = None,
+    num_samples: int | None = None,
+    noise_scale: float = 1.0,
+) -> jax.Array:
+    r"""Builds ``S`` perturbed copies of one modality's latent.
+
+    - ``"permute"``: :math:`\tilde z_s = z[\sigma_s]` (needs ``permutations [S, B]``);
+    - ``"noise"``: :math:`\tilde z_s = z + \text{noise\_scale}\cdot \mathrm{std}_B(z) \odot \epsilon_s`,
+      :math:`\epsilon_s \sim \mathcal N(0, I)`, the std taken over the batch per feature (needs
+      ``key`` and ``num_samples``);
+    - ``"zero"``: :math:`\tilde z_s = 0` (every sample is the same; ``S`` copies are returned so
+      the shapes agree with the other kinds).
+
+    Args:
+      z: ``[B, ...]`` latent (or branch output) of one modality.
+
+    Returns:
+      ``[S, B, ...]`` perturbed latents.
+    """
+    if kind == "permute":
+        if permutations is None:
+            raise ValueError("perturbation 'permute' needs permutations [S, B].")
+        require_rank(permutations, 2, "permutations", "[S, B]")
+        if shape_of(permutations)[1] != shape_of(z)[0]:
+            raise ValueError(
+                f"permutations has shape {shape_of(permutations)} but the latent has shape {shape_of(z)}; "
+                "the permutations' second axis must equal the batch size B."
+            )
+        return z[permutations]
+    if num_samples is None:
+        num_samples = 1 if permutations is None else shape_of(permutations)[0]
+    if num_samples < 1:
+        raise ValueError(f"num_samples (S) must be >= 1; got {num_samples}.")
+    if kind == "noise":
+        if key is None:
+            raise ValueError("perturbation 'noise' needs a PRNG key.")
+        std = jax.lax.stop_gradient(jnp.std(z, axis=0, keepdims=True))
+        eps = jax.random.normal(key, (num_samples,) + shape_of(z), dtype=z.dtype)
+        return z[None] + noise_scale * std[None] * eps
+    if kind == "zero":
+        return jnp.zeros((num_samples,) + shape_of(z), dtype=z.dtype)
+    raise ValueError(f"unknown perturbation {kind!r}; use one of {PERTURBATIONS}.")
+
+
+def mipd_divergences(
+    clean_logits: jax.Array,
+    fuse_fn: Callable[[list[jax.Array]], jax.Array],
+    latents: Sequence[jax.Array],
+    permutations: jax.Array | None = None,
+    *,
+    divergence: str = "jsd",
+    perturbation: str = "permute",
+    key: jax.Array | None = None,
+    num_samples: int | None = None,
+    noise_scale: float = 1.0,
+    permuted_latents: Sequence[jax.Array] | None = None,
+    nonperturbed_transform: Callable[[jax.Array], jax.Array] | None = None,
+    stop_perturbed: bool = False,
+) -> jax.Array:
+    r"""Per-modality divergence :math:`D_m` between clean and perturbed predictions (SPEC.md §3).
+
+    For each modality ``m`` the fusion head runs once on ``S·B`` stacked rows: the perturbed
+    latent of ``m`` and the other modalities' latents tiled ``S`` times. The result is averaged
+    over the ``S·B`` rows. ``L_MIPD_m = -D_m``; the game (``mcr_jax.game``) decides how the ``M``
+    terms' gradients are combined.
+
+    Args:
+      clean_logits: ``[B, C]`` fused logits of the clean pass (regression: ``[B, K]`` predictions).
+        Pass ``jax.lax.stop_gradient(...)`` to keep MIPD gradients away from the clean prediction
+        (exact under the greedy game).
+      fuse_fn: maps a list of ``M`` arrays ``[N, ...]`` (ordered like ``latents``) to ``[N, C]``.
+        For linear late fusion pass per-modality *branch logits* ``z_m W_m`` as ``latents`` and a
+        ``fuse_fn`` that sums them and adds the bias: the same predictions and gradients with
+        ``S·B·C`` instead of ``S·B·D·C`` work.
+      latents: ``M >= 2`` arrays ``[B, ...]``, one per modality, from the clean pass.
+      permutations: ``[S, B]`` int32 (for ``perturbation="permute"``).
+      divergence: ``"jsd"`` (classification, default), ``"kl"`` or ``"mse"`` (regression).
+      perturbation: ``"permute"`` (default), ``"noise"`` or ``"zero"``; see :func:`perturb_latent`.
+      key: PRNG key for ``"noise"`` (split per modality).
+      num_samples: ``S`` for ``"noise"``/``"zero"`` when no permutations are given.
+      noise_scale: multiplier of the batch std for ``"noise"``.
+      permuted_latents: optional ``M`` arrays ``[B, ...]`` to perturb instead of ``latents`` (the
+        reference's second encoder pass in evaluation mode).
+      nonperturbed_transform: applied to every non-perturbed latent inside the perturbed
+        predictions; the single-backward game passes its gradient-scaling identity here.
+      stop_perturbed: stop the gradient of the perturbed predictions, leaving only the path
+        through ``clean_logits`` (the clean-prediction part of the game's optax form).
+
+    Returns:
+      ``[M]`` divergences ``D_m`` (each in ``[0, ln 2]`` for the JSD).
+    """
+    num_modalities = require_modalities(latents)
+    batch = require_same_batch(latents)
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; use one of {tuple(DIVERGENCES)}.")
+    require_rank(clean_logits, 2, "clean_logits", "[B, C]")
+    if shape_of(clean_logits)[0] != batch:
+        raise ValueError(
+            f"clean_logits has shape {shape_of(clean_logits)} but the latents have batch size {batch} "
+            f"(first latent shape {shape_of(latents[0])})."
+        )
+    if permuted_latents is not None:
+        if len(permuted_latents) != num_modalities:
+            raise ValueError(
+                f"permuted_latents holds {len(permuted_latents)} arrays but latents holds {num_modalities}."
+            )
+        for m, (a, b) in enumerate(zip(latents, permuted_latents, strict=True)):
+            if shape_of(a) != shape_of(b):
+                raise ValueError(f"permuted_latents[{m}] has shape {shape_of(b)} but latents[{m}] has {shape_of(a)}.")
+    if perturbation == "permute" and permutations is None:
+        raise ValueError("perturbation 'permute' needs permutations [S, B]; see sample_permutations.")
+    if perturbation == "noise" and key is None:
+        raise ValueError("perturbation 'noise' needs a PRNG key.")
+    if permutations is not None:
+        num_samples = shape_of(permutations)[0]
+    elif num_samples is None:
+        num_samples = 1
+    keys = jax.random.split(key, num_modalities) if key is not None else [None] * num_modalities
+    transform = nonperturbed_transform or (lambda x: x)
+    div = DIVERGENCES[divergence]
+    clean_rep = jnp.broadcast_to(clean_logits[None], (num_samples,) + shape_of(clean_logits))
+    clean_rep = clean_rep.reshape((num_samples * batch,) + shape_of(clean_logits)[1:])
+
+    out = []
+    for m in range(num_modalities):
+        source = latents[m] if permuted_latents is None else permuted_latents[m]
+        perturbed = perturb_latent(
+            source,
+            kind=perturbation,
+            permutations=permutations,
+            key=keys[m],
+            num_samples=num_samples,
+            noise_scale=noise_scale,
+        )
+        inputs = []
+        for i, z in enumerate(latents):
+            if i == m:
+                zi = perturbed
+            else:
+                zi = jnp.broadcast_to(transform(z)[None], (num_samples,) + shape_of(z))
+            inputs.append(zi.reshape((num_samples * batch,) + shape_of(z)[1:]))
+        perturbed_logits = fuse_fn(inputs)
+        if stop_perturbed:
+            perturbed_logits = jax.lax.stop_gradient(perturbed_logits)
+        if shape_of(perturbed_logits) != shape_of(clean_rep):
+            raise ValueError(
+                f"fuse_fn returned shape {shape_of(perturbed_logits)} for {num_samples * batch} stacked rows; "
+                f"expected {shape_of(clean_rep)} to match clean_logits {shape_of(clean_logits)}."
+            )
+        out.append(jnp.mean(div(clean_rep, perturbed_logits)))
+    return jnp.stack(out)
+
+
+def mipd_loss(divergences: jax.Array) -> jax.Array:
+    """``L_MIPD_m = -D_m`` for every modality: ``[M] -> [M]``."""
+    return -divergences

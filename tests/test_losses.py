@@ -1,0 +1,401 @@
+"""The pure losses against plain float64 NumPy versions, plus the jit/vmap/gradient contracts."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mcr_jax
+from mcr_jax import losses
+from tests import numpy_refs as ref
+
+RTOL = 1e-5
+ATOL = 1e-6
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def mlp_fuse_params(dims, hidden, classes, seed=0):
+    r = _rng(seed)
+    return {
+        "w1": r.normal(size=(sum(dims), hidden)).astype(np.float32) / np.sqrt(sum(dims)),
+        "b1": r.normal(size=(hidden,)).astype(np.float32) * 0.1,
+        "w2": r.normal(size=(hidden, classes)).astype(np.float32),
+    }
+
+
+def jax_mlp_fuse(params):
+    def fuse(zs):
+        h = jnp.tanh(jnp.concatenate(zs, axis=-1) @ params["w1"] + params["b1"][None])
+        return h @ params["w2"]
+
+    return fuse
+
+
+def numpy_mlp_fuse(params):
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+
+    def fuse(zs):
+        h = np.tanh(np.concatenate(zs, axis=-1) @ p["w1"] + p["b1"][None])
+        return h @ p["w2"]
+
+    return fuse
+
+
+# ---------------------------------------------------------------------------------- divergences
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (2, 3, 4)], ids=["BxC", "AxBxC"])
+def test_jsd_matches_numpy(shape):
+    r = _rng(1)
+    p, q = r.normal(size=shape) * 3, r.normal(size=shape) * 3
+    got = losses.jsd_from_logits(jnp.asarray(p, jnp.float32), jnp.asarray(q, jnp.float32))
+    np.testing.assert_allclose(got, ref.jsd_rows(p, q), rtol=1e-4, atol=1e-6)
+
+
+def test_kl_and_squared_difference_match_numpy():
+    r = _rng(2)
+    p, q = r.normal(size=(5, 4)), r.normal(size=(5, 4))
+    np.testing.assert_allclose(losses.kl_from_logits(jnp.asarray(p), jnp.asarray(q)), ref.kl_rows(p, q), rtol=1e-4)
+    np.testing.assert_allclose(
+        losses.squared_difference(jnp.asarray(p), jnp.asarray(q)), np.mean((p - q) ** 2, axis=-1), rtol=1e-5
+    )
+
+
+def test_jsd_bounds_identity_and_disjoint():
+    r = _rng(3)
+    p = jnp.asarray(r.normal(size=(64, 7)) * 5, jnp.float32)
+    q = jnp.asarray(r.normal(size=(64, 7)) * 5, jnp.float32)
+    d = losses.jsd_from_logits(p, q)
+    assert bool(jnp.all(d >= 0)) and bool(jnp.all(d <= math.log(2)))
+    np.testing.assert_allclose(losses.jsd_from_logits(p, p), 0.0, atol=1e-7)
+    # Two one-hot distributions on different classes: the JSD reaches ln 2.
+    a = jnp.array([[1e4, -1e4, 0.0]])
+    b = jnp.array([[-1e4, 1e4, 0.0]])
+    np.testing.assert_allclose(losses.jsd_from_logits(a, b), math.log(2), rtol=1e-6)
+
+
+def test_jsd_finite_values_and_gradients_at_extreme_logits():
+    a = jnp.array([[1e4, -1e4, 3.0], [0.0, 1e4, -1e4]])
+    b = jnp.array([[-1e4, 1e4, 0.0], [1e4, 1e4, 1e4]])
+    val, grads = jax.value_and_grad(lambda x, y: jnp.sum(losses.jsd_from_logits(x, y)), argnums=(0, 1))(a, b)
+    assert bool(jnp.isfinite(val))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+
+
+def test_divergence_shape_mismatch_names_both_shapes():
+    with pytest.raises(ValueError, match=r"\(3, 4\).*\(3, 5\)"):
+        losses.jsd_from_logits(jnp.zeros((3, 4)), jnp.zeros((3, 5)))
+
+
+# ---------------------------------------------------------------------------------- permutations
+
+
+@pytest.mark.parametrize("method", ["shift", "uniform"])
+@pytest.mark.parametrize("derangement", [False, True], ids=["perm", "derangement"])
+def test_permutations_are_permutations(method, derangement):
+    perms = np.asarray(
+        losses.sample_permutations(jax.random.key(0), 16, 9, derangement=derangement, method=method)
+    )
+    assert perms.shape == (16, 9) and perms.dtype == np.int32
+    for row in perms:
+        assert sorted(row.tolist()) == list(range(9))
+        if derangement:
+            assert not np.any(row == np.arange(9))
+
+
+@pytest.mark.parametrize("method", ["shift", "uniform"])
+@pytest.mark.parametrize("derangement", [False, True], ids=["perm", "derangement"])
+def test_permutation_partner_is_uniform(method, derangement):
+    """Each row's partner sigma(b) is uniform over the batch (over the other rows for derangements)."""
+    b, s = 5, 4000
+    perms = np.asarray(
+        jax.jit(
+            lambda k: losses.sample_permutations(k, s, b, derangement=derangement, method=method), static_argnums=()
+        )(jax.random.key(7))
+    )
+    counts = np.zeros((b, b))
+    for row in perms:
+        counts[np.arange(b), row] += 1
+    expected = np.full((b, b), s / (b - 1 if derangement else b))
+    if derangement:
+        np.fill_diagonal(expected, 0)
+    assert np.all(np.abs(counts - expected) < 0.15 * expected.max())
+
+
+def test_permutation_errors():
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="num_samples"):
+        losses.sample_permutations(key, 0, 4)
+    with pytest.raises(ValueError, match="derangement"):
+        losses.sample_permutations(key, 2, 1, derangement=True)
+    with pytest.raises(ValueError, match="method"):
+        losses.sample_permutations(key, 2, 4, method="sorted")
+
+
+# ---------------------------------------------------------------------------------- MIPD
+
+
+def _mipd_case(num_modalities=2, batch=6, dims=(3, 4, 2), classes=5, seed=0):
+    r = _rng(seed)
+    dims = dims[:num_modalities]
+    latents = [jnp.asarray(r.normal(size=(batch, d)), jnp.float32) for d in dims]
+    params = mlp_fuse_params(dims, 8, classes, seed)
+    fuse = jax_mlp_fuse(params)
+    clean = fuse(latents)
+    perms = losses.sample_permutations(jax.random.key(seed), 3, batch, method="uniform")
+    return latents, params, fuse, clean, perms
+
+
+@pytest.mark.parametrize("num_modalities", [2, 3])
+def test_mipd_matches_numpy_loops(num_modalities):
+    latents, params, fuse, clean, perms = _mipd_case(num_modalities)
+    got = losses.mipd_divergences(clean, fuse, latents, perms)
+    want = ref.mipd(clean, numpy_mlp_fuse(params), latents, perms)
+    assert got.shape == (num_modalities,)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_mipd_regression_variant_matches_numpy():
+    latents, params, _, _, perms = _mipd_case(2, classes=1)
+    fuse = jax_mlp_fuse(params)
+    clean = fuse(latents)
+    got = losses.mipd_divergences(clean, fuse, latents, perms, divergence="mse")
+    want = ref.mipd(clean, numpy_mlp_fuse(params), latents, perms, divergence="mse")
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_identity_permutation_gives_zero():
+    latents, _, fuse, clean, _ = _mipd_case(3)
+    ident = jnp.tile(jnp.arange(6, dtype=jnp.int32), (4, 1))
+    np.testing.assert_allclose(losses.mipd_divergences(clean, fuse, latents, ident), 0.0, atol=1e-7)
+
+
+def test_mipd_jsd_bounds_and_positive_for_real_permutation():
+    latents, _, fuse, clean, perms = _mipd_case(2)
+    d = losses.mipd_divergences(clean, fuse, latents, perms)
+    assert bool(jnp.all(d > 0)) and bool(jnp.all(d <= math.log(2)))
+
+
+def test_zero_and_noise_perturbations():
+    latents, params, fuse, clean, _ = _mipd_case(2)
+    got = losses.mipd_divergences(clean, fuse, latents, perturbation="zero", num_samples=2)
+    # NumPy: replace each modality's latent by zeros.
+    nf = numpy_mlp_fuse(params)
+    want = []
+    for m in range(2):
+        zs = [np.asarray(z, np.float64) for z in latents]
+        zs[m] = np.zeros_like(zs[m])
+        want.append(np.mean(ref.jsd_rows(clean, nf(zs))))
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    key = jax.random.key(3)
+    # noise_scale 0 is the identity; a constant latent has batch std 0, so noise leaves it alone too.
+    np.testing.assert_allclose(
+        losses.mipd_divergences(clean, fuse, latents, perturbation="noise", key=key, num_samples=4, noise_scale=0.0),
+        0.0,
+        atol=1e-7,
+    )
+    noisy = losses.mipd_divergences(clean, fuse, latents, perturbation="noise", key=key, num_samples=4)
+    assert bool(jnp.all(noisy > 0))
+    const = [jnp.ones_like(latents[0]), latents[1]]
+    d_const = losses.mipd_divergences(fuse(const), fuse, const, perturbation="noise", key=key, num_samples=4)
+    np.testing.assert_allclose(d_const[0], 0.0, atol=1e-7)
+
+
+def test_noise_perturbation_statistics():
+    z = jnp.asarray(_rng(5).normal(size=(4000, 2)) * np.array([1.0, 3.0]), jnp.float32)
+    pert = losses.perturb_latent(z, kind="noise", key=jax.random.key(0), num_samples=3, noise_scale=0.5)
+    assert pert.shape == (3, 4000, 2)
+    diff = np.asarray(pert - z[None]).reshape(-1, 2)
+    np.testing.assert_allclose(diff.std(axis=0), 0.5 * np.asarray(z).std(axis=0), rtol=0.05)
+
+
+def test_linear_fusion_branch_logit_fast_path_equals_latent_path():
+    """Permuting branch logits z_m W_m == permuting z_m under linear late fusion: values and grads."""
+    r = _rng(4)
+    batch, dims, classes = 7, (3, 5), 4
+    zs = [jnp.asarray(r.normal(size=(batch, d)), jnp.float32) for d in dims]
+    ws = [jnp.asarray(r.normal(size=(d, classes)), jnp.float32) for d in dims]
+    bias = jnp.asarray(r.normal(size=(classes,)), jnp.float32)
+    perms = losses.sample_permutations(jax.random.key(1), 4, batch)
+
+    def latent_path(zs, ws, bias):
+        fuse = lambda xs: sum(x @ w for x, w in zip(xs, ws, strict=True)) + bias[None]
+        return losses.mipd_divergences(fuse(zs), fuse, zs, perms)
+
+    def branch_path(zs, ws, bias):
+        branches = [z @ w for z, w in zip(zs, ws, strict=True)]
+        combine = lambda bs: sum(bs) + bias[None]
+        return losses.mipd_divergences(combine(branches), combine, branches, perms)
+
+    np.testing.assert_allclose(latent_path(zs, ws, bias), branch_path(zs, ws, bias), rtol=1e-5, atol=1e-7)
+    g1 = jax.grad(lambda *a: jnp.sum(latent_path(*a)), argnums=(0, 1, 2))(zs, ws, bias)
+    g2 = jax.grad(lambda *a: jnp.sum(branch_path(*a)), argnums=(0, 1, 2))(zs, ws, bias)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_permuted_latent_only_moves_its_own_branch():
+    r = _rng(6)
+    batch, dims, classes = 5, (3, 4, 2), 3
+    zs = [jnp.asarray(r.normal(size=(batch, d)), jnp.float32) for d in dims]
+    ws = [jnp.asarray(r.normal(size=(d, classes)), jnp.float32) for d in dims]
+    perm = np.array([3, 0, 4, 1, 2])
+    for m in range(3):
+        pert = list(zs)
+        pert[m] = zs[m][perm]
+        delta = sum(z @ w for z, w in zip(pert, ws, strict=True)) - sum(z @ w for z, w in zip(zs, ws, strict=True))
+        np.testing.assert_allclose(delta, zs[m][perm] @ ws[m] - zs[m] @ ws[m], atol=1e-5)
+
+
+def test_mipd_bad_input():
+    latents, _, fuse, clean, perms = _mipd_case(2)
+    with pytest.raises(ValueError, match="at least 2 modalities"):
+        losses.mipd_divergences(clean, fuse, latents[:1], perms)
+    with pytest.raises(ValueError, match=r"\(6, 3\).*\(5, 4\)"):
+        losses.mipd_divergences(clean, fuse, [latents[0], latents[1][:5]], perms)
+    with pytest.raises(ValueError, match="clean_logits"):
+        losses.mipd_divergences(clean[:4], fuse, latents, perms)
+    with pytest.raises(ValueError, match="permutations"):
+        losses.mipd_divergences(clean, fuse, latents, perms[:, :4])
+    with pytest.raises(ValueError, match="needs permutations"):
+        losses.mipd_divergences(clean, fuse, latents, None)
+    with pytest.raises(ValueError, match="unknown perturbation"):
+        losses.mipd_divergences(clean, fuse, latents, perms, perturbation="blur")
+
+
+# ---------------------------------------------------------------------------------- contrastive
+
+
+def _con_case(num_modalities=2, batch=8, dim=4, seed=0, classes=3):
+    r = _rng(seed)
+    zs = [jnp.asarray(r.normal(size=(batch, dim)), jnp.float32) for _ in range(num_modalities)]
+    labels = jnp.asarray(r.integers(0, classes, size=batch), jnp.int32)
+    return zs, labels
+
+
+@pytest.mark.parametrize("num_modalities", [2, 3])
+@pytest.mark.parametrize("use_mask", [False, True], ids=["nomask", "mask"])
+def test_ntxent_matches_brute_force(num_modalities, use_mask):
+    zs, labels = _con_case(num_modalities)
+    mask = np.array([1, 1, 0, 1, 1, 1, 0, 1], bool) if use_mask else None
+    got = losses.supervised_ntxent(zs, labels, temperature=0.5, mask=None if mask is None else jnp.asarray(mask))
+    want = ref.ntxent(zs, np.asarray(labels), 0.5, mask)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_modalities", [2, 3])
+@pytest.mark.parametrize("use_mask", [False, True], ids=["nomask", "mask"])
+def test_cross_modal_supcon_matches_brute_force(num_modalities, use_mask):
+    zs, labels = _con_case(num_modalities, seed=1)
+    mask = np.array([1, 0, 1, 1, 1, 1, 1, 0], bool) if use_mask else None
+    got = losses.cross_modal_supcon(zs, labels, temperature=0.3, mask=None if mask is None else jnp.asarray(mask))
+    want = ref.cross_modal_supcon(zs, np.asarray(labels), 0.3, mask)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_ntxent_edge_cases():
+    zs, _ = _con_case(2)
+    # All labels different: no positive pair except each row with its other-modality copy.
+    labels = jnp.arange(8)
+    want = ref.ntxent(zs, np.arange(8), 0.5)
+    np.testing.assert_allclose(losses.supervised_ntxent(zs, labels), want, rtol=1e-5)
+    # All labels equal: no negatives, every pair's loss is 0.
+    np.testing.assert_allclose(losses.supervised_ntxent(zs, jnp.zeros(8, jnp.int32)), 0.0, atol=1e-7)
+    g = jax.grad(lambda z: losses.supervised_ntxent([z, zs[1]], labels))(zs[0])
+    assert bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_contrastive_bad_input():
+    zs, labels = _con_case(2)
+    with pytest.raises(ValueError, match="same dimension"):
+        losses.supervised_ntxent([zs[0], zs[1][:, :3]], labels)
+    with pytest.raises(ValueError, match=r"labels has shape \(7,\)"):
+        losses.supervised_ntxent(zs, labels[:7])
+    with pytest.raises(ValueError, match="at least 2"):
+        losses.cross_modal_supcon(zs[:1], labels)
+
+
+def test_binarized_regression_labels():
+    y = jnp.array([-2.0, -0.1, 0.0, 1.4])
+    np.testing.assert_array_equal(losses.binarize_regression_labels(y), [0, 0, 1, 1])
+
+
+# ---------------------------------------------------------------------------------- CEB
+
+
+def test_ceb_matches_numpy_and_conditions():
+    r = _rng(7)
+    zs = [jnp.asarray(r.normal(size=(6, d)), jnp.float32) for d in (3, 4)]
+    w1 = jnp.asarray(r.normal(size=(5, 4)), jnp.float32)
+    w2 = jnp.asarray(r.normal(size=(4, 7)), jnp.float32)
+    decoder = lambda c: jax.nn.relu(c @ w1) @ w2
+    logits = jnp.asarray(r.normal(size=(6, 5)), jnp.float32)
+    labels = jnp.asarray([0, 1, 4, 2, 2, 3])
+    mask = jnp.asarray([1, 1, 1, 0, 1, 1], jnp.float32)
+    got = losses.ceb_term(zs, decoder, fused_logits=logits, mask=mask)
+    np.testing.assert_allclose(got, ref.ceb(zs, decoder(logits), np.asarray(mask)), rtol=1e-5)
+    got_label = losses.ceb_term(zs, decoder, condition="label", labels=labels, num_classes=5)
+    np.testing.assert_allclose(got_label, ref.ceb(zs, decoder(jax.nn.one_hot(labels, 5))), rtol=1e-5)
+    # Gradients reach the latents and the decoder, never the fused logits.
+    g_logits = jax.grad(lambda lg: losses.ceb_term(zs, decoder, fused_logits=lg))(logits)
+    np.testing.assert_array_equal(g_logits, 0.0)
+    g_z = jax.grad(lambda z0: losses.ceb_term([z0, zs[1]], decoder, fused_logits=logits))(zs[0])
+    assert float(jnp.abs(g_z).sum()) > 0
+    with pytest.raises(ValueError, match=r"\(6, 6\).*\(6, 7\)"):
+        losses.ceb_loss(zs, jnp.zeros((6, 6)))
+    with pytest.raises(ValueError, match="needs labels"):
+        losses.ceb_condition(condition="label")
+
+
+# ---------------------------------------------------------------------------------- jit / vmap
+
+
+def test_jit_equals_no_jit():
+    latents, _, fuse, clean, perms = _mipd_case(3)
+    zs, labels = _con_case(3)
+    cases = [
+        (lambda c, ls, p: losses.mipd_divergences(c, fuse, ls, p), (clean, latents, perms)),
+        (lambda a, b: losses.jsd_from_logits(a, b), (clean, clean[::-1])),
+        (lambda z, y: losses.supervised_ntxent(z, y), (zs, labels)),
+        (lambda z, y: losses.cross_modal_supcon(z, y), (zs, labels)),
+        (lambda k: losses.sample_permutations(k, 4, 6), (jax.random.key(0),)),
+    ]
+    for fn, args in cases:
+        np.testing.assert_allclose(jax.jit(fn)(*args), fn(*args), rtol=1e-5, atol=1e-6)
+
+
+def test_vmap_equals_loop():
+    r = _rng(9)
+    n, batch = 3, 6
+    params = mlp_fuse_params((3, 4), 8, 5)
+    fuse = jax_mlp_fuse(params)
+    z0 = jnp.asarray(r.normal(size=(n, batch, 3)), jnp.float32)
+    z1 = jnp.asarray(r.normal(size=(n, batch, 4)), jnp.float32)
+    perms = jnp.stack([losses.sample_permutations(jax.random.key(i), 2, batch) for i in range(n)])
+    labels = jnp.asarray(r.integers(0, 2, size=(n, batch)), jnp.int32)
+
+    def mipd_one(a, b, p):
+        return losses.mipd_divergences(fuse([a, b]), fuse, [a, b], p)
+
+    def con_one(a, b, y):
+        return losses.supervised_ntxent([a, b[:, :3]], y)
+
+    for fn, args in [(mipd_one, (z0, z1, perms)), (con_one, (z0, z1, labels))]:
+        batched = jax.vmap(fn)(*args)
+        one = jax.jit(fn)
+        looped = jnp.stack([one(*(a[i] for a in args)) for i in range(n)])
+        np.testing.assert_allclose(batched, looped, rtol=1e-5, atol=1e-6)
+    keys = jax.random.split(jax.random.key(0), n)
+    batched_perms = jax.vmap(lambda k: losses.sample_permutations(k, 2, batch))(keys)
+    np.testing.assert_array_equal(batched_perms, jnp.stack([losses.sample_permutations(k, 2, batch) for k in keys]))
+
+
+def test_top_level_exports():
+    for name in ["jsd_from_logits", "mipd_divergences", "supervised_ntxent", "ceb_loss", "competition",
+                 "scale_gradient", "assign_players", "sample_permutations"]:
+        assert callable(getattr(mcr_jax, name))
