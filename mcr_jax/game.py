@@ -112,6 +112,24 @@ def scale_shared_params(params: Any, players: Any, strategy: str | float) -> Any
     return jax.tree.map(lambda p, owner: scale_gradient(p, s) if owner == SHARED else p, params, players)
 
 
+def scale_params_for_term(params: Any, players: Any, term: int, strategy: str | float) -> Any:
+    """Gradient scales of the parameters used by term ``term``'s perturbed prediction.
+
+    For fusion heads whose parameters belong to players (e.g. per-modality matrices that are not
+    folded into branch outputs): the perturbed modality's own parameters keep scale 1, the other
+    players' get ``k``, unowned ones ``s(k)``. Pass one fuse function per term to
+    :func:`game_mipd_divergences`.
+    """
+    k, s = strategy_k(strategy), shared_weight(strategy)
+
+    def scale(p, owner):
+        if owner == SHARED:
+            return scale_gradient(p, s)
+        return p if owner == term else scale_gradient(p, k)
+
+    return jax.tree.map(scale, params, players)
+
+
 def game_mipd_divergences(
     clean_logits: jax.Array,
     fuse_fn: Callable[[list[jax.Array]], jax.Array],

@@ -94,8 +94,15 @@ def supervised_ntxent(
     both = valid[:, None] & valid[None, :]
     pos = same & both & ~jnp.eye(n, dtype=bool)
     neg = ~same & both
-    neg_lse = jax.nn.logsumexp(jnp.where(neg, sim, _NEG), axis=1)  # [MB]; ~ -1e30 when no negative
-    per_pair = jnp.logaddexp(sim, neg_lse[:, None]) - sim  # -log(e^{s_ap} / (e^{s_ap} + sum_n e^{s_an}))
+    # -log(e^{s_ap} / (e^{s_ap} + sum_n e^{s_an})) = log(1 + sum_n e^{s_an - s_ap})
+    if 2.0 / temperature < 60.0:
+        # |s| <= 1/tau, so exponentials shifted by 1/tau stay in [e^{-2/tau}, 1]: one exp per entry.
+        e = jnp.exp(sim - 1.0 / temperature)
+        neg_sum = jnp.sum(jnp.where(neg, e, 0.0), axis=1, keepdims=True)
+        per_pair = jnp.log1p(neg_sum / e)
+    else:
+        neg_lse = jax.nn.logsumexp(jnp.where(neg, sim, _NEG), axis=1)  # ~ -1e30 when no negative
+        per_pair = jnp.logaddexp(sim, neg_lse[:, None]) - sim
     num_pos = jnp.sum(pos)
     return jnp.sum(jnp.where(pos, per_pair, 0.0)) / jnp.maximum(num_pos, 1)
 

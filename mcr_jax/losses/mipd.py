@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from mcr_jax.losses._checks import require_modalities, require_rank, require_same_batch, shape_of
-from mcr_jax.losses.divergences import DIVERGENCES
+from mcr_jax.losses.divergences import DIVERGENCES, LN2
 
 PERTURBATIONS = ("permute", "noise", "zero")
 
@@ -102,6 +102,39 @@ def _uniform_derangement(key: jax.Array, batch_size: int) -> jax.Array:
     return perm
 
 
+def inverse_permutations(permutations: jax.Array) -> jax.Array:
+    """``[S, B] -> [S, B]``: row ``s`` is the inverse of permutation ``s``."""
+    num_samples, batch = shape_of(permutations)
+    rows = jnp.arange(num_samples)[:, None]
+    return jnp.zeros_like(permutations).at[rows, permutations].set(jnp.arange(batch, dtype=permutations.dtype)[None])
+
+
+@jax.custom_vjp
+def _permute_rows(z, permutations, inverse):
+    return z[permutations]
+
+
+def _permute_rows_fwd(z, permutations, inverse):
+    return z[permutations], inverse
+
+
+def _permute_rows_bwd(inverse, g):
+    # The transpose of a gather by a permutation is a gather by its inverse: no scatter-add
+    # (slow on CPU), one gather and a sum over the S samples.
+    idx = inverse.reshape(inverse.shape + (1,) * (g.ndim - 2))
+    return jnp.sum(jnp.take_along_axis(g, idx, axis=1), axis=0), None, None
+
+
+_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
+def permute_rows(z: jax.Array, permutations: jax.Array, inverse: jax.Array | None = None) -> jax.Array:
+    """``z[permutations]``: ``[B, ...]`` and ``[S, B]`` -> ``[S, B, ...]``, with a gather-only backward pass."""
+    if inverse is None:
+        inverse = inverse_permutations(permutations)
+    return _permute_rows(z, permutations, inverse)
+
+
 def perturb_latent(
     z: jax.Array,
     *,
@@ -110,6 +143,7 @@ def perturb_latent(
     key: jax.Array | None = None,
     num_samples: int | None = None,
     noise_scale: float = 1.0,
+    inverse_permutations: jax.Array | None = None,
 ) -> jax.Array:
     r"""Builds ``S`` perturbed copies of one modality's latent.
 
@@ -135,7 +169,7 @@ def perturb_latent(
                 f"permutations has shape {shape_of(permutations)} but the latent has shape {shape_of(z)}; "
                 "the permutations' second axis must equal the batch size B."
             )
-        return z[permutations]
+        return permute_rows(z, permutations, inverse_permutations)
     if num_samples is None:
         num_samples = 1 if permutations is None else shape_of(permutations)[0]
     if num_samples < 1:
@@ -153,7 +187,7 @@ def perturb_latent(
 
 def mipd_divergences(
     clean_logits: jax.Array,
-    fuse_fn: Callable[[list[jax.Array]], jax.Array],
+    fuse_fn: Callable[[list[jax.Array]], jax.Array] | Sequence[Callable[[list[jax.Array]], jax.Array]],
     latents: Sequence[jax.Array],
     permutations: jax.Array | None = None,
     *,
@@ -165,6 +199,7 @@ def mipd_divergences(
     permuted_latents: Sequence[jax.Array] | None = None,
     nonperturbed_transform: Callable[[jax.Array], jax.Array] | None = None,
     stop_perturbed: bool = False,
+    perturbed_latents: Sequence[jax.Array] | None = None,
 ) -> jax.Array:
     r"""Per-modality divergence :math:`D_m` between clean and perturbed predictions (SPEC.md §3).
 
@@ -180,7 +215,9 @@ def mipd_divergences(
       fuse_fn: maps a list of ``M`` arrays ``[N, ...]`` (ordered like ``latents``) to ``[N, C]``.
         For linear late fusion pass per-modality *branch logits* ``z_m W_m`` as ``latents`` and a
         ``fuse_fn`` that sums them and adds the bias: the same predictions and gradients with
-        ``S·B·C`` instead of ``S·B·D·C`` work.
+        ``S·B·C`` instead of ``S·B·D·C`` work. A sequence of ``M`` functions gives modality
+        ``m``'s perturbed predictions their own fusion function (the game uses this to scale the
+        gradients of player-owned fusion parameters per term).
       latents: ``M >= 2`` arrays ``[B, ...]``, one per modality, from the clean pass.
       permutations: ``[S, B]`` int32 (for ``perturbation="permute"``).
       divergence: ``"jsd"`` (classification, default), ``"kl"`` or ``"mse"`` (regression).
@@ -194,6 +231,8 @@ def mipd_divergences(
         predictions; the single-backward game passes its gradient-scaling identity here.
       stop_perturbed: stop the gradient of the perturbed predictions, leaving only the path
         through ``clean_logits`` (the clean-prediction part of the game's optax form).
+      perturbed_latents: optional ``M`` arrays ``[S, B, ...]`` used directly as the perturbed
+        copies (e.g. latents of perturbed *inputs*, re-encoded); ``perturbation`` is then unused.
 
     Returns:
       ``[M]`` divergences ``D_m`` (each in ``[0, ln 2]`` for the JSD).
@@ -216,31 +255,54 @@ def mipd_divergences(
         for m, (a, b) in enumerate(zip(latents, permuted_latents, strict=True)):
             if shape_of(a) != shape_of(b):
                 raise ValueError(f"permuted_latents[{m}] has shape {shape_of(b)} but latents[{m}] has {shape_of(a)}.")
-    if perturbation == "permute" and permutations is None:
+    if perturbation == "permute" and permutations is None and perturbed_latents is None:
         raise ValueError("perturbation 'permute' needs permutations [S, B]; see sample_permutations.")
-    if perturbation == "noise" and key is None:
+    if perturbation == "noise" and key is None and perturbed_latents is None:
         raise ValueError("perturbation 'noise' needs a PRNG key.")
     if permutations is not None:
         num_samples = shape_of(permutations)[0]
+    elif perturbed_latents is not None:
+        num_samples = shape_of(perturbed_latents[0])[0]
     elif num_samples is None:
         num_samples = 1
     keys = jax.random.split(key, num_modalities) if key is not None else [None] * num_modalities
     transform = nonperturbed_transform or (lambda x: x)
-    div = DIVERGENCES[divergence]
-    clean_rep = jnp.broadcast_to(clean_logits[None], (num_samples,) + shape_of(clean_logits))
-    clean_rep = clean_rep.reshape((num_samples * batch,) + shape_of(clean_logits)[1:])
+    fuse_fns = list(fuse_fn) if isinstance(fuse_fn, (list, tuple)) else [fuse_fn] * num_modalities
+    if len(fuse_fns) != num_modalities:
+        raise ValueError(f"got {len(fuse_fns)} fusion functions for {num_modalities} modalities.")
+    div = _jsd_against_clean(clean_logits) if divergence == "jsd" else _broadcast_divergence(
+        DIVERGENCES[divergence], clean_logits)
+    expected_shape = (num_samples * batch,) + shape_of(clean_logits)[1:]
 
+    if perturbed_latents is not None:
+        if len(perturbed_latents) != num_modalities:
+            raise ValueError(
+                f"perturbed_latents holds {len(perturbed_latents)} arrays but latents holds {num_modalities}."
+            )
+        for m, (z, zp) in enumerate(zip(latents, perturbed_latents, strict=True)):
+            if shape_of(zp) != (num_samples,) + shape_of(z):
+                raise ValueError(
+                    f"perturbed_latents[{m}] has shape {shape_of(zp)}; expected {(num_samples,) + shape_of(z)} "
+                    f"([S, B, ...] for latents[{m}] of shape {shape_of(z)})."
+                )
+    inverse = None
+    if perturbation == "permute" and perturbed_latents is None:
+        inverse = inverse_permutations(permutations)  # once for every modality's backward gather
     out = []
     for m in range(num_modalities):
-        source = latents[m] if permuted_latents is None else permuted_latents[m]
-        perturbed = perturb_latent(
-            source,
-            kind=perturbation,
-            permutations=permutations,
-            key=keys[m],
-            num_samples=num_samples,
-            noise_scale=noise_scale,
-        )
+        if perturbed_latents is not None:
+            perturbed = perturbed_latents[m]
+        else:
+            source = latents[m] if permuted_latents is None else permuted_latents[m]
+            perturbed = perturb_latent(
+                source,
+                kind=perturbation,
+                permutations=permutations,
+                key=keys[m],
+                num_samples=num_samples,
+                noise_scale=noise_scale,
+                inverse_permutations=inverse,
+            )
         inputs = []
         for i, z in enumerate(latents):
             if i == m:
@@ -248,16 +310,39 @@ def mipd_divergences(
             else:
                 zi = jnp.broadcast_to(transform(z)[None], (num_samples,) + shape_of(z))
             inputs.append(zi.reshape((num_samples * batch,) + shape_of(z)[1:]))
-        perturbed_logits = fuse_fn(inputs)
+        perturbed_logits = fuse_fns[m](inputs)
         if stop_perturbed:
             perturbed_logits = jax.lax.stop_gradient(perturbed_logits)
-        if shape_of(perturbed_logits) != shape_of(clean_rep):
+        if shape_of(perturbed_logits) != expected_shape:
             raise ValueError(
                 f"fuse_fn returned shape {shape_of(perturbed_logits)} for {num_samples * batch} stacked rows; "
-                f"expected {shape_of(clean_rep)} to match clean_logits {shape_of(clean_logits)}."
+                f"expected {expected_shape} to match clean_logits {shape_of(clean_logits)}."
             )
-        out.append(jnp.mean(div(clean_rep, perturbed_logits)))
+        out.append(jnp.mean(div(perturbed_logits.reshape((num_samples,) + shape_of(clean_logits)))))
     return jnp.stack(out)
+
+
+def _broadcast_divergence(div, clean_logits):
+    """``[S, B, C] -> [S, B]``: ``div(clean, perturbed)`` with the clean rows broadcast over S."""
+    return lambda q: div(jnp.broadcast_to(clean_logits[None], q.shape), q)
+
+
+def _jsd_against_clean(clean_logits):
+    r"""``[S, B, C] -> [S, B]`` JSDs against the clean rows, whose part is computed once, not S times.
+
+    Uses :math:`\mathrm{JSD} = \tfrac12\,(\sum p\log p + \sum q \log q) - \sum m \log m` with
+    :math:`\log m` from ``logaddexp`` of the log-softmaxes (equal to ``jsd_from_logits``; tested).
+    """
+    log_p = jax.nn.log_softmax(clean_logits, axis=-1)[None]  # [1, B, C]
+    neg_entropy_p = jnp.sum(jnp.exp(log_p) * log_p, axis=-1)  # [1, B]
+
+    def div(q_logits):
+        log_q = jax.nn.log_softmax(q_logits, axis=-1)
+        log_m = jnp.logaddexp(log_p, log_q) - LN2
+        jsd = 0.5 * (neg_entropy_p + jnp.sum(jnp.exp(log_q) * log_q, axis=-1)) - jnp.sum(jnp.exp(log_m) * log_m, -1)
+        return jnp.clip(jsd, 0.0, LN2)
+
+    return div
 
 
 def mipd_loss(divergences: jax.Array) -> jax.Array:

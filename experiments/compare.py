@@ -1,0 +1,42 @@
+"""Compare methods on one dataset: several methods × seeds, a table, results.json and a bar chart.
+
+    python -m experiments.compare --config experiments/configs/synthetic.py --workdir runs/compare \
+        --methods unimodal,ensemble,joint,multiloss,mcr --seeds 0,1,2
+
+Runs resume: re-running the command skips finished runs and resumes interrupted ones.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mcr_jax.report import DEFAULT_METHODS, bar_chart, format_table, run_comparison
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config(arg)).", lock_config=False)
+flags.DEFINE_string("workdir", None, "Directory for every run, results.json, table.md and the chart.")
+flags.DEFINE_string("methods", ",".join(DEFAULT_METHODS), "Comma-separated methods.")
+flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    methods = [m.strip() for m in FLAGS.methods.split(",") if m.strip()]
+    seeds = [int(s) for s in FLAGS.seeds.split(",") if s.strip()]
+    out = run_comparison(FLAGS.config, FLAGS.workdir, methods, seeds)
+    task = next(iter(out["runs"].values()))[0]["task"]
+    table = format_table(out["summary"], out["modalities"], task=task)
+    header = (f"{out['dataset']}: test metrics, mean ± std over seeds {out['seeds']} "
+              f"(model selected on validation)")
+    with open(os.path.join(FLAGS.workdir, "table.md"), "w") as f:
+        f.write(header + "\n\n" + table + "\n")
+    chart = bar_chart(out["summary"], os.path.join(FLAGS.workdir, "comparison.png"), task=task, title=out["dataset"])
+    print("\n" + header + "\n\n" + table + "\n")
+    print(f"results: {os.path.join(FLAGS.workdir, 'results.json')}\nchart:   {chart}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,37 @@
+"""The fields every experiment config has, with the reference code's MCR defaults."""
+
+import ml_collections
+
+
+def method_config(name: str = "mcr") -> ml_collections.ConfigDict:
+    """The ``method`` section. MCR options are documented in mcr_jax/methods/mcr.py."""
+    if name != "mcr":
+        return ml_collections.ConfigDict({"name": name})
+    return ml_collections.ConfigDict(dict(
+        name="mcr", strategy="greedy", game_form="single_backward", mipd_weight=0.1, uni_weight=0.01,
+        con_weight=1.0, ceb_weight=0.0, num_permutations=32, derangement=False, permutation_method="shift",
+        perturbation="permute", perturb_space="latent", noise_scale=1.0, permuted_source="same_pass",
+        branch_fast_path=True, con_form="ntxent", temperature=0.5, con_labels="binary", ceb_condition="logits",
+    ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = ml_collections.ConfigDict({"name": "synthetic"})
+    c.model = ml_collections.ConfigDict(dict(encoder="mlp", hidden=(128,), latent_dim=64, dropout=0.0,
+                                             fusion="linear", ceb=False))
+    c.method = method_config("mcr")
+    c.optim = ml_collections.ConfigDict(dict(name="adam_l2", learning_rate=1e-3, weight_decay=1e-4, eps=1e-7,
+                                             schedule="constant", min_lr=0.0, constant_steps=780, t0=4, t_mult=2,
+                                             grad_clip=0.0))
+    c.train = ml_collections.ConfigDict(dict(batch_size=64, num_epochs=30, patience=10, select="",
+                                             checkpoint=True, stop_after_epochs=0))
+    c.eval = ml_collections.ConfigDict(dict(batch_size=256, mipd_samples=8))
+    # Start any method from unimodal runs' selected encoders and heads: {modality: workdir}.
+    c.init = ml_collections.ConfigDict({"pretrained": {}})
+    return c
+
+
+def switches(arg) -> set[str]:
+    return {s.strip() for s in (arg or "").split(",") if s.strip()}

@@ -1,0 +1,61 @@
+"""Training strategies behind one interface (:class:`~mcr_jax.methods.base.Method`) and a registry.
+
+``"ensemble"`` is not a :class:`Method`: the trainer runs one ``"unimodal"`` run per modality and
+combines their predictions (:mod:`mcr_jax.methods.ensemble`).
+"""
+
+from mcr_jax.methods.base import Method, ModelHandle, task_loss
+from mcr_jax.methods.ensemble import combine_logits
+from mcr_jax.methods.joint import Joint
+from mcr_jax.methods.mcr import MCR
+from mcr_jax.methods.multiloss import MultiLoss
+from mcr_jax.methods.unimodal import Unimodal
+from mcr_jax.methods.unipre import UniPre
+
+METHODS: dict[str, type[Method] | str] = {
+    "joint": Joint,
+    "multiloss": MultiLoss,
+    "unimodal": Unimodal,
+    "uni_pre": UniPre,
+    "mcr": MCR,
+    # The baselines of SPEC.md §8, imported when first used ("module:Class").
+    "ogm_ge": "mcr_jax.methods.ogm_ge:OGMGE",
+    "agm": "mcr_jax.methods.agm:AGM",
+    "mlb": "mcr_jax.methods.mlb:MLB",
+    "mslr": "mcr_jax.methods.mslr:MSLR",
+    "mmcosine": "mcr_jax.methods.mmcosine:MMCosine",
+    "mmpareto": "mcr_jax.methods.mmpareto:MMPareto",
+    "reconboost": "mcr_jax.methods.reconboost:ReconBoost",
+    "dnr": "mcr_jax.methods.dnr:DnR",
+}
+ORCHESTRATED = ("ensemble",)
+
+
+def method_class(name: str) -> type[Method]:
+    """The class registered under ``name`` (importing it on first use)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; registered: {sorted(METHODS) + list(ORCHESTRATED)}.")
+    entry = METHODS[name]
+    if isinstance(entry, str):
+        import importlib
+
+        module, cls = entry.split(":")
+        entry = METHODS[name] = getattr(importlib.import_module(module), cls)
+    return entry
+
+
+def register_method(name: str, cls: type[Method]) -> type[Method]:
+    """Adds a method class to the registry (used by the baselines and by users' own methods)."""
+    if name in METHODS and METHODS[name] is not cls:
+        raise ValueError(f"a method named {name!r} is already registered.")
+    METHODS[name] = cls
+    return cls
+
+
+def get_method(config, info) -> Method:
+    """Instantiates ``METHODS[config.name]`` with the method config and the dataset info."""
+    return method_class(config.get("name", None))(config, info)
+
+
+__all__ = ["METHODS", "MCR", "method_class", "Joint", "Method", "ModelHandle", "MultiLoss", "UniPre", "Unimodal",
+           "combine_logits", "get_method", "register_method", "task_loss"]

@@ -1,0 +1,188 @@
+"""The interface every training strategy implements, and the helpers they share.
+
+A method turns a model and a batch into gradients. The trainer (``mcr_jax.train``) owns the loop,
+the data, evaluation and checkpoints; it calls, per step and inside one ``jax.jit``::
+
+    grads, tx_kwargs, new_rest, new_method_state, metrics = method.gradients(handle, params, batch, key, method_state)
+    updates, opt_state = tx.update(grads, opt_state, params, **tx_kwargs)
+
+Most methods only write :meth:`Method.loss`; methods that edit gradients (OGM-GE, the game's
+optax form, …) override :meth:`Method.gradients`. Host-side hooks (:meth:`on_epoch_end`) let a
+method adapt between epochs from validation metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mcr_jax.data.types import DatasetInfo
+
+
+class ModelHandle:
+    """Builds NNX models from plain parameter pytrees inside a traced function.
+
+    ``train_model(params)`` merges the training-mode graph (batch statistics, dropout on) with
+    ``params`` and the non-parameter state ``rest``; ``eval_model(params)`` merges the
+    evaluation-mode graph (running statistics) with the same arrays — the reference's second
+    encoder pass uses it. ``rest_of(model)`` reads the updated non-parameter state back.
+    """
+
+    def __init__(self, graphdef_train, graphdef_eval, rest):
+        self.graphdef_train = graphdef_train
+        self.graphdef_eval = graphdef_eval
+        self.rest = rest
+
+    def train_model(self, params):
+        return nnx.merge(self.graphdef_train, params, self.rest)
+
+    def eval_model(self, params):
+        return nnx.merge(self.graphdef_eval, params, self.rest)
+
+    @staticmethod
+    def rest_of(model):
+        return nnx.as_pure(nnx.state(model, nnx.Not(nnx.Param)))
+
+
+def model_inputs(batch: Mapping[str, jax.Array], modalities) -> tuple[dict, dict | None]:
+    """Splits a batch into ``{modality: x}`` and ``{modality: sequence mask}`` (or None)."""
+    inputs = {m: batch[m] for m in modalities}
+    masks = {m: batch[f"{m}_mask"] for m in modalities if f"{m}_mask" in batch}
+    return inputs, (masks or None)
+
+
+def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+    if mask is None:
+        return jnp.mean(values)
+    w = mask.astype(values.dtype)
+    return jnp.sum(values * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def task_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array | None, task: str) -> jax.Array:
+    """Cross-entropy for classification (``[B, C]`` logits, int labels); L1 for regression (``[B, 1]``)."""
+    if task == "regression":
+        return masked_mean(jnp.abs(logits[:, 0] - labels.astype(logits.dtype)), mask)
+    return masked_mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels), mask)
+
+
+class EpochContext:
+    """What a method's host-side epoch hook may read and change.
+
+    - ``epoch``: the epoch just finished (1-based); ``steps_per_epoch``;
+    - ``params`` / ``rest``: current parameters and non-parameter state (pure pytrees);
+    - ``replace_params(params)``: install new parameters (e.g. a partial re-initialisation); the
+      optimizer state is kept;
+    - ``features(split)``: ``({modality: [N, D_m]}, labels [N])`` — the encoders' latents (eval mode)
+      over a whole split, padding removed;
+    - ``fresh_params(seed)``: the parameters of a newly initialised model (same structure).
+    """
+
+    def __init__(self, *, epoch, steps_per_epoch, state, features_fn, fresh_params_fn):
+        self.epoch = epoch
+        self.steps_per_epoch = steps_per_epoch
+        self._state = state
+        self._features_fn = features_fn
+        self._fresh_params_fn = fresh_params_fn
+
+    @property
+    def params(self):
+        return self._state["params"]
+
+    @property
+    def rest(self):
+        return self._state["rest"]
+
+    def replace_params(self, params) -> None:
+        jax.tree.map(lambda a, b: None, self._state["params"], params)  # same structure, or an error
+        self._state["params"] = params
+
+    def features(self, split: str):
+        return self._features_fn(self._state["params"], self._state["rest"], split)
+
+    def fresh_params(self, seed: int):
+        return self._fresh_params_fn(seed)
+
+
+class Method:
+    """Base class: joint training of the fused head (subclasses change the loss or the gradients).
+
+    Args:
+      config: the ``method`` section of the experiment config (an ``ml_collections.ConfigDict``).
+      info: the dataset's :class:`~mcr_jax.data.types.DatasetInfo`.
+    """
+
+    name = "base"
+    #: whether the method's prediction is the fused head (False: a unimodal head, see unimodal.py).
+    uses_fusion = True
+    #: whether the unimodal heads are trained (or pre-trained) and worth reporting; joint training
+    #: leaves them at their initialisation, so their accuracy and the error groups would mislead.
+    reports_unimodal_heads = False
+
+    def __init__(self, config, info: DatasetInfo):
+        self.config = config
+        self.info = info
+        self.modalities = tuple(info.modalities)
+        self.task = info.task
+
+    # ---- set-up (host) -----------------------------------------------------------------------
+    def check_model(self, model) -> None:
+        """Raise a clear error when the model cannot serve this method (called once)."""
+
+    def make_optimizer(self, base: optax.GradientTransformation, params) -> optax.GradientTransformation:
+        """Wraps the configured optimizer if the method needs to (default: unchanged)."""
+        return base
+
+    def init_method_state(self, params) -> Any:
+        """Method-specific state carried through the steps (running averages, coefficients…)."""
+        return {}
+
+    # ---- inside jit --------------------------------------------------------------------------
+    def forward(self, model, batch):
+        inputs, masks = model_inputs(batch, self.modalities)
+        return model(inputs, masks)
+
+    def loss(self, handle: ModelHandle, params, batch, key, method_state):
+        """``(scalar loss, {term: scalar}, model)`` for one batch (default: the fused task loss).
+
+        The model is built with ``handle.train_model(params)``; it is returned so that the
+        trainer can read its updated batch statistics.
+        """
+        model = handle.train_model(params)
+        out = self.forward(model, batch)
+        loss = task_loss(out["logits"], batch["label"], batch.get("mask"), self.task)
+        return loss, {"task": loss}, model
+
+    def gradients(self, handle: ModelHandle, params, batch, key, method_state):
+        """Returns ``(grads, tx_kwargs, new_rest, new_method_state, metrics)``."""
+
+        def fn(p):
+            loss, metrics, model = self.loss(handle, p, batch, key, method_state)
+            return loss, (metrics, handle.rest_of(model))
+
+        (loss, (metrics, new_rest)), grads = jax.value_and_grad(fn, has_aux=True)(params)
+        metrics = dict(metrics, loss=loss)
+        return grads, {}, new_rest, method_state, metrics
+
+    def predict(self, model, batch) -> dict[str, Any]:
+        """Evaluation outputs: ``logits [B, C]`` (the method's prediction) and ``unimodal`` heads."""
+        out = self.forward(model, batch)
+        return {"logits": out["logits"], "unimodal": out["unimodal"], "latents": out["latents"]}
+
+    # ---- host hooks --------------------------------------------------------------------------
+    def on_epoch_end(self, epoch: int, val_metrics: Mapping[str, Any], method_state, ctx: EpochContext):
+        """Called after each epoch's validation, before the checkpoint is written.
+
+        Returns the method state for the next epoch: the same pytree structure, shapes and dtypes
+        (it lives inside the jitted step's state). ``ctx`` gives access to the model's parameters
+        and features (see :class:`EpochContext`); a method may replace the parameters there.
+        """
+        return method_state
+
+
+def unimodal_losses(out, batch, task: str, modalities) -> dict[str, jax.Array]:
+    return {m: task_loss(out["unimodal"][m], batch["label"], batch.get("mask"), task) for m in modalities}

@@ -1,0 +1,242 @@
+r"""MCR: the Multimodal Competition Regularizer (SPEC.md §3–§7).
+
+.. math::
+   L = \mathrm{CE}(\ell, y) + \lambda_{uni}\sum_m \mathrm{CE}(u_m, y) + \lambda_{Con} L_{Con}
+       + \lambda_{CEB} L_{CEB} - \lambda_M \sum_m D_m \quad(\text{gradients of the last term shaped by the game})
+
+Config (``method`` section; defaults are the reference's CREMA-D values):
+
+- ``strategy``: ``"greedy"`` | ``"independent"`` | ``"collaborative"``; ``game_form``:
+  ``"single_backward"`` (default, one backward pass) or ``"optax"`` (per-term gradients combined by
+  :func:`mcr_jax.game.competition`; slower, inspectable).
+- ``mipd_weight`` (λ_M 0.1), ``uni_weight`` (λ_uni 0.01), ``con_weight`` (λ_Con 1.0),
+  ``ceb_weight`` (λ_CEB 0.0; needs ``model.ceb = True``).
+- ``num_permutations`` (S 32), ``derangement`` (False), ``permutation_method`` (``"shift"``).
+- ``perturbation``: ``"permute"`` | ``"noise"`` | ``"zero"``; ``perturb_space``: ``"latent"`` |
+  ``"input"`` (noise/zero on the inputs, re-encoded ``S`` times in evaluation mode);
+  ``noise_scale``.
+- ``permuted_source``: ``"same_pass"`` (paper, default) or ``"eval_pass"`` (the reference's
+  2-modality model: a second encoder pass in evaluation mode supplies the latents to permute).
+- ``branch_fast_path`` (True): with linear late fusion, permute branch logits ``z_m W_m``.
+- ``con_form`` (``"ntxent"`` | ``"cross_modal"``), ``temperature`` (0.5), ``con_labels``
+  (``"binary"`` | ``"raw"``, regression only), ``ceb_condition`` (``"logits"`` | ``"label"``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mcr_jax import game
+from mcr_jax.losses import CONTRASTIVE, binarize_regression_labels, ceb_term, mipd_divergences, sample_permutations
+from mcr_jax.losses.mipd import perturb_latent
+from mcr_jax.methods.base import Method, model_inputs, task_loss, unimodal_losses
+from mcr_jax.models import LinearLateFusion
+
+DEFAULTS = dict(
+    strategy="greedy",
+    game_form="single_backward",
+    mipd_weight=0.1,
+    uni_weight=0.01,
+    con_weight=1.0,
+    ceb_weight=0.0,
+    num_permutations=32,
+    derangement=False,
+    permutation_method="shift",
+    perturbation="permute",
+    perturb_space="latent",
+    noise_scale=1.0,
+    permuted_source="same_pass",
+    branch_fast_path=True,
+    con_form="ntxent",
+    temperature=0.5,
+    con_labels="binary",
+    ceb_condition="logits",
+)
+
+
+class MCR(Method):
+    name = "mcr"
+    reports_unimodal_heads = True
+
+    def __init__(self, config, info):
+        super().__init__(config, info)
+        unknown = set(config.keys()) - set(DEFAULTS) - {"name"}
+        if unknown:
+            raise ValueError(f"unknown MCR options {sorted(unknown)}; known: {sorted(DEFAULTS)}.")
+        self.opts = {k: config.get(k, v) for k, v in DEFAULTS.items()}
+        o = self.opts
+        game.strategy_k(o["strategy"])
+        if o["game_form"] not in ("single_backward", "optax"):
+            raise ValueError(f"method.game_form must be 'single_backward' or 'optax'; got {o['game_form']!r}.")
+        if o["permuted_source"] not in ("same_pass", "eval_pass"):
+            raise ValueError(
+                f"method.permuted_source must be 'same_pass' or 'eval_pass'; got {o['permuted_source']!r}.")
+        if o["perturb_space"] not in ("latent", "input"):
+            raise ValueError(f"method.perturb_space must be 'latent' or 'input'; got {o['perturb_space']!r}.")
+        if o["perturb_space"] == "input" and o["perturbation"] == "permute":
+            raise ValueError("perturb_space 'input' takes perturbation 'noise' or 'zero' (a permuted input "
+                             "re-encoded is a permuted latent: use perturb_space 'latent').")
+        if o["con_form"] not in CONTRASTIVE:
+            raise ValueError(f"method.con_form must be one of {sorted(CONTRASTIVE)}; got {o['con_form']!r}.")
+        if int(o["num_permutations"]) < 1:
+            raise ValueError(f"method.num_permutations (S) must be >= 1; got {o['num_permutations']}.")
+        self.divergence = "mse" if self.task == "regression" else "jsd"
+
+    def check_model(self, model) -> None:
+        o = self.opts
+        if o["con_weight"] and len(set(model.latent_dims.values())) != 1:
+            raise ValueError(f"the contrastive term compares latents by cosine similarity and needs equal latent "
+                             f"dimensions; got {model.latent_dims}. Set equal latent sizes or method.con_weight=0.")
+        if o["ceb_weight"] and model.ceb_decoder is None:
+            raise ValueError("method.ceb_weight > 0 needs the CEB decoder: set model.ceb = True.")
+
+    def make_optimizer(self, base, params):
+        if self.opts["game_form"] != "optax":
+            return base
+        players = game.assign_players(params, self.modalities)
+        return game.competition(base, players=players, strategy=self.opts["strategy"],
+                                weight=float(self.opts["mipd_weight"]))
+
+    # ---- pieces ------------------------------------------------------------------------------
+    def _regularisers(self, model, out, batch):
+        """Task + unimodal + contrastive + CEB terms (everything but MIPD)."""
+        o, mask, labels = self.opts, batch.get("mask"), batch["label"]
+        terms = {"task": task_loss(out["logits"], labels, mask, self.task)}
+        total = terms["task"]
+        if o["uni_weight"]:
+            uni = unimodal_losses(out, batch, self.task, self.modalities)
+            terms.update({f"uni_{m}": v for m, v in uni.items()})
+            total = total + o["uni_weight"] * sum(uni.values())
+        zs = [out["latents"][m] for m in self.modalities]
+        if o["con_weight"]:
+            con_labels = labels
+            if self.task == "regression" and o["con_labels"] == "binary":
+                con_labels = binarize_regression_labels(labels)
+            terms["con"] = CONTRASTIVE[o["con_form"]](zs, con_labels, temperature=o["temperature"], mask=mask)
+            total = total + o["con_weight"] * terms["con"]
+        if o["ceb_weight"]:
+            terms["ceb"] = ceb_term(zs, model.ceb_decoder, condition=o["ceb_condition"], fused_logits=out["logits"],
+                                    labels=labels, num_classes=self.info.num_classes, mask=mask)
+            total = total + o["ceb_weight"] * terms["ceb"]
+        return total, terms
+
+    def _fast_path(self, model) -> bool:
+        return (bool(self.opts["branch_fast_path"]) and isinstance(model.fusion, LinearLateFusion)
+                and self.opts["perturb_space"] == "latent")
+
+    def _mipd_parts(self, handle, params, model, batch, out, key, fusion):
+        """(clean parts, fuse_fn over parts, extra kwargs for mipd_divergences)."""
+        o, names = self.opts, self.modalities
+        fast = self._fast_path(model)
+
+        def to_parts(latents):
+            return model.fusion.branch_logits(latents) if fast else latents
+
+        def fuse_with(f):
+            if fast:
+                return lambda xs: f.combine(dict(zip(names, xs, strict=True)))
+            return lambda xs: f(dict(zip(names, xs, strict=True)))
+
+        fuse = [fuse_with(f) for f in fusion] if isinstance(fusion, list) else fuse_with(fusion)
+        parts = to_parts(out["latents"])
+        kwargs = {}
+        key_perm, key_noise = jax.random.split(key)
+        batch_size = batch["label"].shape[0]
+        if o["perturb_space"] == "input":
+            kwargs["perturbed_latents"] = self._input_perturbed(handle, params, batch, key_noise)
+            kwargs["num_samples"] = int(o["num_permutations"])
+            return [parts[m] for m in names], fuse, kwargs
+        if o["permuted_source"] == "eval_pass":
+            inputs, masks = model_inputs(batch, names)
+            eval_parts = to_parts(handle.eval_model(params).encode(inputs, masks))
+            kwargs["permuted_latents"] = [eval_parts[m] for m in names]
+        if o["perturbation"] == "permute":
+            kwargs["permutations"] = sample_permutations(key_perm, int(o["num_permutations"]), batch_size,
+                                                         derangement=bool(o["derangement"]),
+                                                         method=o["permutation_method"])
+        else:
+            kwargs.update(perturbation=o["perturbation"], key=key_noise, num_samples=int(o["num_permutations"]),
+                          noise_scale=float(o["noise_scale"]))
+        return [parts[m] for m in names], fuse, kwargs
+
+    def _input_perturbed(self, handle, params, batch, key):
+        """Latents of S noisy/zeroed copies of each modality's input, encoded in evaluation mode."""
+        o, names = self.opts, self.modalities
+        eval_model = handle.eval_model(params)
+        inputs, masks = model_inputs(batch, names)
+        s = int(o["num_permutations"])
+        out = []
+        for m, k in zip(names, jax.random.split(key, len(names)), strict=True):
+            x = inputs[m]
+            xs = perturb_latent(x, kind=o["perturbation"], key=k, num_samples=s, noise_scale=float(o["noise_scale"]))
+            flat = xs.reshape((s * x.shape[0],) + x.shape[1:])
+            mask = None if masks is None else masks.get(m)
+            enc = eval_model.encoders[m]
+            if getattr(enc, "accepts_mask", False):
+                mask_rep = None if mask is None else jnp.tile(mask, (s,) + (1,) * (mask.ndim - 1))
+                z = enc(flat, mask=mask_rep)
+            else:
+                z = enc(flat)
+            out.append(z.reshape((s, x.shape[0]) + z.shape[1:]))
+        return out
+
+    def _game_fusions(self, model, fast: bool):
+        """Fusion head(s) for the single-backward form: the shared bias scaled by s(k) on the fast
+        path (branch logits already carry W_m); otherwise one copy per term with player-owned fusion
+        parameters scaled by k (W_m follows θ_m) and unowned ones by s(k)."""
+        strategy = self.opts["strategy"]
+        graphdef, fparams, frest = nnx.split(model.fusion, nnx.Param, ...)
+        fparams = nnx.as_pure(fparams)
+        players = game.assign_players(fparams, self.modalities)
+        if fast:
+            return nnx.merge(graphdef, game.scale_shared_params(fparams, players, strategy), frest)
+        return [nnx.merge(graphdef, game.scale_params_for_term(fparams, players, j, strategy), frest)
+                for j in range(len(self.modalities))]
+
+    @staticmethod
+    def _jsd_metrics(names, d):
+        return {f"mipd_{m}": d[i] for i, m in enumerate(names)}
+
+    # ---- the two game forms ------------------------------------------------------------------
+    def loss(self, handle, params, batch, key, method_state):
+        """Single-backward form: one backward pass yields the game's gradients."""
+        model = handle.train_model(params)
+        out = self.forward(model, batch)
+        total, terms = self._regularisers(model, out, batch)
+        fusion = self._game_fusions(model, self._fast_path(model))
+        parts, fuse, kw = self._mipd_parts(handle, params, model, batch, out, key, fusion)
+        d = game.game_mipd_divergences(out["logits"], fuse, parts, strategy=self.opts["strategy"],
+                                       divergence=self.divergence, **kw)
+        total = total - self.opts["mipd_weight"] * jnp.sum(d)
+        return total, {**terms, **self._jsd_metrics(self.modalities, d)}, model
+
+    def gradients(self, handle, params, batch, key, method_state):
+        if self.opts["game_form"] != "optax":
+            return super().gradients(handle, params, batch, key, method_state)
+        o = self.opts
+        s = game.shared_weight(o["strategy"])
+
+        def rest_fn(p):
+            model = handle.train_model(p)
+            out = self.forward(model, batch)
+            reg_total, terms = self._regularisers(model, out, batch)
+            total = reg_total
+            if s:  # the clean-prediction path of the MIPD terms belongs to the ordinary gradient
+                parts, fuse, kw = self._mipd_parts(handle, p, model, batch, out, key, model.fusion)
+                d = mipd_divergences(out["logits"], fuse, parts, divergence=self.divergence, stop_perturbed=True, **kw)
+                total = total - o["mipd_weight"] * s * jnp.sum(d)
+            return total, (reg_total, terms, handle.rest_of(model))
+
+        def terms_fn(p):
+            model = handle.train_model(p)
+            out = self.forward(model, batch)
+            parts, fuse, kw = self._mipd_parts(handle, p, model, batch, out, key, model.fusion)
+            d = mipd_divergences(jax.lax.stop_gradient(out["logits"]), fuse, parts, divergence=self.divergence, **kw)
+            return -d, d
+
+        (_, (reg_total, terms, new_rest)), grads = jax.value_and_grad(rest_fn, has_aux=True)(params)
+        per_term, d = jax.jacrev(terms_fn, has_aux=True)(params)
+        metrics = {**terms, **self._jsd_metrics(self.modalities, d), "loss": reg_total - o["mipd_weight"] * jnp.sum(d)}
+        return grads, {"mipd_grads": per_term}, new_rest, method_state, metrics

@@ -1,0 +1,19 @@
+"""Multi-loss: the fused task loss plus a weighted task loss on every unimodal head."""
+
+from mcr_jax.methods.base import Method, task_loss, unimodal_losses
+
+
+class MultiLoss(Method):
+    """``L = CE(ℓ, y) + λ_uni Σ_m CE(u_m, y)``; config: ``uni_weight`` (default 1.0)."""
+
+    name = "multiloss"
+    reports_unimodal_heads = True
+
+    def loss(self, handle, params, batch, key, method_state):
+        model = handle.train_model(params)
+        out = self.forward(model, batch)
+        fused = task_loss(out["logits"], batch["label"], batch.get("mask"), self.task)
+        uni = unimodal_losses(out, batch, self.task, self.modalities)
+        weight = float(self.config.get("uni_weight", 1.0))
+        total = fused + weight * sum(uni.values())
+        return total, {"task": fused, **{f"uni_{m}": v for m, v in uni.items()}}, model

@@ -1,0 +1,82 @@
+"""Optimisers and learning-rate schedules from a config section.
+
+``config.optim`` fields: ``name`` (``"adam_l2"``: Adam with coupled L2 weight decay — the decay is
+added to the gradient before Adam, as PyTorch's ``Adam(weight_decay=…)``, the reference; ``"adamw"``;
+``"sgd"`` with momentum), ``learning_rate``, ``weight_decay``, ``eps``, ``momentum``, ``b1``, ``b2``,
+``grad_clip`` (global norm, 0 = off), and ``schedule``:
+
+- ``"constant"``;
+- ``"cosine"``: cosine decay from ``learning_rate`` to ``min_lr`` over the whole run;
+- ``"reference"``: constant for ``constant_steps`` (780) steps, then cosine annealing with warm
+  restarts (``t0`` = 4, ``t_mult`` = 2, down to ``min_lr``) counted in global steps, as the
+  reference code steps its scheduler.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+
+def warm_restarts(base_lr: float, *, t0: int, t_mult: int, min_lr: float = 0.0):
+    """Cosine annealing with warm restarts (SGDR): period ``t0 · t_mult^i`` for cycle ``i``."""
+    if t0 < 1 or t_mult < 1:
+        raise ValueError(f"warm restarts need t0 >= 1 and t_mult >= 1; got t0={t0}, t_mult={t_mult}.")
+
+    def schedule(step):
+        t = jnp.asarray(step, jnp.float32)
+        if t_mult == 1:
+            cycle_start, period = jnp.floor(t / t0) * t0, jnp.float32(t0)
+        else:
+            # cycle i starts at t0 (t_mult^i - 1) / (t_mult - 1)
+            i = jnp.floor(jnp.log1p(t * (t_mult - 1) / t0) / jnp.log(float(t_mult)))
+            cycle_start = t0 * (t_mult**i - 1) / (t_mult - 1)
+            period = t0 * t_mult**i
+            # float rounding at a cycle boundary
+            over = t >= cycle_start + period
+            cycle_start = jnp.where(over, cycle_start + period, cycle_start)
+            period = jnp.where(over, period * t_mult, period)
+        frac = (t - cycle_start) / period
+        return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + jnp.cos(jnp.pi * frac))
+
+    return schedule
+
+
+def make_schedule(cfg, total_steps: int):
+    lr = float(cfg.learning_rate)
+    kind = cfg.get("schedule", "constant")
+    min_lr = float(cfg.get("min_lr", 0.0))
+    if kind == "constant":
+        return optax.constant_schedule(lr)
+    if kind == "cosine":
+        return optax.cosine_decay_schedule(lr, max(int(total_steps), 1), alpha=min_lr / lr if lr else 0.0)
+    if kind == "reference":
+        constant_steps = int(cfg.get("constant_steps", 780))
+        restarts = warm_restarts(lr, t0=int(cfg.get("t0", 4)), t_mult=int(cfg.get("t_mult", 2)), min_lr=min_lr)
+        return optax.join_schedules([optax.constant_schedule(lr), restarts], [constant_steps])
+    raise ValueError(f"unknown schedule {kind!r}; use 'constant', 'cosine' or 'reference'.")
+
+
+def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+    """The configured optimizer (see the module docstring)."""
+    schedule = make_schedule(cfg, total_steps)
+    name = cfg.get("name", "adam_l2")
+    wd = float(cfg.get("weight_decay", 0.0))
+    parts = []
+    if float(cfg.get("grad_clip", 0.0)) > 0:
+        parts.append(optax.clip_by_global_norm(float(cfg.grad_clip)))
+    if name == "adam_l2":
+        if wd:
+            parts.append(optax.add_decayed_weights(wd))
+        parts.append(optax.adam(schedule, b1=float(cfg.get("b1", 0.9)), b2=float(cfg.get("b2", 0.999)),
+                                eps=float(cfg.get("eps", 1e-8))))
+    elif name == "adamw":
+        parts.append(optax.adamw(schedule, b1=float(cfg.get("b1", 0.9)), b2=float(cfg.get("b2", 0.999)),
+                                 eps=float(cfg.get("eps", 1e-8)), weight_decay=wd))
+    elif name == "sgd":
+        if wd:
+            parts.append(optax.add_decayed_weights(wd))
+        parts.append(optax.sgd(schedule, momentum=float(cfg.get("momentum", 0.9)) or None))
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; use 'adam_l2', 'adamw' or 'sgd'.")
+    return optax.chain(*parts) if len(parts) > 1 else parts[0]

@@ -1,0 +1,144 @@
+"""Comparing methods: run several methods × seeds on one dataset, then a table, JSON and a bar chart.
+
+Unimodal runs are shared: the ensemble and the uni-pre methods of a seed reuse that seed's unimodal
+runs (``<workdir>/seed_<s>/unimodal_<modality>``), and every run resumes or returns its stored
+results when its directory already holds them, so an interrupted comparison restarts where it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+import numpy as np
+
+from mcr_jax import metrics
+from mcr_jax.train import train_and_evaluate, unimodal_config
+
+DEFAULT_METHODS = ("unimodal", "ensemble", "joint", "multiloss", "mcr")
+# Per-method defaults on top of the config's method section (the config's own section is MCR's).
+METHOD_DEFAULTS = {
+    "multiloss": {"uni_weight": 1.0},
+    "uni_pre_frozen": {"name": "uni_pre", "freeze": True},
+    "uni_pre_finetuned": {"name": "uni_pre", "freeze": False},
+}
+
+
+def method_config(config, name: str, unimodal_dirs: dict[str, str]) -> ml_collections.ConfigDict:
+    """The config of one method in a comparison (``mcr`` keeps the config's own method section)."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    if name == "mcr":
+        c.method.name = "mcr"
+        return c
+    section = {"name": name, **METHOD_DEFAULTS.get(name, {})}
+    if section["name"] == "uni_pre":
+        section["pretrained"] = dict(unimodal_dirs)
+    if name == "ensemble":
+        section["unimodal_workdirs"] = dict(unimodal_dirs)
+    c.method = ml_collections.ConfigDict(section)
+    return c
+
+
+def run_comparison(config, workdir: str, methods=DEFAULT_METHODS, seeds=(0, 1, 2)) -> dict:
+    """Runs every method for every seed; returns ``{"runs": {label: [results per seed]}, "summary": ...}``."""
+    from mcr_jax.inputs import load
+
+    modalities = load(config.data).info.modalities
+    runs: dict[str, list[dict]] = {}
+    for seed in seeds:
+        base = ml_collections.ConfigDict(config.to_dict())
+        base.seed = int(seed)
+        seed_dir = os.path.join(workdir, f"seed_{seed}")
+        unimodal_dirs = {m: os.path.join(seed_dir, f"unimodal_{m}") for m in modalities}
+        for name in methods:
+            if name == "unimodal":
+                for m in modalities:
+                    res = train_and_evaluate(unimodal_config(base, m), unimodal_dirs[m])
+                    runs.setdefault(f"unimodal {m}", []).append(res)
+                continue
+            res = train_and_evaluate(method_config(base, name, unimodal_dirs), os.path.join(seed_dir, name))
+            runs.setdefault(name, []).append(res)
+    summary = summarize(runs)
+    out = {"dataset": config.data.name, "modalities": list(modalities), "seeds": list(seeds), "summary": summary,
+           "runs": runs}
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    return out
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict:
+    """Mean ± std over seeds of the test metrics of every head, MIPD and sample-type accuracies."""
+    summary = {}
+    for label, results in runs.items():
+        entry = {"n": len(results), "heads": {}}
+        for head in results[0]["test"]["heads"]:
+            keys = results[0]["test"]["heads"][head]
+            entry["heads"][head] = {k: metrics.mean_std([r["test"]["heads"][head][k] for r in results]) for k in keys}
+        if "mipd" in results[0]["test"]:
+            entry["mipd"] = {m: metrics.mean_std([r["test"]["mipd"][m] for r in results])
+                             for m in results[0]["test"]["mipd"]}
+        if "by_sample_type" in results[0]["test"]:
+            entry["by_sample_type"] = {t: metrics.mean_std([r["test"]["by_sample_type"][t] for r in results])
+                                       for t in results[0]["test"]["by_sample_type"]}
+        summary[label] = entry
+    return summary
+
+
+def _pm(ms: dict, scale: float = 100.0, digits: int = 1) -> str:
+    if ms is None or ms["n"] == 0:
+        return "–"
+    return f"{scale * ms['mean']:.{digits}f} ± {scale * ms['std']:.{digits}f}"
+
+
+def _type_name(t: str, modalities) -> str:
+    t = int(t)
+    return "shared" if t < 0 else f"unique-{modalities[t]}"
+
+
+def format_table(summary: dict, modalities, *, task: str = "classification") -> str:
+    """A Markdown table (test, mean ± std): the fused metric, each unimodal head's (where the method
+    trains them), the fused accuracy per synthetic sample type (where known), MIPD per modality."""
+    key = "mae" if task == "regression" else "accuracy"
+    scale = 1.0 if task == "regression" else 100.0
+    unit = "MAE" if task == "regression" else "acc %"
+    types = sorted({t for e in summary.values() for t in e.get("by_sample_type", {})}, key=int)
+    head_cols = [f"{m} head {unit}" for m in modalities]
+    type_cols = [f"{_type_name(t, modalities)} acc %" for t in types]
+    mipd_cols = [f"MIPD {m} ×100" for m in modalities]
+    cols = head_cols + type_cols + mipd_cols
+    lines = ["| method | fused " + unit + " | " + " | ".join(cols) + " |", "|---" * (2 + len(cols)) + "|"]
+    for label, entry in summary.items():
+        fused = entry["heads"]["fused"].get(key)
+        heads = [_pm(entry["heads"][m].get(key), scale) if m in entry["heads"] else "–" for m in modalities]
+        by_type = [_pm(entry.get("by_sample_type", {}).get(t)) for t in types]
+        mipd = [_pm(entry.get("mipd", {}).get(m), 100.0, 2) for m in modalities]
+        lines.append(f"| {label} | {_pm(fused, scale)} | " + " | ".join(heads + by_type + mipd) + " |")
+    return "\n".join(lines)
+
+
+def bar_chart(summary: dict, path: str, *, task: str = "classification", title: str = "") -> str:
+    """Fused test metric per method with the std over seeds as error bars; written as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "mae" if task == "regression" else "accuracy"
+    scale = 1.0 if task == "regression" else 100.0
+    labels = list(summary)
+    means = [scale * summary[k]["heads"]["fused"][key]["mean"] for k in labels]
+    stds = [scale * summary[k]["heads"]["fused"][key]["std"] for k in labels]
+    fig, ax = plt.subplots(figsize=(1.3 * len(labels) + 2, 3.6))
+    colors = ["#c44e52" if k == "mcr" else "#4c72b0" for k in labels]
+    ax.bar(np.arange(len(labels)), means, yerr=stds, capsize=4, color=colors)
+    ax.set_xticks(np.arange(len(labels)), labels, rotation=25, ha="right")
+    ax.set_ylabel("test MAE" if task == "regression" else "test accuracy (%)")
+    lo = min(m - s for m, s in zip(means, stds, strict=True))
+    ax.set_ylim(max(0.0, lo - 5 * scale / 100), None)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,411 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``.
+
+One jitted step over plain parameter pytrees (the NNX model is split once; the traced function
+merges it), validation every epoch, model selection on validation only, early stopping on
+patience, the test split evaluated once at the selected checkpoint, orbax checkpoints every epoch
+(an interrupted run restarted with the same command resumes from the last finished epoch and ends
+with the same result), metrics as JSON lines, a per-epoch progress line with ETA, and a clear
+stop on a non-finite loss naming the step and the term.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from mcr_jax import inputs, metrics
+from mcr_jax.checkpoint import Checkpointer, from_saveable, host_copy
+from mcr_jax.data.pipeline import num_batches
+from mcr_jax.losses import mipd_divergences, sample_permutations
+from mcr_jax.methods import METHODS, ModelHandle, combine_logits, get_method, task_loss
+from mcr_jax.methods.base import EpochContext, model_inputs
+from mcr_jax.optim import make_optimizer
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _config_dict(config) -> dict:
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps.
+
+
+def _is_key(x) -> bool:
+    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def make_train_step(method, tx, graphdef_train, graphdef_eval, metric_names):
+    """``(state, batch) -> (state, metrics)``; a non-finite step leaves the state unchanged and
+    records the step and the offending terms (checked on the host once per epoch)."""
+
+    def step(state, batch):
+        key, sub = jax.random.split(state["key"])
+        handle = ModelHandle(graphdef_train, graphdef_eval, state["rest"])
+        grads, tx_kwargs, new_rest, new_ms, mets = method.gradients(handle, state["params"], batch, sub,
+                                                                    state["method_state"])
+        mets = dict(mets, grad_norm=optax.tree.norm(grads))
+        updates, new_opt = tx.update(grads, state["opt_state"], state["params"], **tx_kwargs)
+        new_params = optax.apply_updates(state["params"], updates)
+        bad = jnp.stack([~jnp.all(jnp.isfinite(mets[n])) for n in metric_names])
+        ok = ~jnp.any(bad)
+        keep = lambda new, old: jax.tree.map(lambda a, b: a if _is_key(a) else jnp.where(ok, a, b), new, old)
+        first = state["bad_step"] < 0
+        new_state = {
+            "params": keep(new_params, state["params"]),
+            "rest": keep(new_rest, state["rest"]),
+            "opt_state": keep(new_opt, state["opt_state"]),
+            "method_state": keep(new_ms, state["method_state"]),
+            "key": key,
+            "step": state["step"] + 1,
+            "bad_step": jnp.where(first & ~ok, state["step"], state["bad_step"]),
+            "bad_terms": jnp.where(first & ~ok, jnp.sum(bad.astype(jnp.int32) << jnp.arange(len(metric_names))),
+                                   state["bad_terms"]),
+        }
+        return new_state, mets
+
+    return step
+
+
+def make_eval_step(method, graphdef_eval, num_samples: int):
+    """``(params, rest, batch) -> outputs``: predictions and a MIPD balance diagnostic per modality."""
+
+    def step(params, rest, batch):
+        model = nnx.merge(graphdef_eval, params, rest)
+        out = method.predict(model, batch)
+        res = {"logits": out["logits"], "unimodal": out["unimodal"],
+               "loss": task_loss(out["logits"], batch["label"], batch["mask"], method.task)}
+        if method.uses_fusion and num_samples > 0:
+            names = method.modalities
+            perms = sample_permutations(jax.random.PRNGKey(0), num_samples, batch["label"].shape[0])
+            res["mipd"] = mipd_divergences(
+                out["logits"], lambda xs: model.fusion(dict(zip(names, xs, strict=True))),
+                [out["latents"][m] for m in names], perms,
+                divergence="mse" if method.task == "regression" else "jsd")
+        return res
+
+    return step
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def evaluate(eval_step, params, rest, data, split, batch_size, method) -> tuple[dict, dict]:
+    """Metrics of every head on a whole split (padding removed), plus the raw outputs."""
+    logits, uni, labels, losses, mipd = [], {}, [], [], []
+    for batch in data.batches(split, batch_size, train=False, seed=0, epoch=0):
+        out = jax.device_get(eval_step(params, rest, batch))
+        valid = np.asarray(batch["mask"]) > 0
+        logits.append(out["logits"][valid])
+        labels.append(np.asarray(batch["label"])[valid])
+        for m, v in out["unimodal"].items():
+            uni.setdefault(m, []).append(v[valid])
+        losses.append((float(out["loss"]), int(valid.sum())))
+        if "mipd" in out and valid.all():  # the diagnostic uses full batches only
+            mipd.append(out["mipd"])
+    outputs = {"logits": np.concatenate(logits), "labels": np.concatenate(labels),
+               "unimodal": {m: np.concatenate(v) for m, v in uni.items()}}
+    report_uni = method.uses_fusion and method.reports_unimodal_heads
+    heads = {"fused": outputs["logits"], **(outputs["unimodal"] if report_uni else {})}
+    res = {"heads": metrics.head_metrics(heads, outputs["labels"], method.task),
+           "loss": sum(loss * n for loss, n in losses) / max(sum(n for _, n in losses), 1)}
+    if method.task == "classification" and report_uni:
+        res["error_groups"] = metrics.error_groups(outputs["logits"], outputs["unimodal"], outputs["labels"])
+    if mipd:
+        mean = np.mean(mipd, axis=0)
+        res["mipd"] = {m: float(mean[i]) for i, m in enumerate(method.modalities)}
+    return res, outputs
+
+
+def selection_value(val: dict, config, task: str) -> tuple[float, str]:
+    """(value where larger is better, the metric's name) for model selection on validation."""
+    select = config.train.get("select", None) or ("loss" if task == "regression" else "accuracy")
+    if select == "loss":
+        return -float(val["loss"]), "val_loss"
+    return float(val["heads"]["fused"][select]), f"val_{select}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up helpers.
+
+
+def load_pretrained(params, rest, workdirs: dict[str, str], modalities) -> tuple[Any, Any]:
+    """Copies ``encoders[m]`` and ``heads[m]`` (and their model state) from unimodal runs' selected weights."""
+    params, rest = jax.tree.map(lambda x: x, params), jax.tree.map(lambda x: x, rest)
+    missing = [m for m in modalities if m not in workdirs]
+    if missing:
+        raise ValueError(f"pretrained workdirs are missing for modalities {missing}.")
+    for m in modalities:
+        wd = os.path.expanduser(workdirs[m])
+        if not os.path.exists(os.path.join(wd, "results.json")):
+            raise FileNotFoundError(f"uni-pre: the unimodal run for {m!r} in {wd} has not finished (no results.json); "
+                                    f"train it first (method.name=unimodal, method.modality={m}).")
+        best = Checkpointer(wd).restore_best({"params": params, "rest": rest})
+        best = from_saveable(best, {"params": params, "rest": rest})
+        for part in ("encoders", "heads"):
+            params[part][m] = best["params"][part][m]
+            if part in best["rest"] and m in best["rest"][part]:
+                rest[part][m] = best["rest"][part][m]
+    return params, rest
+
+
+def _finished(workdir: str, config) -> dict | None:
+    path = os.path.join(workdir, "results.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        res = json.load(f)
+    if res.get("config") != _jsonable(_config_dict(config)):
+        raise ValueError(f"{workdir} holds a finished run with a different config; use another --workdir "
+                         "or delete that directory.")
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains ``config.method`` on ``config.data`` and returns the results (also in results.json)."""
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    if config.method.name == "ensemble":
+        return train_ensemble(config, workdir)
+    done = _finished(workdir, config)
+    if done is not None:
+        _log(f"[{config.method.name}] {workdir} already finished: returning its results.")
+        return done
+
+    data = inputs.load(config.data)
+    info = data.info
+    method = get_method(config.method, info)
+    seed = int(config.seed)
+    model = inputs.build_model(config.model, info, seed=seed)
+    method.check_model(model)
+    model.eval()
+    graphdef_eval = nnx.split(model, nnx.Param, ...)[0]
+    model.train()
+    graphdef_train, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+
+    tc = config.train
+    batch_size, epochs = int(tc.batch_size), int(tc.num_epochs)
+    steps_per_epoch = num_batches(data.size("train"), batch_size, drop_remainder=True)
+    if steps_per_epoch < 1:
+        raise ValueError(f"train.batch_size={batch_size} exceeds the {data.size('train')} training examples.")
+    tx = method.make_optimizer(make_optimizer(config.optim, epochs * steps_per_epoch), params)
+    pretrained = config.method.get("pretrained", None) or config.get("init", {}).get("pretrained", None)
+    if pretrained:  # uni-pre, or any method started from unimodal runs (config.init.pretrained)
+        params, rest = load_pretrained(params, rest, dict(pretrained), info.modalities)
+
+    state = {"params": params, "rest": rest, "opt_state": tx.init(params),
+             "method_state": method.init_method_state(params), "key": jax.random.PRNGKey(seed),
+             "step": jnp.zeros((), jnp.int32), "bad_step": -jnp.ones((), jnp.int32),
+             "bad_terms": jnp.zeros((), jnp.int32)}
+    sample = next(data.batches("train", batch_size, train=True, seed=seed, epoch=1))
+    shapes = jax.eval_shape(lambda p, r, b, k, ms: method.gradients(ModelHandle(graphdef_train, graphdef_eval, r),
+                                                                     p, b, k, ms)[4],
+                            params, rest, sample, state["key"], state["method_state"])
+    metric_names = sorted(shapes) + ["grad_norm"]
+    train_step = jax.jit(make_train_step(method, tx, graphdef_train, graphdef_eval, metric_names), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(method, graphdef_eval, int(config.get("eval", {}).get("mipd_samples", 8))))
+    eval_bs = int(config.get("eval", {}).get("batch_size", 0) or batch_size)
+
+    encode = jax.jit(lambda p, r, b: nnx.merge(graphdef_eval, p, r).encode(*model_inputs(b, info.modalities)))
+
+    def features_fn(p, r, split):
+        feats, labels = {}, []
+        for batch in data.batches(split, eval_bs, train=False, seed=0, epoch=0):
+            valid = np.asarray(batch["mask"]) > 0
+            for m, z in jax.device_get(encode(p, r, batch)).items():
+                feats.setdefault(m, []).append(z[valid])
+            labels.append(np.asarray(batch["label"])[valid])
+        return {m: np.concatenate(v) for m, v in feats.items()}, np.concatenate(labels)
+
+    def fresh_params(new_seed):
+        fresh = inputs.build_model(config.model, info, seed=int(new_seed))
+        return nnx.as_pure(nnx.split(fresh, nnx.Param, ...)[1])
+
+    ckpt = Checkpointer(workdir, enabled=bool(tc.get("checkpoint", True)))
+    best = host_copy({"params": state["params"], "rest": state["rest"]})
+    meta = {"epoch": 0, "best_epoch": 0, "best_value": -float("inf"), "bad_epochs": 0, "history": [],
+            "stopped_early": False, "train_time_s": 0.0}
+    latest = ckpt.latest_epoch() if ckpt.enabled else None
+    if latest is not None:
+        state, best, meta = ckpt.restore(latest, state, best)
+        _log(f"[{config.method.name}] resuming {workdir} after epoch {meta['epoch']} (step {int(state['step'])}).")
+
+    patience = int(tc.get("patience", 0) or 0)
+    stop_after = int(tc.get("stop_after_epochs", 0) or 0)
+    start = meta["epoch"] + 1
+    for epoch in range(start, epochs + 1):
+        if meta["stopped_early"]:
+            break
+        t0 = time.perf_counter()
+        step_metrics = []
+        for batch in data.batches("train", batch_size, train=True, seed=seed, epoch=epoch):
+            state, mets = train_step(state, batch)
+            step_metrics.append(mets)
+        step_metrics = jax.device_get(step_metrics)  # one transfer per epoch
+        train_means = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
+        if int(state["bad_step"]) >= 0:
+            terms = [n for i, n in enumerate(metric_names) if (int(state["bad_terms"]) >> i) & 1]
+            raise FloatingPointError(
+                f"non-finite {', '.join(terms)} at step {int(state['bad_step'])} (epoch {epoch}); the update was "
+                f"skipped and training stopped. Lower optim.learning_rate or check the inputs for NaN/Inf.")
+        val, _ = evaluate(eval_step, state["params"], state["rest"], data, "validation", eval_bs, method)
+        value, sel_name = selection_value(val, config, info.task)
+        improved = value > meta["best_value"]
+        if improved:
+            best = host_copy({"params": state["params"], "rest": state["rest"]})
+            meta.update(best_epoch=epoch, best_value=value, bad_epochs=0)
+        else:
+            meta["bad_epochs"] += 1
+        epoch_time = time.perf_counter() - t0
+        meta["train_time_s"] += epoch_time
+        ctx = EpochContext(epoch=epoch, steps_per_epoch=steps_per_epoch, state=state,
+                           features_fn=features_fn, fresh_params_fn=fresh_params)
+        state["method_state"] = method.on_epoch_end(epoch, val, state["method_state"], ctx)
+        record = {"epoch": epoch, "step": int(state["step"]), "train": train_means,
+                  "val": {"loss": val["loss"], **{f"{h}_{k}": v for h, d in val["heads"].items() for k, v in d.items()},
+                          **{f"mipd_{m}": v for m, v in val.get("mipd", {}).items()}},
+                  "time_s": epoch_time}
+        meta["history"].append(_jsonable(record))
+        meta["epoch"] = epoch
+        if patience and meta["bad_epochs"] >= patience:
+            meta["stopped_early"] = True
+        _write_history(workdir, meta["history"])
+        eta = meta["train_time_s"] / max(epoch - start + 1, 1) * (epochs - epoch) if not meta["stopped_early"] else 0
+        main_metric = "mae" if info.task == "regression" else "accuracy"
+        _log(f"[{config.method.name}] epoch {epoch:3d}/{epochs}  loss {train_means['loss']:.4f}  "
+             f"val {main_metric} {val['heads']['fused'][main_metric]:.4f}{' *' if improved else '  '}  "
+             f"{epoch_time:5.1f}s  ETA {eta:5.0f}s" + ("  (early stop)" if meta["stopped_early"] else ""))
+        ckpt.save(epoch, state, best, meta)
+        if stop_after and epoch >= stop_after and epoch < epochs:
+            _log(f"[{config.method.name}] stopping after epoch {epoch} as asked (train.stop_after_epochs).")
+            ckpt.close()
+            return {"interrupted": True, "epoch": epoch}
+    ckpt.close()
+
+    best = from_saveable(best, {"params": state["params"], "rest": state["rest"]})
+    val, val_out = evaluate(eval_step, best["params"], best["rest"], data, "validation", eval_bs, method)
+    test, test_out = evaluate(eval_step, best["params"], best["rest"], data, "test", eval_bs, method)
+    _add_sample_type_accuracy(test, test_out["logits"], test_out["labels"], data, info)
+    _save_predictions(workdir, {"validation": val_out, "test": test_out})
+    results = {"config": _jsonable(_config_dict(config)), "method": config.method.name, "seed": seed,
+               "dataset": info.name, "modalities": list(info.modalities), "task": info.task,
+               "best_epoch": meta["best_epoch"], "epochs_run": meta["epoch"], "selection": sel_name,
+               "stopped_early": meta["stopped_early"], "steps": int(state["step"]),
+               "train_time_s": meta["train_time_s"], "validation": val, "test": test}
+    results = _jsonable(results)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    fused = test["heads"]["fused"]
+    _log(f"[{config.method.name}] done: best epoch {meta['best_epoch']}, test "
+         + ", ".join(f"{k} {v:.4f}" for k, v in fused.items()))
+    return results
+
+
+def _add_sample_type_accuracy(res: dict, logits, labels, data, info) -> None:
+    """Synthetic data: the fused accuracy per sample type (-1 shared, m unique to modality m)."""
+    sample_type = data.split_arrays("test", "sample_type")
+    if sample_type is not None and info.task == "classification":
+        correct = np.argmax(logits, -1) == labels
+        res["by_sample_type"] = {int(t): float(correct[sample_type == t].mean()) for t in np.unique(sample_type)}
+
+
+def _write_history(workdir: str, history: list) -> None:
+    path = os.path.join(workdir, "metrics.jsonl")
+    with open(path + ".tmp", "w") as f:
+        for rec in history:
+            f.write(json.dumps(rec) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def _save_predictions(workdir: str, outs: dict) -> None:
+    arrays = {}
+    for split, out in outs.items():
+        arrays[f"{split}_logits"] = out["logits"]
+        arrays[f"{split}_labels"] = out["labels"]
+        for m, v in out["unimodal"].items():
+            arrays[f"{split}_unimodal_{m}"] = v
+    np.savez(os.path.join(workdir, "predictions.npz"), **arrays)
+
+
+# ----------------------------------------------------------------------------------------------
+# Orchestrated methods and several seeds.
+
+
+def unimodal_config(config, modality: str) -> ml_collections.ConfigDict:
+    sub = ml_collections.ConfigDict(_config_dict(config))
+    sub.method = ml_collections.ConfigDict({"name": "unimodal", "modality": modality})
+    if "init" in sub:
+        sub.init.pretrained = {}
+    return sub
+
+
+def train_ensemble(config, workdir: str) -> dict:
+    """Trains (or reuses) one unimodal run per modality and evaluates their combined predictions."""
+    data = inputs.load(config.data)
+    info = data.info
+    runs = dict(config.method.get("unimodal_workdirs", None) or {})
+    preds = {}
+    for m in info.modalities:
+        wd = runs.get(m) or os.path.join(workdir, f"unimodal_{m}")
+        train_and_evaluate(unimodal_config(config, m), wd)
+        preds[m] = np.load(os.path.join(wd, "predictions.npz"))
+    mode = config.method.get("mode", "standardized")
+    results = {"config": _jsonable(_config_dict(config)), "method": "ensemble", "seed": int(config.seed),
+               "dataset": info.name, "modalities": list(info.modalities), "task": info.task, "mode": mode}
+    for split in ("validation", "test"):
+        labels = preds[info.modalities[0]][f"{split}_labels"]
+        uni = {m: preds[m][f"{split}_logits"] for m in info.modalities}
+        if info.task == "regression":
+            fused = np.mean([uni[m] for m in info.modalities], axis=0)
+        else:
+            fused = combine_logits([uni[m] for m in info.modalities], mode)
+        res = {"heads": metrics.head_metrics({"fused": fused, **uni}, labels, info.task)}
+        if info.task == "classification":
+            res["error_groups"] = metrics.error_groups(fused, uni, labels)
+        if split == "test":
+            _add_sample_type_accuracy(res, fused, labels, data, info)
+        results[split] = res
+    results = _jsonable(results)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return results
+
+
+def run_seeds(config, workdir: str, seeds) -> dict:
+    """Runs ``train_and_evaluate`` per seed in ``<workdir>/seed_<s>`` and aggregates mean ± std."""
+    per_seed = []
+    for s in seeds:
+        sub = ml_collections.ConfigDict(_config_dict(config))
+        sub.seed = int(s)
+        per_seed.append(train_and_evaluate(sub, os.path.join(workdir, f"seed_{s}")))
+    summary = {"method": config.method.name, "seeds": list(seeds), "test": {}}
+    for head, mets in per_seed[0]["test"]["heads"].items():
+        summary["test"][head] = {k: metrics.mean_std([r["test"]["heads"][head][k] for r in per_seed]) for k in mets}
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(_jsonable(summary), f, indent=1)
+    return summary
+
+
+__all__ = ["METHODS", "evaluate", "load_pretrained", "run_seeds", "train_and_evaluate", "train_ensemble"]

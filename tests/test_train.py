@@ -1,0 +1,141 @@
+"""train_and_evaluate: a smoke run, resume equivalence, selection on validation only, the NaN stop,
+and the orchestrated methods (ensemble, uni-pre) through the comparison runner."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments.configs import synthetic
+from mcr_jax import inputs, report, train
+from mcr_jax.checkpoint import Checkpointer
+from mcr_jax.data.types import ArraySplit
+
+
+def smoke_config(**train_overrides):
+    cfg = synthetic.get_config("smoke")
+    cfg.train.num_epochs = 4
+    cfg.train.patience = 0
+    for k, v in train_overrides.items():
+        cfg.train[k] = v
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("ref"))
+    return workdir, train.train_and_evaluate(smoke_config(), workdir)
+
+
+def test_smoke_run_writes_everything(reference_run):
+    workdir, res = reference_run
+    assert res["epochs_run"] == 4 and 1 <= res["best_epoch"] <= 4
+    assert set(res["test"]["heads"]) == {"fused", "x1", "x2"}
+    assert set(res["test"]["mipd"]) == {"x1", "x2"}
+    assert {r["group"] for r in res["test"]["error_groups"]} >= {"all unimodal right", "all unimodal wrong"}
+    assert set(res["test"]["by_sample_type"]) <= {"-1", "0", "1"}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    assert [r["epoch"] for r in lines] == [1, 2, 3, 4]
+    assert {"loss", "task", "con", "mipd_x1", "mipd_x2", "grad_norm"} <= set(lines[0]["train"])
+    preds = np.load(os.path.join(workdir, "predictions.npz"))
+    assert preds["test_logits"].shape == (60, 5) and preds["test_labels"].shape == (60,)
+    # A finished run is returned, not retrained.
+    again = train.train_and_evaluate(smoke_config(), workdir)
+    assert again == res
+
+
+def test_interrupted_run_resumes_to_the_same_result(reference_run, tmp_path, monkeypatch):
+    ref_dir, ref = reference_run
+    original = Checkpointer.save
+
+    def save_then_crash(self, epoch, *args, **kwargs):
+        original(self, epoch, *args, **kwargs)
+        if epoch == 2:
+            raise KeyboardInterrupt("simulated interruption after epoch 2")
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(smoke_config(), str(tmp_path))
+    assert not os.path.exists(tmp_path / "results.json")
+    monkeypatch.setattr(Checkpointer, "save", original)
+    res = train.train_and_evaluate(smoke_config(), str(tmp_path))
+    assert res["best_epoch"] == ref["best_epoch"] and res["steps"] == ref["steps"]
+    a, b = np.load(os.path.join(ref_dir, "predictions.npz")), np.load(tmp_path / "predictions.npz")
+    for key in a.files:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-7)
+    assert res["test"] == ref["test"]
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert [json.loads(line)["epoch"] for line in f] == [1, 2, 3, 4]
+
+
+def test_model_selection_never_looks_at_the_test_split(reference_run, tmp_path, monkeypatch):
+    """Scrambling the test labels must not change which epoch is selected nor the validation results."""
+    _, ref = reference_run
+    real_load = inputs.load
+
+    def load_with_scrambled_test(cfg):
+        data = real_load(cfg)
+        test = data.splits["test"]
+        labels = np.random.default_rng(0).permutation(np.asarray(test["label"]))
+        data.splits["test"] = test.replace(label=labels)
+        return data
+
+    monkeypatch.setattr(inputs, "load", load_with_scrambled_test)
+    res = train.train_and_evaluate(smoke_config(), str(tmp_path))
+    assert res["best_epoch"] == ref["best_epoch"]
+    assert res["validation"] == ref["validation"]
+    assert res["test"]["heads"]["fused"]["accuracy"] != ref["test"]["heads"]["fused"]["accuracy"]
+
+
+def test_non_finite_loss_stops_with_step_and_term(tmp_path, monkeypatch):
+    real_load = inputs.load
+
+    def load_with_nan(cfg):
+        data = real_load(cfg)
+        train_split = data.splits["train"]
+        x1 = np.array(train_split["x1"])
+        x1[:] = np.nan
+        data.splits["train"] = ArraySplit({**train_split.as_dict(), "x1": x1})
+        return data
+
+    monkeypatch.setattr(inputs, "load", load_with_nan)
+    with pytest.raises(FloatingPointError, match=r"non-finite .*task.* at step 0 \(epoch 1\)"):
+        train.train_and_evaluate(smoke_config(checkpoint=False), str(tmp_path))
+
+
+def test_bad_batch_size_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="exceeds the 120 training examples"):
+        train.train_and_evaluate(smoke_config(batch_size=1000), str(tmp_path))
+
+
+def test_comparison_with_ensemble_and_frozen_uni_pre(tmp_path):
+    cfg = synthetic.get_config("smoke")
+    out = report.run_comparison(cfg, str(tmp_path), ["unimodal", "ensemble", "uni_pre_frozen"], seeds=[0])
+    assert set(out["summary"]) == {"unimodal x1", "unimodal x2", "ensemble", "uni_pre_frozen"}
+    table = report.format_table(out["summary"], out["modalities"])
+    assert "| ensemble |" in table and "± 0.0" in table
+    png = report.bar_chart(out["summary"], str(tmp_path / "c.png"))
+    assert os.path.getsize(png) > 1000
+    # The ensemble combines exactly the unimodal runs' test predictions.
+    seed_dir = tmp_path / "seed_0"
+    uni = {m: np.load(seed_dir / f"unimodal_{m}" / "predictions.npz") for m in ("x1", "x2")}
+    ens = out["runs"]["ensemble"][0]["test"]["heads"]
+    for m in ("x1", "x2"):
+        assert ens[m] == out["runs"][f"unimodal {m}"][0]["test"]["heads"]["fused"]
+    labels = uni["x1"]["test_labels"]
+    from mcr_jax.methods import combine_logits
+
+    fused = combine_logits([uni["x1"]["test_logits"], uni["x2"]["test_logits"]])
+    assert ens["fused"]["accuracy"] == pytest.approx(np.mean(fused.argmax(-1) == labels))
+    # Frozen uni-pre: its selected encoders are the unimodal runs' selected encoders.
+    model = inputs.build_model(cfg.model, inputs.load(cfg.data).info, seed=0)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    like = {"params": nnx.as_pure(params), "rest": nnx.as_pure(rest)}
+    frozen = Checkpointer(str(seed_dir / "uni_pre_frozen")).restore_best(like)
+    for m in ("x1", "x2"):
+        pre = Checkpointer(str(seed_dir / f"unimodal_{m}")).restore_best(like)
+        jax.tree.map(np.testing.assert_array_equal, frozen["params"]["encoders"][m], pre["params"]["encoders"][m])
