@@ -11,6 +11,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mcr_jax import parallel
 from mcr_jax.report import DEFAULT_METHODS, bar_chart, format_table, run_comparison
 
 FLAGS = flags.FLAGS
@@ -18,12 +19,16 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file (get_con
 flags.DEFINE_string("workdir", None, "Directory for every run, results.json, table.md and the chart.")
 flags.DEFINE_string("methods", ",".join(DEFAULT_METHODS), "Comma-separated methods.")
 flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (or JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (or JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's id (or JAX_PROCESS_ID).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
+    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     methods = [m.strip() for m in FLAGS.methods.split(",") if m.strip()]
     seeds = [int(s) for s in FLAGS.seeds.split(",") if s.strip()]
     out = run_comparison(FLAGS.config, FLAGS.workdir, methods, seeds)

@@ -90,4 +90,6 @@ class Checkpointer:
 def host_copy(tree: Any) -> Any:
     """A NumPy copy of a pytree, typed keys as raw key data (safe against buffer donation);
     :func:`from_saveable` turns it back."""
-    return jax.tree.map(np.array, jax.device_get(to_saveable(tree)))
+    from mcr_jax import parallel
+
+    return jax.tree.map(np.array, parallel.to_host(to_saveable(tree)))

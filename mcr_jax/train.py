@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mcr_jax import inputs, metrics
+from mcr_jax import inputs, metrics, parallel
 from mcr_jax.checkpoint import Checkpointer, from_saveable, host_copy
 from mcr_jax.data.pipeline import num_batches
 from mcr_jax.losses import mipd_divergences, sample_permutations
@@ -32,7 +32,12 @@ from mcr_jax.optim import make_optimizer
 
 
 def _log(msg: str) -> None:
-    print(msg, flush=True)
+    if parallel.is_primary():
+        print(msg, flush=True)
+
+
+def _scalar(x) -> int:
+    return int(np.asarray(parallel.to_host(x)))
 
 
 def _config_dict(config) -> dict:
@@ -107,14 +112,15 @@ def make_eval_step(method, graphdef_eval, num_samples: int):
 # Evaluation.
 
 
-def evaluate(eval_step, params, rest, data, split, batch_size, method) -> tuple[dict, dict]:
+def evaluate(run, params, rest, split) -> tuple[dict, dict]:
     """Metrics of every head on a whole split (padding removed), plus the raw outputs."""
+    method = run.method
     logits, uni, labels, losses, mipd = [], {}, [], [], []
-    for batch in data.batches(split, batch_size, train=False, seed=0, epoch=0):
-        out = jax.device_get(eval_step(params, rest, batch))
-        valid = np.asarray(batch["mask"]) > 0
+    for batch in run.batches(split, run.eval_batch_size, train=False, epoch=0):
+        out, host = parallel.to_host((run.eval_step(params, rest, batch), batch))
+        valid = np.asarray(host["mask"]) > 0
         logits.append(out["logits"][valid])
-        labels.append(np.asarray(batch["label"])[valid])
+        labels.append(np.asarray(host["label"])[valid])
         for m, v in out["unimodal"].items():
             uni.setdefault(m, []).append(v[valid])
         losses.append((float(out["loss"]), int(valid.sum())))
@@ -178,6 +184,92 @@ def _finished(workdir: str, config) -> dict | None:
     return res
 
 
+
+# ----------------------------------------------------------------------------------------------
+# Set-up: everything a run needs, placed on the mesh.
+
+
+class Run:
+    """What :func:`setup` builds: data, method, state on the mesh, the jitted steps, helpers."""
+
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+    def batches(self, split: str, batch_size: int, *, train: bool, epoch: int):
+        """This process's slice of each global batch, assembled into global sharded arrays."""
+        for local in self.data.batches(split, batch_size, train=train, seed=self.seed, epoch=epoch,
+                                       process_index=jax.process_index(), process_count=jax.process_count()):
+            yield parallel.global_batch(local, self.mesh)
+
+
+def setup(config, *, mesh=None) -> Run:
+    """Loads the data, builds model, method and optimizer, places the state and compiles the steps."""
+    data = inputs.load(config.data)
+    info = data.info
+    method = get_method(config.method, info)
+    mesh = mesh if mesh is not None else parallel.make_mesh(int(config.get("parallel", {}).get("num_devices", 0)))
+    method.mesh = mesh
+    seed = int(config.seed)
+    model = inputs.build_model(config.model, info, seed=seed)
+    method.check_model(model)
+    model.eval()
+    graphdef_eval = nnx.split(model, nnx.Param, ...)[0]
+    model.train()
+    graphdef_train, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+
+    tc = config.train
+    batch_size, epochs = int(tc.batch_size), int(tc.num_epochs)
+    eval_bs = int(config.get("eval", {}).get("batch_size", 0) or batch_size)
+    parallel.check_batch_size(batch_size, mesh)
+    parallel.check_batch_size(eval_bs, mesh, "eval.batch_size")
+    steps_per_epoch = num_batches(data.size("train"), batch_size, drop_remainder=True)
+    if steps_per_epoch < 1:
+        raise ValueError(f"train.batch_size={batch_size} exceeds the {data.size('train')} training examples.")
+    tx = method.make_optimizer(make_optimizer(config.optim, epochs * steps_per_epoch), params)
+    pretrained = config.method.get("pretrained", None) or config.get("init", {}).get("pretrained", None)
+    if pretrained:  # uni-pre, or any method started from unimodal runs (config.init.pretrained)
+        params, rest = load_pretrained(params, rest, dict(pretrained), info.modalities)
+
+    state = {"params": params, "rest": rest, "opt_state": tx.init(params),
+             "method_state": method.init_method_state(params), "key": jax.random.PRNGKey(seed),
+             "step": jnp.zeros((), jnp.int32), "bad_step": -jnp.ones((), jnp.int32),
+             "bad_terms": jnp.zeros((), jnp.int32)}
+    state = parallel.replicate(state, mesh)
+    sample = next(data.batches("train", batch_size, train=True, seed=seed, epoch=1))
+    shapes = jax.eval_shape(lambda p, r, b, k, ms: method.gradients(ModelHandle(graphdef_train, graphdef_eval, r),
+                                                                     p, b, k, ms)[4],
+                            params, rest, sample, state["key"], state["method_state"])
+    metric_names = sorted(shapes) + ["grad_norm"]
+    rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    train_step = jax.jit(make_train_step(method, tx, graphdef_train, graphdef_eval, metric_names),
+                         in_shardings=(rep, shard), out_shardings=(rep, rep), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(method, graphdef_eval, int(config.get("eval", {}).get("mipd_samples", 8))),
+                        in_shardings=(rep, rep, shard))
+    encode = jax.jit(lambda p, r, b: nnx.merge(graphdef_eval, p, r).encode(*model_inputs(b, info.modalities)),
+                     in_shardings=(rep, rep, shard))
+    run = Run(config=config, data=data, info=info, method=method, mesh=mesh, seed=seed, state=state,
+              train_step=train_step, eval_step=eval_step, metric_names=metric_names, steps_per_epoch=steps_per_epoch,
+              batch_size=batch_size, eval_batch_size=eval_bs, graphdef_train=graphdef_train,
+              graphdef_eval=graphdef_eval, tx=tx)
+
+    def features_fn(p, r, split):
+        feats, labels = {}, []
+        for batch in run.batches(split, eval_bs, train=False, epoch=0):
+            out, host = parallel.to_host((encode(p, r, batch), batch))
+            valid = np.asarray(host["mask"]) > 0
+            for m, z in out.items():
+                feats.setdefault(m, []).append(z[valid])
+            labels.append(np.asarray(host["label"])[valid])
+        return {m: np.concatenate(v) for m, v in feats.items()}, np.concatenate(labels)
+
+    def fresh_params(new_seed):
+        fresh = inputs.build_model(config.model, info, seed=int(new_seed))
+        return parallel.replicate(nnx.as_pure(nnx.split(fresh, nnx.Param, ...)[1]), mesh)
+
+    run.features_fn, run.fresh_params = features_fn, fresh_params
+    return run
+
 # ----------------------------------------------------------------------------------------------
 # The loop.
 
@@ -193,55 +285,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         _log(f"[{config.method.name}] {workdir} already finished: returning its results.")
         return done
 
-    data = inputs.load(config.data)
-    info = data.info
-    method = get_method(config.method, info)
-    seed = int(config.seed)
-    model = inputs.build_model(config.model, info, seed=seed)
-    method.check_model(model)
-    model.eval()
-    graphdef_eval = nnx.split(model, nnx.Param, ...)[0]
-    model.train()
-    graphdef_train, params, rest = nnx.split(model, nnx.Param, ...)
-    params, rest = nnx.as_pure(params), nnx.as_pure(rest)
-
-    tc = config.train
-    batch_size, epochs = int(tc.batch_size), int(tc.num_epochs)
-    steps_per_epoch = num_batches(data.size("train"), batch_size, drop_remainder=True)
-    if steps_per_epoch < 1:
-        raise ValueError(f"train.batch_size={batch_size} exceeds the {data.size('train')} training examples.")
-    tx = method.make_optimizer(make_optimizer(config.optim, epochs * steps_per_epoch), params)
-    pretrained = config.method.get("pretrained", None) or config.get("init", {}).get("pretrained", None)
-    if pretrained:  # uni-pre, or any method started from unimodal runs (config.init.pretrained)
-        params, rest = load_pretrained(params, rest, dict(pretrained), info.modalities)
-
-    state = {"params": params, "rest": rest, "opt_state": tx.init(params),
-             "method_state": method.init_method_state(params), "key": jax.random.PRNGKey(seed),
-             "step": jnp.zeros((), jnp.int32), "bad_step": -jnp.ones((), jnp.int32),
-             "bad_terms": jnp.zeros((), jnp.int32)}
-    sample = next(data.batches("train", batch_size, train=True, seed=seed, epoch=1))
-    shapes = jax.eval_shape(lambda p, r, b, k, ms: method.gradients(ModelHandle(graphdef_train, graphdef_eval, r),
-                                                                     p, b, k, ms)[4],
-                            params, rest, sample, state["key"], state["method_state"])
-    metric_names = sorted(shapes) + ["grad_norm"]
-    train_step = jax.jit(make_train_step(method, tx, graphdef_train, graphdef_eval, metric_names), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(method, graphdef_eval, int(config.get("eval", {}).get("mipd_samples", 8))))
-    eval_bs = int(config.get("eval", {}).get("batch_size", 0) or batch_size)
-
-    encode = jax.jit(lambda p, r, b: nnx.merge(graphdef_eval, p, r).encode(*model_inputs(b, info.modalities)))
-
-    def features_fn(p, r, split):
-        feats, labels = {}, []
-        for batch in data.batches(split, eval_bs, train=False, seed=0, epoch=0):
-            valid = np.asarray(batch["mask"]) > 0
-            for m, z in jax.device_get(encode(p, r, batch)).items():
-                feats.setdefault(m, []).append(z[valid])
-            labels.append(np.asarray(batch["label"])[valid])
-        return {m: np.concatenate(v) for m, v in feats.items()}, np.concatenate(labels)
-
-    def fresh_params(new_seed):
-        fresh = inputs.build_model(config.model, info, seed=int(new_seed))
-        return nnx.as_pure(nnx.split(fresh, nnx.Param, ...)[1])
+    run = setup(config)
+    data, info, method, state, tc = run.data, run.info, run.method, run.state, config.train
+    epochs, batch_size = int(tc.num_epochs), run.batch_size
+    train_step, metric_names, steps_per_epoch = run.train_step, run.metric_names, run.steps_per_epoch
 
     ckpt = Checkpointer(workdir, enabled=bool(tc.get("checkpoint", True)))
     best = host_copy({"params": state["params"], "rest": state["rest"]})
@@ -250,7 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     latest = ckpt.latest_epoch() if ckpt.enabled else None
     if latest is not None:
         state, best, meta = ckpt.restore(latest, state, best)
-        _log(f"[{config.method.name}] resuming {workdir} after epoch {meta['epoch']} (step {int(state['step'])}).")
+        _log(f"[{config.method.name}] resuming {workdir} after epoch {meta['epoch']} (step {_scalar(state['step'])}).")
 
     patience = int(tc.get("patience", 0) or 0)
     stop_after = int(tc.get("stop_after_epochs", 0) or 0)
@@ -260,17 +307,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             break
         t0 = time.perf_counter()
         step_metrics = []
-        for batch in data.batches("train", batch_size, train=True, seed=seed, epoch=epoch):
+        for batch in run.batches("train", batch_size, train=True, epoch=epoch):
             state, mets = train_step(state, batch)
             step_metrics.append(mets)
-        step_metrics = jax.device_get(step_metrics)  # one transfer per epoch
+        step_metrics = parallel.to_host(step_metrics)  # one transfer per epoch
         train_means = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
-        if int(state["bad_step"]) >= 0:
-            terms = [n for i, n in enumerate(metric_names) if (int(state["bad_terms"]) >> i) & 1]
+        if _scalar(state["bad_step"]) >= 0:
+            terms = [n for i, n in enumerate(metric_names) if (_scalar(state["bad_terms"]) >> i) & 1]
             raise FloatingPointError(
-                f"non-finite {', '.join(terms)} at step {int(state['bad_step'])} (epoch {epoch}); the update was "
+                f"non-finite {', '.join(terms)} at step {_scalar(state['bad_step'])} (epoch {epoch}); the update was "
                 f"skipped and training stopped. Lower optim.learning_rate or check the inputs for NaN/Inf.")
-        val, _ = evaluate(eval_step, state["params"], state["rest"], data, "validation", eval_bs, method)
+        val, _ = evaluate(run, state["params"], state["rest"], "validation")
         value, sel_name = selection_value(val, config, info.task)
         improved = value > meta["best_value"]
         if improved:
@@ -281,9 +328,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         epoch_time = time.perf_counter() - t0
         meta["train_time_s"] += epoch_time
         ctx = EpochContext(epoch=epoch, steps_per_epoch=steps_per_epoch, state=state,
-                           features_fn=features_fn, fresh_params_fn=fresh_params)
+                           features_fn=run.features_fn, fresh_params_fn=run.fresh_params)
         state["method_state"] = method.on_epoch_end(epoch, val, state["method_state"], ctx)
-        record = {"epoch": epoch, "step": int(state["step"]), "train": train_means,
+        record = {"epoch": epoch, "step": _scalar(state["step"]), "train": train_means,
                   "val": {"loss": val["loss"], **{f"{h}_{k}": v for h, d in val["heads"].items() for k, v in d.items()},
                           **{f"mipd_{m}": v for m, v in val.get("mipd", {}).items()}},
                   "time_s": epoch_time}
@@ -305,18 +352,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt.close()
 
     best = from_saveable(best, {"params": state["params"], "rest": state["rest"]})
-    val, val_out = evaluate(eval_step, best["params"], best["rest"], data, "validation", eval_bs, method)
-    test, test_out = evaluate(eval_step, best["params"], best["rest"], data, "test", eval_bs, method)
+    best = parallel.replicate(best, run.mesh)
+    val, val_out = evaluate(run, best["params"], best["rest"], "validation")
+    test, test_out = evaluate(run, best["params"], best["rest"], "test")
     _add_sample_type_accuracy(test, test_out["logits"], test_out["labels"], data, info)
     _save_predictions(workdir, {"validation": val_out, "test": test_out})
-    results = {"config": _jsonable(_config_dict(config)), "method": config.method.name, "seed": seed,
+    results = {"config": _jsonable(_config_dict(config)), "method": config.method.name, "seed": run.seed,
                "dataset": info.name, "modalities": list(info.modalities), "task": info.task,
                "best_epoch": meta["best_epoch"], "epochs_run": meta["epoch"], "selection": sel_name,
-               "stopped_early": meta["stopped_early"], "steps": int(state["step"]),
+               "stopped_early": meta["stopped_early"], "steps": _scalar(state["step"]),
                "train_time_s": meta["train_time_s"], "validation": val, "test": test}
     results = _jsonable(results)
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    if parallel.is_primary():
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
     fused = test["heads"]["fused"]
     _log(f"[{config.method.name}] done: best epoch {meta['best_epoch']}, test "
          + ", ".join(f"{k} {v:.4f}" for k, v in fused.items()))
@@ -332,6 +381,8 @@ def _add_sample_type_accuracy(res: dict, logits, labels, data, info) -> None:
 
 
 def _write_history(workdir: str, history: list) -> None:
+    if not parallel.is_primary():
+        return
     path = os.path.join(workdir, "metrics.jsonl")
     with open(path + ".tmp", "w") as f:
         for rec in history:
@@ -340,6 +391,8 @@ def _write_history(workdir: str, history: list) -> None:
 
 
 def _save_predictions(workdir: str, outs: dict) -> None:
+    if not parallel.is_primary():
+        return
     arrays = {}
     for split, out in outs.items():
         arrays[f"{split}_logits"] = out["logits"]

@@ -19,6 +19,7 @@ def smoke_config(**train_overrides):
     cfg = synthetic.get_config("smoke")
     cfg.train.num_epochs = 4
     cfg.train.patience = 0
+    cfg.parallel.num_devices = 1  # sharding has its own tests (test_parallel.py)
     for k, v in train_overrides.items():
         cfg.train[k] = v
     return cfg
@@ -114,6 +115,7 @@ def test_bad_batch_size_is_a_clear_error(tmp_path):
 
 def test_comparison_with_ensemble_and_frozen_uni_pre(tmp_path):
     cfg = synthetic.get_config("smoke")
+    cfg.parallel.num_devices = 1
     out = report.run_comparison(cfg, str(tmp_path), ["unimodal", "ensemble", "uni_pre_frozen"], seeds=[0])
     assert set(out["summary"]) == {"unimodal x1", "unimodal x2", "ensemble", "uni_pre_frozen"}
     table = report.format_table(out["summary"], out["modalities"])

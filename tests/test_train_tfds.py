@@ -30,6 +30,7 @@ def test_cremad_config_trains_from_raw_files(tmp_path):
     cfg.data.manual_dir = str(raw)
     cfg.data.data_dir = str(tmp_path / "tfds")
     cfg.data.builder_kwargs = {"frame_size": 16, "num_folds": 3, "fold": 0}
+    cfg.parallel.num_devices = 2  # batch 4 over 2 of the 8 test devices
     res = train.train_and_evaluate(cfg, str(tmp_path / "run"))
     assert res["dataset"] == "cremad" and res["modalities"] == ["audio", "video"]
     assert set(res["test"]["heads"]) == {"fused", "audio", "video"}
@@ -44,6 +45,7 @@ def test_mosi_config_trains_regression_on_two_of_three_modalities(tmp_path):
     cfg = mosi.get_config("smoke")
     cfg.data.manual_dir = str(raw)
     cfg.data.data_dir = str(tmp_path / "tfds")
+    cfg.parallel.num_devices = 4
     res = train.train_and_evaluate(cfg, str(tmp_path / "run"))
     assert res["task"] == "regression" and res["modalities"] == ["vision", "text"]
     assert set(res["test"]["heads"]["fused"]) == {"binary_accuracy", "mae", "corr", "acc7"}

@@ -10,6 +10,7 @@ def method_config(name: str = "mcr") -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         name="mcr", strategy="greedy", game_form="single_backward", mipd_weight=0.1, uni_weight=0.01,
         con_weight=1.0, ceb_weight=0.0, num_permutations=32, derangement=False, permutation_method="shift",
+        permutation_scope="global",
         perturbation="permute", perturb_space="latent", noise_scale=1.0, permuted_source="same_pass",
         branch_fast_path=True, con_form="ntxent", temperature=0.5, con_labels="binary", ceb_condition="logits",
     ))
@@ -28,6 +29,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(batch_size=64, num_epochs=30, patience=10, select="",
                                              checkpoint=True, stop_after_epochs=0))
     c.eval = ml_collections.ConfigDict(dict(batch_size=256, mipd_samples=8))
+    # Data parallelism: 0 = every visible device (all hosts); the global batch must divide evenly.
+    c.parallel = ml_collections.ConfigDict({"num_devices": 0})
     # Start any method from unimodal runs' selected encoders and heads: {modality: workdir}.
     c.init = ml_collections.ConfigDict({"pretrained": {}})
     return c

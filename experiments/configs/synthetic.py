@@ -19,7 +19,7 @@ def get_config(arg=None):
         c.model.hidden = (16,)
         c.model.latent_dim = 8
         c.method.num_permutations = 4
-        c.train.batch_size = 30
+        c.train.batch_size = 24
         c.train.num_epochs = 2
         c.eval.batch_size = 32
     return c

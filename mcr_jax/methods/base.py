@@ -123,6 +123,9 @@ class Method:
     #: leaves them at their initialisation, so their accuracy and the error groups would mislead.
     reports_unimodal_heads = False
 
+    #: the device mesh of the run (set by the trainer; None outside it).
+    mesh = None
+
     def __init__(self, config, info: DatasetInfo):
         self.config = config
         self.info = info

@@ -11,7 +11,11 @@ Config (``method`` section; defaults are the reference's CREMA-D values):
   :func:`mcr_jax.game.competition`; slower, inspectable).
 - ``mipd_weight`` (λ_M 0.1), ``uni_weight`` (λ_uni 0.01), ``con_weight`` (λ_Con 1.0),
   ``ceb_weight`` (λ_CEB 0.0; needs ``model.ceb = True``).
-- ``num_permutations`` (S 32), ``derangement`` (False), ``permutation_method`` (``"shift"``).
+- ``num_permutations`` (S 32), ``derangement`` (False), ``permutation_method`` (``"shift"``),
+  ``permutation_scope``: ``"global"`` (default: partners drawn from the whole global batch, the
+  same estimator on 1 or 256 devices) or ``"local"`` (each device permutes its own shard under
+  ``jax.shard_map``; moves no data between devices, but partners come from the device's rows only
+  — a different estimator, whose value depends on the device count).
 - ``perturbation``: ``"permute"`` | ``"noise"`` | ``"zero"``; ``perturb_space``: ``"latent"`` |
   ``"input"`` (noise/zero on the inputs, re-encoded ``S`` times in evaluation mode);
   ``noise_scale``.
@@ -28,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mcr_jax import game
+from mcr_jax import game, parallel
 from mcr_jax.losses import CONTRASTIVE, binarize_regression_labels, ceb_term, mipd_divergences, sample_permutations
 from mcr_jax.losses.mipd import perturb_latent
 from mcr_jax.methods.base import Method, model_inputs, task_loss, unimodal_losses
@@ -44,6 +48,7 @@ DEFAULTS = dict(
     num_permutations=32,
     derangement=False,
     permutation_method="shift",
+    permutation_scope="global",
     perturbation="permute",
     perturb_space="latent",
     noise_scale=1.0,
@@ -78,6 +83,8 @@ class MCR(Method):
         if o["perturb_space"] == "input" and o["perturbation"] == "permute":
             raise ValueError("perturb_space 'input' takes perturbation 'noise' or 'zero' (a permuted input "
                              "re-encoded is a permuted latent: use perturb_space 'latent').")
+        if o["permutation_scope"] not in ("global", "local"):
+            raise ValueError(f"method.permutation_scope must be 'global' or 'local'; got {o['permutation_scope']!r}.")
         if o["con_form"] not in CONTRASTIVE:
             raise ValueError(f"method.con_form must be one of {sorted(CONTRASTIVE)}; got {o['con_form']!r}.")
         if int(o["num_permutations"]) < 1:
@@ -152,7 +159,10 @@ class MCR(Method):
             inputs, masks = model_inputs(batch, names)
             eval_parts = to_parts(handle.eval_model(params).encode(inputs, masks))
             kwargs["permuted_latents"] = [eval_parts[m] for m in names]
-        if o["perturbation"] == "permute":
+        if o["perturbation"] == "permute" and o["permutation_scope"] == "local":
+            kwargs["perturbed_latents"] = self._local_permuted(kwargs.pop("permuted_latents", None) or
+                                                               [parts[m] for m in names], key_perm, batch_size)
+        elif o["perturbation"] == "permute":
             kwargs["permutations"] = sample_permutations(key_perm, int(o["num_permutations"]), batch_size,
                                                          derangement=bool(o["derangement"]),
                                                          method=o["permutation_method"])
@@ -160,6 +170,18 @@ class MCR(Method):
             kwargs.update(perturbation=o["perturbation"], key=key_noise, num_samples=int(o["num_permutations"]),
                           noise_scale=float(o["noise_scale"]))
         return [parts[m] for m in names], fuse, kwargs
+
+    def _local_permuted(self, sources, key, batch_size):
+        """Each device permutes its own rows (shard_map; no data moves between devices)."""
+        o = self.opts
+        mesh = getattr(self, "mesh", None)
+        shards = 1 if mesh is None else mesh.devices.size
+        perms = parallel.sample_local_permutations(key, int(o["num_permutations"]), batch_size, shards,
+                                                   derangement=bool(o["derangement"]),
+                                                   method=o["permutation_method"])
+        if mesh is None:
+            return [z[perms] for z in sources]
+        return [parallel.local_permute(mesh, z, perms) for z in sources]
 
     def _input_perturbed(self, handle, params, batch, key):
         """Latents of S noisy/zeroed copies of each modality's input, encoded in evaluation mode."""
