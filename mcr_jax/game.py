@@ -250,7 +250,8 @@ def competition(
 # Players.
 
 
-def _path_keys(path) -> list[str]:
+def path_keys(path) -> list[str]:
+    """The keys of a pytree path as strings (``DictKey``/``GetAttrKey``/``SequenceKey`` alike)."""
     keys = []
     for entry in path:
         for attr in ("key", "name", "idx"):
@@ -299,7 +300,7 @@ def assign_players(
         compiled = {m: [re.compile(p) for p in patterns[m]] for m in patterns}
 
     def owner(path, _leaf):
-        keys = _path_keys(path)
+        keys = path_keys(path)
         joined = "/".join(keys)
         if compiled is not None:
             hits = [i for i, m in enumerate(modalities) if any(r.search(joined) for r in compiled.get(m, ()))]

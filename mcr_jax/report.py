@@ -16,7 +16,8 @@ import numpy as np
 from mcr_jax import metrics
 from mcr_jax.train import train_and_evaluate, unimodal_config
 
-DEFAULT_METHODS = ("unimodal", "ensemble", "joint", "multiloss", "mcr")
+DEFAULT_METHODS = ("unimodal", "ensemble", "joint", "multiloss", "uni_pre_frozen", "uni_pre_finetuned", "ogm_ge",
+                   "agm", "mlb", "mslr", "mmcosine", "mmpareto", "reconboost", "dnr", "mcr")
 # Per-method defaults on top of the config's method section (the config's own section is MCR's).
 METHOD_DEFAULTS = {
     "multiloss": {"uni_weight": 1.0},

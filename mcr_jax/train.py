@@ -26,7 +26,7 @@ from mcr_jax import inputs, metrics, parallel
 from mcr_jax.checkpoint import Checkpointer, from_saveable, host_copy
 from mcr_jax.data.pipeline import num_batches
 from mcr_jax.losses import mipd_divergences, sample_permutations
-from mcr_jax.methods import METHODS, ModelHandle, combine_logits, get_method, task_loss
+from mcr_jax.methods import ModelHandle, combine_logits, get_method, task_loss
 from mcr_jax.methods.base import EpochContext, model_inputs
 from mcr_jax.optim import make_optimizer
 
@@ -100,7 +100,7 @@ def make_eval_step(method, graphdef_eval, num_samples: int):
             names = method.modalities
             perms = sample_permutations(jax.random.PRNGKey(0), num_samples, batch["label"].shape[0])
             res["mipd"] = mipd_divergences(
-                out["logits"], lambda xs: model.fusion(dict(zip(names, xs, strict=True))),
+                out["logits"], lambda xs: method.fuse(model, dict(zip(names, xs, strict=True))),
                 [out["latents"][m] for m in names], perms,
                 divergence="mse" if method.task == "regression" else "jsd")
         return res
@@ -140,12 +140,16 @@ def evaluate(run, params, rest, split) -> tuple[dict, dict]:
     return res, outputs
 
 
-def selection_value(val: dict, config, task: str) -> tuple[float, str]:
-    """(value where larger is better, the metric's name) for model selection on validation."""
-    select = config.train.get("select", None) or ("loss" if task == "regression" else "accuracy")
+def selection_metric(config, task: str) -> str:
+    """The validation metric that selects the model: ``train.select``, else loss (regression) or accuracy."""
+    return config.train.get("select", None) or ("loss" if task == "regression" else "accuracy")
+
+
+def selection_value(val: dict, select: str) -> float:
+    """The selection metric's value on validation, oriented so that larger is better."""
     if select == "loss":
-        return -float(val["loss"]), "val_loss"
-    return float(val["heads"]["fused"][select]), f"val_{select}"
+        return -float(val["loss"])
+    return float(val["heads"]["fused"][select])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,7 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         _log(f"[{config.method.name}] resuming {workdir} after epoch {meta['epoch']} (step {_scalar(state['step'])}).")
 
     patience = int(tc.get("patience", 0) or 0)
-    stop_after = int(tc.get("stop_after_epochs", 0) or 0)
+    select = selection_metric(config, info.task)
     start = meta["epoch"] + 1
     for epoch in range(start, epochs + 1):
         if meta["stopped_early"]:
@@ -318,7 +322,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 f"non-finite {', '.join(terms)} at step {_scalar(state['bad_step'])} (epoch {epoch}); the update was "
                 f"skipped and training stopped. Lower optim.learning_rate or check the inputs for NaN/Inf.")
         val, _ = evaluate(run, state["params"], state["rest"], "validation")
-        value, sel_name = selection_value(val, config, info.task)
+        value = selection_value(val, select)
         improved = value > meta["best_value"]
         if improved:
             best = host_copy({"params": state["params"], "rest": state["rest"]})
@@ -345,10 +349,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
              f"val {main_metric} {val['heads']['fused'][main_metric]:.4f}{' *' if improved else '  '}  "
              f"{epoch_time:5.1f}s  ETA {eta:5.0f}s" + ("  (early stop)" if meta["stopped_early"] else ""))
         ckpt.save(epoch, state, best, meta)
-        if stop_after and epoch >= stop_after and epoch < epochs:
-            _log(f"[{config.method.name}] stopping after epoch {epoch} as asked (train.stop_after_epochs).")
-            ckpt.close()
-            return {"interrupted": True, "epoch": epoch}
     ckpt.close()
 
     best = from_saveable(best, {"params": state["params"], "rest": state["rest"]})
@@ -359,7 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _save_predictions(workdir, {"validation": val_out, "test": test_out})
     results = {"config": _jsonable(_config_dict(config)), "method": config.method.name, "seed": run.seed,
                "dataset": info.name, "modalities": list(info.modalities), "task": info.task,
-               "best_epoch": meta["best_epoch"], "epochs_run": meta["epoch"], "selection": sel_name,
+               "best_epoch": meta["best_epoch"], "epochs_run": meta["epoch"], "selection": f"val_{select}",
                "stopped_early": meta["stopped_early"], "steps": _scalar(state["step"]),
                "train_time_s": meta["train_time_s"], "validation": val, "test": test}
     results = _jsonable(results)
@@ -461,4 +461,4 @@ def run_seeds(config, workdir: str, seeds) -> dict:
     return summary
 
 
-__all__ = ["METHODS", "evaluate", "load_pretrained", "run_seeds", "train_and_evaluate", "train_ensemble"]
+__all__ = ["Run", "evaluate", "setup", "load_pretrained", "run_seeds", "train_and_evaluate", "train_ensemble"]

@@ -1,6 +1,5 @@
 """Each training method's loss and gradients on a toy batch, through the real model."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,35 +10,17 @@ import pytest
 from flax import nnx
 
 from experiments.configs import synthetic
-from mcr_jax import game, inputs, losses
+from mcr_jax import game, losses
 from mcr_jax.data.types import DatasetInfo
-from mcr_jax.methods import MCR, ModelHandle, get_method
+from mcr_jax.methods import MCR
 from mcr_jax.models import MultimodalModel
+from tests.method_setup import build, toy_data
 
-
-@functools.cache
-def _data():
-    cfg = synthetic.get_config("smoke")
-    data = inputs.load(cfg.data)
-    batch = next(data.batches("train", 16, train=True, seed=0, epoch=1))
-    return cfg, data.info, {k: jnp.asarray(v) for k, v in batch.items()}
+_data = toy_data
 
 
 def _setup(method_cfg, fusion="linear", ceb=False, info=None, batch=None):
-    cfg, dinfo, dbatch = _data()
-    info = info or dinfo
-    batch = dbatch if batch is None else batch
-    cfg.model.fusion = fusion
-    cfg.model.ceb = ceb
-    model = inputs.build_model(cfg.model, info, seed=0)
-    method = get_method(ml_collections.ConfigDict(method_cfg), info)
-    method.check_model(model)
-    model.eval()
-    gd_eval = nnx.split(model, nnx.Param, ...)[0]
-    model.train()
-    gd, params, rest = nnx.split(model, nnx.Param, ...)
-    handle = ModelHandle(gd, gd_eval, nnx.as_pure(rest))
-    return method, handle, nnx.as_pure(params), batch, model
+    return build(method_cfg, fusion=fusion, ceb=ceb, info=info, batch=batch)
 
 
 def _grads(method, handle, params, batch, key=0):

@@ -27,7 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
                                              schedule="constant", min_lr=0.0, constant_steps=780, t0=4, t_mult=2,
                                              grad_clip=0.0))
     c.train = ml_collections.ConfigDict(dict(batch_size=64, num_epochs=30, patience=10, select="",
-                                             checkpoint=True, stop_after_epochs=0))
+                                             checkpoint=True))
     c.eval = ml_collections.ConfigDict(dict(batch_size=256, mipd_samples=8))
     # Data parallelism: 0 = every visible device (all hosts); the global batch must divide evenly.
     c.parallel = ml_collections.ConfigDict({"num_devices": 0})

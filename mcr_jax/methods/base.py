@@ -171,6 +171,11 @@ class Method:
         metrics = dict(metrics, loss=loss)
         return grads, {}, new_rest, method_state, metrics
 
+    def fuse(self, model, latents: Mapping[str, jax.Array]) -> jax.Array:
+        """The method's fused prediction from latents (``{m: [N, D_m]}`` → ``[N, C]``); the trainer's
+        MIPD diagnostic permutes latents through it. Methods with their own fusion override it."""
+        return model.fuse(latents)
+
     def predict(self, model, batch) -> dict[str, Any]:
         """Evaluation outputs: ``logits [B, C]`` (the method's prediction) and ``unimodal`` heads."""
         out = self.forward(model, batch)

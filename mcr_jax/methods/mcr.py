@@ -36,6 +36,7 @@ from mcr_jax import game, parallel
 from mcr_jax.losses import CONTRASTIVE, binarize_regression_labels, ceb_term, mipd_divergences, sample_permutations
 from mcr_jax.losses.mipd import perturb_latent
 from mcr_jax.methods.base import Method, model_inputs, task_loss, unimodal_losses
+from mcr_jax.methods.common import check_options
 from mcr_jax.models import LinearLateFusion
 
 DEFAULTS = dict(
@@ -67,10 +68,7 @@ class MCR(Method):
 
     def __init__(self, config, info):
         super().__init__(config, info)
-        unknown = set(config.keys()) - set(DEFAULTS) - {"name"}
-        if unknown:
-            raise ValueError(f"unknown MCR options {sorted(unknown)}; known: {sorted(DEFAULTS)}.")
-        self.opts = {k: config.get(k, v) for k, v in DEFAULTS.items()}
+        self.opts = check_options(config, DEFAULTS, "MCR")
         o = self.opts
         game.strategy_k(o["strategy"])
         if o["game_form"] not in ("single_backward", "optax"):

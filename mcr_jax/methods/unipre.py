@@ -9,7 +9,7 @@ update (``optax.set_to_zero`` on their parameters), otherwise they are fine-tune
 import jax
 import optax
 
-from mcr_jax.game import _path_keys
+from mcr_jax.game import path_keys
 from mcr_jax.methods.base import Method
 
 
@@ -34,5 +34,5 @@ class UniPre(Method):
         if not self.freeze:
             return base
         labels = jax.tree_util.tree_map_with_path(
-            lambda path, _: "frozen" if _path_keys(path)[:1] == ["encoders"] else "train", params)
+            lambda path, _: "frozen" if path_keys(path)[:1] == ["encoders"] else "train", params)
         return optax.multi_transform({"train": base, "frozen": optax.set_to_zero()}, labels)
