@@ -8,29 +8,21 @@ Runs resume: re-running the command skips finished runs and resumes interrupted 
 
 import os
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags
 
-from mcr_jax import parallel
+from experiments.flags import FLAGS, define_common_flags, int_list, start
 from mcr_jax.report import DEFAULT_METHODS, bar_chart, format_table, run_comparison
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config(arg)).", lock_config=False)
-flags.DEFINE_string("workdir", None, "Directory for every run, results.json, table.md and the chart.")
+define_common_flags("Directory for every run, results.json, table.md and the chart.")
 flags.DEFINE_string("methods", ",".join(DEFAULT_METHODS), "Comma-separated methods.")
 flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
-flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (or JAX_COORDINATOR_ADDRESS).")
-flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (or JAX_NUM_PROCESSES).")
-flags.DEFINE_integer("process_id", None, "Multi-host: this process's id (or JAX_PROCESS_ID).")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
-    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    start()
     methods = [m.strip() for m in FLAGS.methods.split(",") if m.strip()]
-    seeds = [int(s) for s in FLAGS.seeds.split(",") if s.strip()]
+    seeds = int_list(FLAGS.seeds)
     out = run_comparison(FLAGS.config, FLAGS.workdir, methods, seeds)
     task = next(iter(out["runs"].values()))[0]["task"]
     table = format_table(out["summary"], out["modalities"], task=task)
