@@ -69,7 +69,9 @@ def load(data_config) -> Dataset:
         from mcr_jax.data.tfds_source import load_tfds_dataset
 
         kwargs = data_config.get("builder_kwargs", None)
-        data_dir = data_config.get("data_dir", None) or _required(data_config, "data_dir")
+        data_dir = data_config.get("data_dir", None)
+        if not data_dir:
+            raise ValueError(f"config.data.data_dir must be set for dataset {name!r} (where the built files go).")
         manual_dir = data_config.get("manual_dir", None) or None
         sources, tinfo = load_tfds_dataset(
             name,
@@ -100,10 +102,6 @@ def _select(available: tuple[str, ...], wanted) -> tuple[str, ...]:
     if len(wanted) < 2:
         raise ValueError(f"config.data.modalities needs at least 2 modalities; got {list(wanted)}.")
     return wanted
-
-
-def _required(cfg, field):
-    raise ValueError(f"config.data.{field} must be set for dataset {cfg.get('name')!r}.")
 
 
 def _encoder_spec(modality: str, shape: tuple[int, ...], model_cfg) -> dict:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mcr_jax.models.layers import MLP, TransformerBlock
+from mcr_jax.models.layers import MLP, TransformerBlock, check_modality_names
 
 Latents = Mapping[str, jax.Array]
 
@@ -34,11 +34,7 @@ class FusionHead(nnx.Module):
     """
 
     def _init_layout(self, modalities: Sequence[str], latent_dims: Mapping[str, int], num_classes: int) -> None:
-        modalities = tuple(modalities)
-        if len(modalities) < 2:
-            raise ValueError(f"a fusion head needs at least 2 modalities, got {modalities}")
-        if len(set(modalities)) != len(modalities):
-            raise ValueError(f"modality names must be unique, got {modalities}")
+        modalities = check_modality_names(modalities, "a fusion head")
         missing = [m for m in modalities if m not in latent_dims]
         if missing:
             raise ValueError(f"latent_dims has no entry for {missing} (got {dict(latent_dims)})")

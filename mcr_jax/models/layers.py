@@ -13,6 +13,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+def check_modality_names(modalities: Sequence[str], owner: str) -> tuple[str, ...]:
+    """The modality names as a tuple, after checking there are at least 2 and no duplicates."""
+    modalities = tuple(modalities)
+    if len(modalities) < 2:
+        raise ValueError(f"{owner} needs at least 2 modalities, got {modalities}")
+    if len(set(modalities)) != len(modalities):
+        raise ValueError(f"modality names must be unique, got {modalities}")
+    return modalities
+
+
 def make_dropout(rate: float, *, rngs: nnx.Rngs) -> nnx.Dropout:
     """An ``nnx.Dropout`` that only holds an RNG stream when it actually drops something.
 

@@ -19,6 +19,7 @@ from flax import nnx
 
 from mcr_jax.models.encoders import make_encoder
 from mcr_jax.models.fusion import CEBDecoder, make_fusion
+from mcr_jax.models.layers import check_modality_names
 
 Arrays = Mapping[str, jax.Array]
 
@@ -71,11 +72,7 @@ class MultimodalModel(nnx.Module):
         ceb_latent_dim: int | None = None,
         rngs: nnx.Rngs,
     ):
-        modalities = tuple(modalities)
-        if len(modalities) < 2:
-            raise ValueError(f"MultimodalModel needs at least 2 modalities, got {modalities}")
-        if len(set(modalities)) != len(modalities):
-            raise ValueError(f"modality names must be unique, got {modalities}")
+        modalities = check_modality_names(modalities, "MultimodalModel")
         missing = [m for m in modalities if m not in encoders]
         extra = [m for m in encoders if m not in modalities]
         if missing or extra:
