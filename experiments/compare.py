@@ -11,7 +11,7 @@ import os
 from absl import app, flags
 
 from experiments.flags import FLAGS, define_common_flags, int_list, start
-from mcr_jax.report import DEFAULT_METHODS, bar_chart, format_table, run_comparison
+from mcr_jax.report import DEFAULT_METHODS, TABLE_STATISTICS, bar_chart, format_table, run_comparison
 
 define_common_flags("Directory for every run, results.json, table.md and the chart.")
 flags.DEFINE_string("methods", ",".join(DEFAULT_METHODS), "Comma-separated methods.")
@@ -26,7 +26,7 @@ def main(argv):
     out = run_comparison(FLAGS.config, FLAGS.workdir, methods, seeds)
     task = next(iter(out["runs"].values()))[0]["task"]
     table = format_table(out["summary"], out["modalities"], task=task)
-    header = (f"{out['dataset']}: test metrics, mean ± std over seeds {out['seeds']} "
+    header = (f"{out['dataset']}: test metrics over seeds {out['seeds']}, {TABLE_STATISTICS} "
               f"(model selected on validation)")
     with open(os.path.join(FLAGS.workdir, "table.md"), "w") as f:
         f.write(header + "\n\n" + table + "\n")

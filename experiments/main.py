@@ -23,8 +23,10 @@ def main(argv):
     seeds = int_list(FLAGS.seeds)
     if seeds:
         summary = run_seeds(config, FLAGS.workdir, seeds)
+        print(f"test, mean ± sample std (ddof 1) [95 % t-interval for the mean] over seeds {seeds}:")
         for head, mets in summary["test"].items():
-            print(head, "  ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in mets.items()))
+            print(head, "  ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f} [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}]"
+                                  for k, v in mets.items()))
     else:
         train_and_evaluate(config, FLAGS.workdir)
 

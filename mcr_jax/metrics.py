@@ -124,9 +124,20 @@ def error_groups(fused_logits: np.ndarray, unimodal: Mapping[str, np.ndarray], l
     return rows
 
 
-def mean_std(values) -> dict[str, float]:
-    """``{"mean", "std", "n"}`` over seeds/folds (population std, ddof=0; NaNs dropped)."""
+def mean_std(values, confidence: float = 0.95) -> dict:
+    """``{"mean", "std", "n", "ci95"}`` over seeds/folds (NaNs dropped).
+
+    ``std`` is the sample standard deviation (ddof = 1); ``ci95`` is the ``confidence`` (95 %)
+    Student-t interval for the mean, ``mean ± t_{n-1} · std / sqrt(n)``, as ``[low, high]``. With
+    one value both are NaN (no spread can be estimated from one run)."""
+    from scipy import stats
+
     arr = np.asarray([v for v in values if v is not None and not np.isnan(v)], np.float64)
     if arr.size == 0:
-        return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    return {"mean": float(arr.mean()), "std": float(arr.std()), "n": int(arr.size)}
+        return {"mean": float("nan"), "std": float("nan"), "n": 0, "ci95": [float("nan"), float("nan")]}
+    mean = float(arr.mean())
+    if arr.size < 2:
+        return {"mean": mean, "std": float("nan"), "n": 1, "ci95": [float("nan"), float("nan")]}
+    std = float(arr.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, arr.size - 1)) * std / np.sqrt(arr.size)
+    return {"mean": mean, "std": std, "n": int(arr.size), "ci95": [mean - half, mean + half]}

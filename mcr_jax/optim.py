@@ -42,6 +42,18 @@ def warm_restarts(base_lr: float, *, t0: int, t_mult: int, min_lr: float = 0.0):
     return schedule
 
 
+def reference_schedule(base_lr: float, restarts, constant_steps: int):
+    """``base_lr`` for the first ``constant_steps`` steps, then ``restarts(step)`` at the **global**
+    step (the restart clock is not reset at ``constant_steps``: with ``t0 = 4``, ``t_mult = 2`` the
+    rate at step 780 is that of step 780 of the SGDR schedule, about ``0.45 · base_lr``, and the
+    restarts fall on steps 1020, 2044, 4092, …). ``optax.join_schedules`` would restart the clock."""
+
+    def schedule(step):
+        return jnp.where(jnp.asarray(step) < constant_steps, jnp.float32(base_lr), restarts(step))
+
+    return schedule
+
+
 def make_schedule(cfg, total_steps: int):
     lr = float(cfg.learning_rate)
     kind = cfg.get("schedule", "constant")
@@ -53,7 +65,7 @@ def make_schedule(cfg, total_steps: int):
     if kind == "reference":
         constant_steps = int(cfg.get("constant_steps", 780))
         restarts = warm_restarts(lr, t0=int(cfg.get("t0", 4)), t_mult=int(cfg.get("t_mult", 2)), min_lr=min_lr)
-        return optax.join_schedules([optax.constant_schedule(lr), restarts], [constant_steps])
+        return reference_schedule(lr, restarts, constant_steps)
     raise ValueError(f"unknown schedule {kind!r}; use 'constant', 'cosine' or 'reference'.")
 
 

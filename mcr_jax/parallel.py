@@ -117,8 +117,9 @@ def local_permute(mesh: Mesh, z: jax.Array, local_permutations: jax.Array) -> ja
 
 
 def sample_local_permutations(key: jax.Array, num_samples: int, batch_size: int, num_shards: int, *,
-                              derangement: bool = False, method: str = "shift") -> jax.Array:
-    """``[S, B]`` local indices: an independent permutation of each shard's ``B / num_shards`` rows."""
+                              derangement: bool = True, method: str = "shift") -> jax.Array:
+    """``[S, B]`` local indices: an independent permutation (by default a derangement) of each shard's
+    ``B / num_shards`` rows."""
     from mcr_jax.losses import sample_permutations
 
     if batch_size % num_shards:

@@ -87,10 +87,22 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
     return summary
 
 
-def _pm(ms: dict, scale: float = 100.0, digits: int = 1) -> str:
+def _pm(ms: dict, scale: float = 100.0, digits: int = 1, interval: bool = False) -> str:
+    """``mean ± std`` (sample std), with the 95 % t-interval ``[low, high]`` when ``interval``."""
     if ms is None or ms["n"] == 0:
         return "–"
-    return f"{scale * ms['mean']:.{digits}f} ± {scale * ms['std']:.{digits}f}"
+    if ms["n"] < 2:
+        return f"{scale * ms['mean']:.{digits}f} (n = 1)"
+    text = f"{scale * ms['mean']:.{digits}f} ± {scale * ms['std']:.{digits}f}"
+    if interval and "ci95" in ms:
+        lo, hi = ms["ci95"]
+        text += f" [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
+    return text
+
+
+#: what the numbers of :func:`format_table` are; the table's header line should say it.
+TABLE_STATISTICS = ("mean ± sample std (ddof 1) over seeds; the fused column adds the 95 % Student-t "
+                    "interval for the mean [low, high]")
 
 
 def _type_name(t: str, modalities) -> str:
@@ -99,7 +111,7 @@ def _type_name(t: str, modalities) -> str:
 
 
 def format_table(summary: dict, modalities, *, task: str = "classification") -> str:
-    """A Markdown table (test, mean ± std): the fused metric, each unimodal head's (where the method
+    """A Markdown table (test; :data:`TABLE_STATISTICS`): the fused metric, each unimodal head's (where the method
     trains them), the fused accuracy per synthetic sample type (where known), MIPD per modality."""
     key = "mae" if task == "regression" else "accuracy"
     scale = 1.0 if task == "regression" else 100.0
@@ -115,12 +127,17 @@ def format_table(summary: dict, modalities, *, task: str = "classification") -> 
         heads = [_pm(entry["heads"][m].get(key), scale) if m in entry["heads"] else "–" for m in modalities]
         by_type = [_pm(entry.get("by_sample_type", {}).get(t)) for t in types]
         mipd = [_pm(entry.get("mipd", {}).get(m), 100.0, 2) for m in modalities]
-        lines.append(f"| {label} | {_pm(fused, scale)} | " + " | ".join(heads + by_type + mipd) + " |")
+        lines.append(f"| {label} | {_pm(fused, scale, interval=True)} | " + " | ".join(heads + by_type + mipd) + " |")
     return "\n".join(lines)
 
 
+def _half_width(ms: dict) -> float:
+    lo, hi = ms.get("ci95", [float("nan")] * 2)
+    return 0.0 if np.isnan(lo) else (hi - lo) / 2
+
+
 def bar_chart(summary: dict, path: str, *, task: str = "classification", title: str = "") -> str:
-    """Fused test metric per method with the std over seeds as error bars; written as PNG."""
+    """Fused test metric per method, error bars the 95 % t-interval for the mean; written as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,12 +147,12 @@ def bar_chart(summary: dict, path: str, *, task: str = "classification", title: 
     scale = 1.0 if task == "regression" else 100.0
     labels = list(summary)
     means = [scale * summary[k]["heads"]["fused"][key]["mean"] for k in labels]
-    stds = [scale * summary[k]["heads"]["fused"][key]["std"] for k in labels]
+    stds = [scale * _half_width(summary[k]["heads"]["fused"][key]) for k in labels]
     fig, ax = plt.subplots(figsize=(1.3 * len(labels) + 2, 3.6))
     colors = ["#c44e52" if k == "mcr" else "#4c72b0" for k in labels]
     ax.bar(np.arange(len(labels)), means, yerr=stds, capsize=4, color=colors)
     ax.set_xticks(np.arange(len(labels)), labels, rotation=25, ha="right")
-    ax.set_ylabel("test MAE" if task == "regression" else "test accuracy (%)")
+    ax.set_ylabel(("test MAE" if task == "regression" else "test accuracy (%)") + "\n(bars: 95 % t-interval)")
     lo = min(m - s for m, s in zip(means, stds, strict=True))
     ax.set_ylim(max(0.0, lo - 5 * scale / 100), None)
     ax.set_title(title)

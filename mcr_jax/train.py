@@ -1,8 +1,9 @@
 """The training loop: ``train_and_evaluate(config, workdir)``.
 
 One jitted step over plain parameter pytrees (the NNX model is split once; the traced function
-merges it), validation every epoch, model selection on validation only, early stopping on
-patience, the test split evaluated once at the selected checkpoint, orbax checkpoints every epoch
+merges it), validation every epoch, model selection on validation only (ties on the selection
+metric broken by the lower validation loss), early stopping on patience (never before the
+method's ``earliest_stop_epoch()``, e.g. a full ReconBoost cycle), the test split evaluated once at the selected checkpoint, orbax checkpoints every epoch
 (an interrupted run restarted with the same command resumes from the last finished epoch and ends
 with the same result), metrics as JSON lines, a per-epoch progress line with ETA, and a clear
 stop on a non-finite loss naming the step and the term.
@@ -88,20 +89,31 @@ def make_train_step(method, tx, graphdef_train, graphdef_eval, metric_names):
     return step
 
 
-def make_eval_step(method, graphdef_eval, num_samples: int):
-    """``(params, rest, batch) -> outputs``: predictions and a MIPD balance diagnostic per modality."""
+#: the key of the evaluation MIPD diagnostic's permutations (folded with the batch index).
+EVAL_PERMUTATION_SEED = 0
 
-    def step(params, rest, batch):
+
+def make_eval_step(method, graphdef_eval, num_samples: int):
+    """``(params, rest, batch, index) -> outputs``: predictions and a MIPD balance diagnostic per
+    modality over the batch's valid rows.
+
+    The diagnostic draws ``num_samples`` fresh derangements of the valid rows per batch, from a
+    fixed key folded with the batch's ``index`` in the split: deterministic (every model is scored
+    with the same permutations), never the identity, and padded rows take no part."""
+
+    def step(params, rest, batch, index):
         model = nnx.merge(graphdef_eval, params, rest)
         out = method.predict(model, batch)
         res = {"logits": out["logits"], "unimodal": out["unimodal"],
                "loss": task_loss(out["logits"], batch["label"], batch["mask"], method.task)}
         if method.uses_fusion and num_samples > 0:
             names = method.modalities
-            perms = sample_permutations(jax.random.PRNGKey(0), num_samples, batch["label"].shape[0])
+            valid = batch["mask"] > 0
+            key = jax.random.fold_in(jax.random.PRNGKey(EVAL_PERMUTATION_SEED), index)
+            perms = sample_permutations(key, num_samples, batch["label"].shape[0], valid=valid)
             res["mipd"] = mipd_divergences(
                 out["logits"], lambda xs: method.fuse(model, dict(zip(names, xs, strict=True))),
-                [out["latents"][m] for m in names], perms,
+                [out["latents"][m] for m in names], perms, mask=valid,
                 divergence="mse" if method.task == "regression" else "jsd")
         return res
 
@@ -116,16 +128,16 @@ def evaluate(run, params, rest, split) -> tuple[dict, dict]:
     """Metrics of every head on a whole split (padding removed), plus the raw outputs."""
     method = run.method
     logits, uni, labels, losses, mipd = [], {}, [], [], []
-    for batch in run.batches(split, run.eval_batch_size, train=False, epoch=0):
-        out, host = parallel.to_host((run.eval_step(params, rest, batch), batch))
+    for index, batch in enumerate(run.batches(split, run.eval_batch_size, train=False, epoch=0)):
+        out, host = parallel.to_host((run.eval_step(params, rest, batch, jnp.int32(index)), batch))
         valid = np.asarray(host["mask"]) > 0
         logits.append(out["logits"][valid])
         labels.append(np.asarray(host["label"])[valid])
         for m, v in out["unimodal"].items():
             uni.setdefault(m, []).append(v[valid])
         losses.append((float(out["loss"]), int(valid.sum())))
-        if "mipd" in out and valid.all():  # the diagnostic uses full batches only
-            mipd.append(out["mipd"])
+        if "mipd" in out and valid.sum() >= 2:  # a batch's valid rows, weighted by their number
+            mipd.append((out["mipd"], int(valid.sum())))
     outputs = {"logits": np.concatenate(logits), "labels": np.concatenate(labels),
                "unimodal": {m: np.concatenate(v) for m, v in uni.items()}}
     report_uni = method.uses_fusion and method.reports_unimodal_heads
@@ -135,7 +147,7 @@ def evaluate(run, params, rest, split) -> tuple[dict, dict]:
     if method.task == "classification" and report_uni:
         res["error_groups"] = metrics.error_groups(outputs["logits"], outputs["unimodal"], outputs["labels"])
     if mipd:
-        mean = np.mean(mipd, axis=0)
+        mean = np.average([d for d, _ in mipd], axis=0, weights=[n for _, n in mipd])
         res["mipd"] = {m: float(mean[i]) for i, m in enumerate(method.modalities)}
     return res, outputs
 
@@ -150,6 +162,14 @@ def selection_value(val: dict, select: str) -> float:
     if select == "loss":
         return -float(val["loss"])
     return float(val["heads"]["fused"][select])
+
+
+def improves(value: float, loss: float, meta: dict) -> bool:
+    """Whether an epoch's validation result beats the best so far: a larger selection value, or an
+    equal one with a lower validation loss (accuracy ties are common on small validation splits;
+    without the tie-break the earliest tied epoch, often a barely trained model, would win)."""
+    best = meta["best_value"]
+    return value > best or (value == best and loss < meta.get("best_loss", float("inf")))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,7 +269,7 @@ def setup(config, *, mesh=None) -> Run:
     train_step = jax.jit(make_train_step(method, tx, graphdef_train, graphdef_eval, metric_names),
                          in_shardings=(rep, shard), out_shardings=(rep, rep), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(method, graphdef_eval, int(config.get("eval", {}).get("mipd_samples", 8))),
-                        in_shardings=(rep, rep, shard))
+                        in_shardings=(rep, rep, shard, rep))
     encode = jax.jit(lambda p, r, b: nnx.merge(graphdef_eval, p, r).encode(*model_inputs(b, info.modalities)),
                      in_shardings=(rep, rep, shard))
     run = Run(config=config, data=data, info=info, method=method, mesh=mesh, seed=seed, state=state,
@@ -296,14 +316,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     ckpt = Checkpointer(workdir, enabled=bool(tc.get("checkpoint", True)))
     best = host_copy({"params": state["params"], "rest": state["rest"]})
-    meta = {"epoch": 0, "best_epoch": 0, "best_value": -float("inf"), "bad_epochs": 0, "history": [],
-            "stopped_early": False, "train_time_s": 0.0}
+    meta = {"epoch": 0, "best_epoch": 0, "best_value": -float("inf"), "best_loss": float("inf"), "bad_epochs": 0,
+            "history": [], "stopped_early": False, "train_time_s": 0.0}
     latest = ckpt.latest_epoch() if ckpt.enabled else None
     if latest is not None:
         state, best, meta = ckpt.restore(latest, state, best)
         _log(f"[{config.method.name}] resuming {workdir} after epoch {meta['epoch']} (step {_scalar(state['step'])}).")
 
     patience = int(tc.get("patience", 0) or 0)
+    earliest_stop = int(method.earliest_stop_epoch())
     select = selection_metric(config, info.task)
     start = meta["epoch"] + 1
     for epoch in range(start, epochs + 1):
@@ -323,10 +344,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 f"skipped and training stopped. Lower optim.learning_rate or check the inputs for NaN/Inf.")
         val, _ = evaluate(run, state["params"], state["rest"], "validation")
         value = selection_value(val, select)
-        improved = value > meta["best_value"]
+        improved = improves(value, float(val["loss"]), meta)
         if improved:
             best = host_copy({"params": state["params"], "rest": state["rest"]})
-            meta.update(best_epoch=epoch, best_value=value, bad_epochs=0)
+            meta.update(best_epoch=epoch, best_value=value, best_loss=float(val["loss"]), bad_epochs=0)
         else:
             meta["bad_epochs"] += 1
         epoch_time = time.perf_counter() - t0
@@ -340,7 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   "time_s": epoch_time}
         meta["history"].append(_jsonable(record))
         meta["epoch"] = epoch
-        if patience and meta["bad_epochs"] >= patience:
+        if patience and meta["bad_epochs"] >= patience and epoch >= earliest_stop:
             meta["stopped_early"] = True
         _write_history(workdir, meta["history"])
         eta = meta["train_time_s"] / max(epoch - start + 1, 1) * (epochs - epoch) if not meta["stopped_early"] else 0

@@ -21,13 +21,14 @@ def toy_data(batch_size: int = 16):
     return cfg, data.info, {k: jnp.asarray(v) for k, v in batch.items()}
 
 
-def build(method_cfg, *, fusion="linear", ceb=False, info=None, batch=None):
+def build(method_cfg, *, fusion="linear", ceb=False, info=None, batch=None, dropout=0.0):
     """``(method, handle, params, batch, model)`` for a method config on the toy data."""
     cfg, dinfo, dbatch = toy_data()
     info = info or dinfo
     batch = dbatch if batch is None else batch
     cfg.model.fusion = fusion
     cfg.model.ceb = ceb
+    cfg.model.dropout = dropout
     model = inputs.build_model(cfg.model, info, seed=0)
     method = get_method(ml_collections.ConfigDict(method_cfg), info)
     method.check_model(model)

@@ -132,9 +132,71 @@ def test_permutation_errors():
     with pytest.raises(ValueError, match="num_samples"):
         losses.sample_permutations(key, 0, 4)
     with pytest.raises(ValueError, match="derangement"):
-        losses.sample_permutations(key, 2, 1, derangement=True)
+        losses.sample_permutations(key, 2, 1)
+    with pytest.raises(ValueError, match="valid"):
+        losses.sample_permutations(key, 2, 4, valid=jnp.ones(3, bool))
     with pytest.raises(ValueError, match="method"):
         losses.sample_permutations(key, 2, 4, method="sorted")
+
+
+def test_default_sampler_draws_derangements():
+    perms = np.asarray(losses.sample_permutations(jax.random.key(3), 64, 4))
+    assert not np.any(perms == np.arange(4)), "the default sampler must never pair a row with itself"
+
+
+def test_default_sampler_variance_matches_uniform_derangements():
+    """The default's estimate has the variance of S independent uniform derangements (the identity
+    draws of shifts allowed to be 0 made it 2-4x noisier), and its mean is B/(B-1) times the
+    uniform-permutation estimate."""
+    b, s, n = 16, 8, 3000
+    latents, _, fuse, clean, _ = _mipd_case(2, batch=b)
+    keys = jax.random.split(jax.random.key(0), n)
+
+    def draws(**kw):
+        one = lambda k: losses.mipd_divergences(clean, fuse, latents, losses.sample_permutations(k, s, b, **kw))  # noqa: E731
+        return np.asarray(jax.jit(jax.vmap(one))(keys), np.float64)
+
+    default, uniform_der, uniform = draws(), draws(method="uniform"), draws(method="uniform", derangement=False)
+    ratio = default.var(0) / uniform_der.var(0)
+    assert np.all(ratio < 1.25) and np.all(ratio > 0.8), ratio
+    np.testing.assert_allclose(default.mean(0), uniform.mean(0) * b / (b - 1), rtol=0.02)
+
+
+@pytest.mark.parametrize("method", ["shift", "uniform"])
+@pytest.mark.parametrize("derangement", [False, True], ids=["perm", "derangement"])
+def test_valid_rows_are_permuted_among_themselves(method, derangement):
+    valid = np.array([1, 0, 1, 1, 0, 1, 1, 0, 1], bool)
+    perms = np.asarray(losses.sample_permutations(jax.random.key(1), 400, 9, derangement=derangement, method=method,
+                                                  valid=jnp.asarray(valid)))
+    idx = np.flatnonzero(valid)
+    counts = np.zeros((9, 9))
+    for row in perms:
+        assert sorted(row.tolist()) == list(range(9))
+        np.testing.assert_array_equal(row[~valid], np.flatnonzero(~valid))  # padded rows stay put
+        assert set(row[valid].tolist()) == set(idx.tolist())
+        if derangement:
+            assert not np.any(row[valid] == idx)
+        counts[np.arange(9), row] += 1
+    sub = counts[np.ix_(idx, idx)]
+    expected = np.full_like(sub, 400 / (len(idx) - 1 if derangement else len(idx)))
+    if derangement:
+        np.fill_diagonal(expected, 0)
+    assert np.all(np.abs(sub - expected) < 0.35 * expected.max())
+
+
+def test_mipd_mask_uses_valid_rows_only():
+    """A padded batch gives the MIPD of its valid rows, whatever the padded rows hold."""
+    latents, params, fuse, _, _ = _mipd_case(2, batch=8)
+    valid = jnp.asarray([1, 1, 1, 1, 1, 0, 0, 0], bool)
+    perms = losses.sample_permutations(jax.random.key(2), 5, 8, valid=valid)
+    got = losses.mipd_divergences(fuse(latents), fuse, latents, perms, mask=valid)
+    small = [z[:5] for z in latents]
+    want = ref.mipd(np.asarray(fuse(small)), numpy_mlp_fuse(params), small, np.asarray(perms)[:, :5])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    junk = [z.at[5:].set(1e3) for z in latents]
+    np.testing.assert_allclose(losses.mipd_divergences(fuse(junk), fuse, junk, perms, mask=valid), got, rtol=1e-6)
+    with pytest.raises(ValueError, match="mask"):
+        losses.mipd_divergences(fuse(latents), fuse, latents, perms, mask=valid[:4])
 
 
 # ---------------------------------------------------------------------------------- MIPD

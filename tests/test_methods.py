@@ -158,3 +158,28 @@ def test_players_of_the_real_model():
     players = game.assign_players(params, model.modalities)
     assert players["encoders"]["x1"]["mlp"]["out"]["kernel"] == 0
     assert players["fusion"]["branches"]["x2"]["kernel"] == 1 and players["fusion"]["bias"] == game.SHARED
+
+
+def test_mcr_eval_pass_builds_the_perturbed_predictions_from_the_eval_pass():
+    """The reference's 2-modality model: permuted *and* kept latents come from the evaluation-mode
+    pass; the clean prediction is the training pass's (dropout on, so the two passes differ)."""
+    opts = dict(synthetic.get_config("smoke").method, permuted_source="eval_pass")
+    method, handle, params, batch, model = build(opts, dropout=0.5)
+    key = jax.random.PRNGKey(3)
+    *_, mets = _grads(method, handle, params, batch, key=3)
+    names = method.modalities
+    clean = method.forward(handle.train_model(params), batch)["logits"]
+    eval_model = handle.eval_model(params)
+    z_eval = eval_model.encode({m: batch[m] for m in names}, None)
+    z_train = method.forward(handle.train_model(params), batch)["latents"]
+    assert not np.allclose(z_eval["x1"], z_train["x1"])  # the two passes really differ
+    perms = losses.sample_permutations(jax.random.split(key)[0], opts["num_permutations"], batch["label"].shape[0])
+    fuse = lambda xs: eval_model.fuse(dict(zip(names, xs, strict=True)))  # noqa: E731
+    want = losses.mipd_divergences(clean, fuse, [z_eval[m] for m in names], perms)
+    np.testing.assert_allclose([mets["mipd_x1"], mets["mipd_x2"]], want, rtol=2e-5, atol=1e-7)
+
+
+def test_mcr_local_scope_needs_derangements():
+    with pytest.raises(ValueError, match="derangement"):
+        MCR(ml_collections.ConfigDict({"name": "mcr", "permutation_scope": "local", "derangement": False}),
+            _data()[1])

@@ -80,8 +80,25 @@ def test_ensemble_combination():
         combine_logits([a, b[:5]])
 
 
-def test_mean_std():
-    assert metrics.mean_std([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": pytest.approx(np.std([1, 2, 3])), "n": 3}
+def test_mean_std_is_the_sample_std_with_a_t_interval():
+    vals = [1.0, 2.0, 4.0, float("nan")]
+    got = metrics.mean_std(vals)
+    x = np.array([1.0, 2.0, 4.0])
+    sd = math.sqrt(((x - x.mean()) ** 2).sum() / 2)  # ddof 1
+    assert got["n"] == 3 and got["mean"] == pytest.approx(7 / 3) and got["std"] == pytest.approx(sd)
+    half = 4.302652729911275 * sd / math.sqrt(3)  # t_{0.975, 2}
+    assert got["ci95"] == pytest.approx([7 / 3 - half, 7 / 3 + half])
+    one = metrics.mean_std([0.5])
+    assert one["mean"] == 0.5 and math.isnan(one["std"]) and one["n"] == 1
+
+
+def test_table_states_its_statistics():
+    from mcr_jax import report
+
+    summary = {"a": {"n": 3, "heads": {"fused": {"accuracy": metrics.mean_std([0.5, 0.6, 0.7])}}}}
+    table = report.format_table(summary, ("x",))
+    assert "60.0 ± 10.0 [35.2, 84.8]" in table
+    assert "sample std (ddof 1)" in report.TABLE_STATISTICS and "Student-t interval" in report.TABLE_STATISTICS
 
 
 def test_warm_restarts_matches_sgdr_formula():
@@ -94,3 +111,29 @@ def test_warm_restarts_matches_sgdr_formula():
             start, period = start + period, period * mult
         want = 0.1 + 0.5 * (base - 0.1) * (1 + math.cos(math.pi * (t - start) / period))
         assert float(sched(t)) == pytest.approx(want, rel=1e-5), t
+
+
+def _sgdr_by_iteration(t, base, t0, mult, min_lr=0.0):
+    start, period = 0, t0
+    while t >= start + period:
+        start, period = start + period, period * mult
+    return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * (t - start) / period)), start
+
+
+def test_reference_schedule_runs_sgdr_on_the_global_step():
+    """SPEC §7: constant for 780 steps, then SGDR (T0 4, Tmult 2) at the *global* step: no clock reset."""
+    import ml_collections
+
+    from mcr_jax.optim import make_schedule
+
+    cfg = ml_collections.ConfigDict({"learning_rate": 1e-4, "schedule": "reference"})
+    sched = make_schedule(cfg, 10_000)
+    for t in (0, 500, 779):
+        assert float(sched(t)) == pytest.approx(1e-4, rel=1e-6)
+    assert float(sched(780)) == pytest.approx(4.51e-5, rel=1e-2)  # the reference's rate at the switch
+    for t in (780, 781, 900, 1019, 1020, 1021, 2043, 2044, 4091, 4092, 5000):
+        want, _ = _sgdr_by_iteration(t, 1e-4, 4, 2)
+        assert float(sched(t)) == pytest.approx(want, rel=1e-4, abs=1e-12), t
+    # restarts (rate back at its maximum) exactly at global steps 1020, 2044 and 4092
+    restarts = [t for t in range(781, 5000) if float(sched(t)) > float(sched(t - 1))]
+    assert restarts == [1020, 2044, 4092]

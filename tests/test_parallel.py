@@ -74,6 +74,25 @@ def test_local_permutation_scope_stays_on_its_shard_and_differs_from_global():
     assert float(mets_local["mipd_x1"]) != pytest.approx(float(mets_global["mipd_x1"]), rel=1e-6)
 
 
+@pytest.mark.parametrize("num_devices", [1, 2, 4, 8])
+def test_local_scope_expectation_does_not_depend_on_the_device_count(num_devices):
+    """One-hot latents: every pair of distinct rows gives the same JSD c, so a derangement gives
+    MIPD = c exactly, on any number of devices (fixed points would give c (1 - 1/B_local))."""
+    from mcr_jax.losses import jsd_from_logits, mipd_divergences
+
+    b = 16
+    mesh = parallel.make_mesh(num_devices)
+    z = [jnp.eye(b), jnp.eye(b)]
+    fuse = lambda xs: 5.0 * (xs[0] + xs[1])  # noqa: E731
+    clean = fuse(z)
+    c = float(jsd_from_logits(clean[0], 5.0 * (z[0][1] + z[1][0])))
+    for seed in range(4):
+        perms = parallel.sample_local_permutations(jax.random.PRNGKey(seed), 8, b, num_devices)
+        perturbed = [parallel.local_permute(mesh, zm, perms) for zm in z]
+        d = mipd_divergences(clean, fuse, z, perturbed_latents=perturbed)
+        np.testing.assert_allclose(d, c, rtol=1e-5)
+
+
 def test_bad_device_and_batch_combinations():
     cfg = synthetic.get_config("smoke")
     cfg.train.batch_size = 30

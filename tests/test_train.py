@@ -159,3 +159,95 @@ def test_mipd_is_larger_for_the_modality_with_unique_information(seed, tmp_path)
     res = train.train_and_evaluate(cfg, str(tmp_path))
     assert res["test"]["heads"]["fused"]["accuracy"] > 0.6
     assert res["test"]["mipd"]["x1"] > 2 * res["test"]["mipd"]["x2"]
+
+
+def test_eval_mipd_uses_every_valid_row_and_ignores_padding():
+    """The diagnostic is computed on every split, padded final batches included (an evaluation batch
+    larger than the split too), from fresh derangements of each batch's valid rows, and the padded
+    rows' contents change nothing."""
+    import jax.numpy as jnp
+
+    from mcr_jax.losses import mipd_divergences, sample_permutations
+
+    cfg = smoke_config()
+    cfg.eval.batch_size = 48  # the 60 test rows: one full batch and one with 12 valid rows
+    run = train.setup(cfg)
+    params, rest = run.state["params"], run.state["rest"]
+    res, _ = train.evaluate(run, params, rest, "test")
+    assert set(res["mipd"]) == {"x1", "x2"}
+    # Recomputed batch by batch with the pure loss, weighted by the valid rows.
+    model = nnx.merge(run.graphdef_eval, params, rest)
+    names, per_batch = run.method.modalities, []
+    for i, batch in enumerate(run.batches("test", 48, train=False, epoch=0)):
+        out = run.method.predict(model, batch)
+        valid = batch["mask"] > 0
+        key = jax.random.fold_in(jax.random.PRNGKey(train.EVAL_PERMUTATION_SEED), i)
+        perms = sample_permutations(key, int(cfg.eval.mipd_samples), 48, valid=valid)
+        assert not np.any((np.asarray(perms) == np.arange(48)) & np.asarray(valid))  # never a fixed point
+        d = mipd_divergences(out["logits"], lambda xs: model.fuse(dict(zip(names, xs, strict=True))),
+                             [out["latents"][m] for m in names], perms, mask=valid)
+        per_batch.append((np.asarray(d), int(valid.sum())))
+    assert [n for _, n in per_batch] == [48, 12]
+    want = sum(d * n for d, n in per_batch) / 60
+    np.testing.assert_allclose([res["mipd"]["x1"], res["mipd"]["x2"]], want, rtol=1e-5)
+    # Padded rows hold anything: the diagnostic of the last batch does not move.
+    last = list(run.batches("test", 48, train=False, epoch=0))[-1]
+    noisy = dict(last)
+    for m in names:
+        noisy[m] = jnp.where((last["mask"] > 0)[:, None], last[m], 1e3 * jnp.ones_like(last[m]))
+    a = run.eval_step(params, rest, last, jnp.int32(1))["mipd"]
+    b = run.eval_step(params, rest, noisy, jnp.int32(1))["mipd"]
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_eval_mipd_reported_when_the_eval_batch_exceeds_the_split():
+    cfg = smoke_config()
+    cfg.eval.batch_size = 256  # > 60 test rows
+    run = train.setup(cfg)
+    res, _ = train.evaluate(run, run.state["params"], run.state["rest"], "test")
+    assert set(res["mipd"]) == {"x1", "x2"} and all(v > 0 for v in res["mipd"].values())
+
+
+@pytest.mark.parametrize("earliest", [0, 5])
+def test_early_stopping_at_a_known_epoch_and_not_before_the_method_allows(earliest, tmp_path, monkeypatch):
+    """Learning rate 0: epoch 1 is the best, every later epoch ties without improving, so patience 2
+    stops after epoch 3 — or, for a method that says early stopping may act only from epoch 5, after 5."""
+    from mcr_jax.methods.base import Method
+
+    monkeypatch.setattr(Method, "earliest_stop_epoch", lambda self: earliest)
+    cfg = smoke_config(num_epochs=8, patience=2, checkpoint=False)
+    cfg.optim.learning_rate = 0.0
+    res = train.train_and_evaluate(cfg, str(tmp_path))
+    assert res["stopped_early"] and res["best_epoch"] == 1
+    assert res["epochs_run"] == max(3, earliest)
+
+
+def test_reconboost_may_stop_only_after_every_modality_had_a_stage():
+    import ml_collections
+
+    from mcr_jax.methods import get_method
+
+    info = inputs.load(synthetic.get_config("smoke").data).info
+    rb = get_method(ml_collections.ConfigDict({"name": "reconboost"}), info)
+    assert rb.earliest_stop_epoch() == 12  # stage x1 (4) + rectify (4) + stage x2 (4)
+
+
+def test_selection_ties_are_broken_by_validation_loss(tmp_path, monkeypatch):
+    """Equal validation accuracy in epochs 1-3: the epoch with the lowest validation loss (2) wins."""
+    real = train.evaluate
+    losses = iter([1.0, 0.8, 0.9])
+
+    def scripted(run, params, rest, split):
+        res, out = real(run, params, rest, split)
+        if split == "validation" and scripted.training:
+            res["heads"]["fused"]["accuracy"] = 0.5
+            res["loss"] = next(losses, None)
+            if res["loss"] is None:  # the final re-evaluation of the selected weights
+                scripted.training = False
+                res, out = real(run, params, rest, split)
+        return res, out
+
+    scripted.training = True
+    monkeypatch.setattr(train, "evaluate", scripted)
+    res = train.train_and_evaluate(smoke_config(num_epochs=3, checkpoint=False), str(tmp_path))
+    assert res["best_epoch"] == 2

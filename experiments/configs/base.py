@@ -2,18 +2,14 @@
 
 import ml_collections
 
+from mcr_jax.methods.mcr import DEFAULTS as MCR_DEFAULTS
+
 
 def method_config(name: str = "mcr") -> ml_collections.ConfigDict:
-    """The ``method`` section. MCR options are documented in mcr_jax/methods/mcr.py."""
+    """The ``method`` section; MCR's defaults are those of mcr_jax/methods/mcr.py (documented there)."""
     if name != "mcr":
         return ml_collections.ConfigDict({"name": name})
-    return ml_collections.ConfigDict(dict(
-        name="mcr", strategy="greedy", game_form="single_backward", mipd_weight=0.1, uni_weight=0.01,
-        con_weight=1.0, ceb_weight=0.0, num_permutations=32, derangement=False, permutation_method="shift",
-        permutation_scope="global",
-        perturbation="permute", perturb_space="latent", noise_scale=1.0, permuted_source="same_pass",
-        branch_fast_path=True, con_form="ntxent", temperature=0.5, con_labels="binary", ceb_condition="logits",
-    ))
+    return ml_collections.ConfigDict(dict(name="mcr", **MCR_DEFAULTS))
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -17,12 +17,23 @@ loop over ``S``).
 Cheap permutations. ``jax.random.permutation`` is a sort; drawing ``S`` of them per step costs
 more than a small model's whole step on a CPU. :func:`sample_permutations` therefore defaults to
 ``method="shift"``: one uniform permutation :math:`\pi` of the batch, conjugated with ``S``
-independent cyclic shifts, :math:`\sigma_s = \pi \circ (\cdot + r_s) \circ \pi^{-1}`. Each
-:math:`\sigma_s(b)` is uniform over the batch (over the other rows for a derangement, i.e.
-:math:`r_s \ne 0`), exactly the per-row marginal of a uniform permutation (derangement), so the
-expected MIPD estimate is unchanged; only the correlation between the ``S`` samples differs.
-``method="uniform"`` draws ``S`` independent uniform permutations (uniform derangements by
-rejection) for studies that want the reference's sampler.
+independent cyclic shifts, :math:`\sigma_s = \pi \circ (\cdot + r_s) \circ \pi^{-1}`, with
+:math:`r_s` uniform on ``1 … B-1`` by default. Every :math:`\sigma_s` is then a derangement (no row
+keeps its own latent), and each row's partner :math:`\sigma_s(b)` is uniform over the *other*
+rows, exactly as under a uniform derangement. The default estimate is therefore the MIPD of
+uniform derangements, which is ``B / (B - 1)`` times the MIPD of uniform permutations (a fixed
+point contributes 0): the reference samples uniform permutations, fixed points included.
+
+``derangement=False`` lets :math:`r_s` be 0 as well; a draw :math:`r_s = 0` (probability
+``1/B``) makes that whole sample the identity, which is where the shift sampler's excess variance
+over independent uniform permutations comes from (given :math:`\pi` the ``S`` samples are
+uncorrelated). With the default derangements the variance of the estimate is that of ``S``
+independent uniform derangements (tested). ``method="uniform"`` draws ``S`` independent uniform
+permutations (uniform derangements by rejection) for studies that want the reference's sampler.
+
+Padded batches. ``valid`` (``[B]`` bool) restricts the permutations to the valid rows (they are
+permuted among themselves; padded rows stay fixed) and ``mipd_divergences(..., mask=valid)``
+averages over the valid rows only, so padded rows change nothing.
 """
 
 from __future__ import annotations
@@ -43,8 +54,9 @@ def sample_permutations(
     num_samples: int,
     batch_size: int,
     *,
-    derangement: bool = False,
+    derangement: bool = True,
     method: str = "shift",
+    valid: jax.Array | None = None,
 ) -> jax.Array:
     """Draws ``S`` permutations of ``B`` batch rows.
 
@@ -52,9 +64,14 @@ def sample_permutations(
       key: a PRNG key.
       num_samples: ``S >= 1``.
       batch_size: ``B >= 1`` (``>= 2`` for a derangement).
-      derangement: forbid fixed points (``sigma(b) != b``).
+      derangement: forbid fixed points (``sigma(b) != b``); the default. ``False`` allows them (the
+        reference's uniform permutations; see the module docstring for what that does to the
+        estimate and its variance).
       method: ``"shift"`` (cheap; one sort of ``B`` per call, see the module docstring) or
         ``"uniform"`` (``S`` independent uniform permutations; one sort each).
+      valid: optional ``[B]`` bool: only valid rows are permuted, among themselves; invalid
+        (padded) rows map to themselves. With fewer than two valid rows no derangement exists and
+        the valid row maps to itself.
 
     Returns:
       ``[S, B]`` int32; row ``s`` is a permutation of ``0..B-1``.
@@ -64,21 +81,71 @@ def sample_permutations(
         raise ValueError(f"num_samples (S) must be >= 1; got {num_samples}.")
     if batch_size < 1:
         raise ValueError(f"batch_size (B) must be >= 1; got {batch_size}.")
-    if derangement and batch_size < 2:
-        raise ValueError(f"a derangement needs batch_size >= 2; got {batch_size}.")
-    if method == "shift":
-        key_pi, key_r = jax.random.split(key)
-        pi = jax.random.permutation(key_pi, batch_size).astype(jnp.int32)
-        inv = jnp.zeros_like(pi).at[pi].set(jnp.arange(batch_size, dtype=jnp.int32))
-        low = 1 if derangement else 0
-        shifts = jax.random.randint(key_r, (num_samples, 1), low, batch_size, dtype=jnp.int32)
-        return pi[(inv[None, :] + shifts) % batch_size]
-    if method == "uniform":
+    if derangement and batch_size < 2 and valid is None:
+        raise ValueError(f"a derangement needs batch_size >= 2; got {batch_size} (pass derangement=False).")
+    if valid is not None and shape_of(valid) != (batch_size,):
+        raise ValueError(f"valid has shape {shape_of(valid)}; expected ({batch_size},) for batch_size {batch_size}.")
+    if method not in ("shift", "uniform"):
+        raise ValueError(f"unknown permutation method {method!r}; use 'shift' or 'uniform'.")
+    low = 1 if derangement else 0
+    if valid is None:
+        if method == "shift":
+            key_pi, key_r = jax.random.split(key)
+            pi = jax.random.permutation(key_pi, batch_size).astype(jnp.int32)
+            inv = _invert(pi)
+            shifts = jax.random.randint(key_r, (num_samples, 1), low, batch_size, dtype=jnp.int32)
+            return pi[(inv[None, :] + shifts) % batch_size]
         keys = jax.random.split(key, num_samples)
         if not derangement:
             return jax.vmap(lambda k: jax.random.permutation(k, batch_size).astype(jnp.int32))(keys)
         return jax.vmap(lambda k: _uniform_derangement(k, batch_size))(keys)
-    raise ValueError(f"unknown permutation method {method!r}; use 'shift' or 'uniform'.")
+    valid = jnp.asarray(valid, bool)
+    n = jnp.sum(valid.astype(jnp.int32))
+    if method == "shift":
+        key_pi, key_r = jax.random.split(key)
+        order = _valid_first_order(key_pi, valid)  # valid rows in random order, then the padded ones
+        pos = _invert(order)
+        span = jnp.maximum(n - low, 0)
+        shifts = low + jnp.floor(jax.random.uniform(key_r, (num_samples, 1)) * span).astype(jnp.int32)
+        new_pos = jnp.where(valid[None, :], (pos[None, :] + shifts) % jnp.maximum(n, 1), pos[None, :])
+        return order[new_pos]
+    keys = jax.random.split(key, num_samples)
+    return jax.vmap(lambda k: _uniform_on_valid(k, valid, n, derangement))(keys)
+
+
+def _invert(perm: jax.Array) -> jax.Array:
+    return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
+
+
+def _valid_first_order(key: jax.Array, valid: jax.Array) -> jax.Array:
+    """A random order of the valid rows followed by the invalid rows in their order."""
+    u = jax.random.uniform(key, valid.shape)
+    return jnp.argsort(jnp.where(valid, u, 2.0 + jnp.arange(valid.shape[0]) / valid.shape[0])).astype(jnp.int32)
+
+
+def _uniform_on_valid(key: jax.Array, valid: jax.Array, n: jax.Array, derangement: bool) -> jax.Array:
+    """A uniform permutation (derangement, by rejection) of the valid rows; invalid rows fixed."""
+    arange = jnp.arange(valid.shape[0], dtype=jnp.int32)
+
+    def draw(k):
+        ka, kb = jax.random.split(k)
+        a, b = _valid_first_order(ka, valid), _valid_first_order(kb, valid)
+        return arange.at[a].set(jnp.where(arange < n, b, a))
+
+    if not derangement:
+        return draw(key)
+
+    def cond(carry):
+        _, perm = carry
+        return jnp.any((perm == arange) & valid) & (n >= 2)
+
+    def body(carry):
+        k, _ = carry
+        k, sub = jax.random.split(k)
+        return k, draw(sub)
+
+    k0, sub0 = jax.random.split(key)
+    return jax.lax.while_loop(cond, body, (k0, draw(sub0)))[1]
 
 
 def _uniform_derangement(key: jax.Array, batch_size: int) -> jax.Array:
@@ -200,6 +267,7 @@ def mipd_divergences(
     nonperturbed_transform: Callable[[jax.Array], jax.Array] | None = None,
     stop_perturbed: bool = False,
     perturbed_latents: Sequence[jax.Array] | None = None,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     r"""Per-modality divergence :math:`D_m` between clean and perturbed predictions (SPEC.md §3).
 
@@ -233,6 +301,9 @@ def mipd_divergences(
         through ``clean_logits`` (the clean-prediction part of the game's optax form).
       perturbed_latents: optional ``M`` arrays ``[S, B, ...]`` used directly as the perturbed
         copies (e.g. latents of perturbed *inputs*, re-encoded); ``perturbation`` is then unused.
+      mask: optional ``[B]`` (bool or 0/1): the average runs over the valid rows only (padded
+        rows of a final batch). Draw the permutations with ``sample_permutations(...,
+        valid=mask)`` so that valid rows are never paired with padded ones.
 
     Returns:
       ``[M]`` divergences ``D_m`` (each in ``[0, ln 2]`` for the JSD).
@@ -285,6 +356,16 @@ def mipd_divergences(
                     f"perturbed_latents[{m}] has shape {shape_of(zp)}; expected {(num_samples,) + shape_of(z)} "
                     f"([S, B, ...] for latents[{m}] of shape {shape_of(z)})."
                 )
+    if mask is not None:
+        if shape_of(mask) != (batch,):
+            raise ValueError(f"mask has shape {shape_of(mask)}; expected ({batch},) for latents of batch size {batch}.")
+        weights = jnp.asarray(mask).astype(jnp.float32)
+        weights = weights / (num_samples * jnp.maximum(jnp.sum(weights), 1.0))
+
+        def reduce(x):
+            return jnp.sum(x * weights[None, :].astype(x.dtype))
+    else:
+        reduce = jnp.mean
     inverse = None
     if perturbation == "permute" and perturbed_latents is None:
         inverse = inverse_permutations(permutations)  # once for every modality's backward gather
@@ -318,7 +399,7 @@ def mipd_divergences(
                 f"fuse_fn returned shape {shape_of(perturbed_logits)} for {num_samples * batch} stacked rows; "
                 f"expected {expected_shape} to match clean_logits {shape_of(clean_logits)}."
             )
-        out.append(jnp.mean(div(perturbed_logits.reshape((num_samples,) + shape_of(clean_logits)))))
+        out.append(reduce(div(perturbed_logits.reshape((num_samples,) + shape_of(clean_logits)))))
     return jnp.stack(out)
 
 

@@ -133,6 +133,14 @@ class Method:
         self.task = info.task
 
     # ---- set-up (host) -----------------------------------------------------------------------
+    def earliest_stop_epoch(self) -> int:
+        """The first epoch after which early stopping may end the run (default 0: any epoch).
+
+        A method with a schedule (e.g. ReconBoost, which trains one modality per stage) returns the
+        epoch by which every part of the model has been trained at least once; the trainer keeps
+        counting epochs without improvement but does not stop before this epoch."""
+        return 0
+
     def check_model(self, model) -> None:
         """Raise a clear error when the model cannot serve this method (called once)."""
 

@@ -11,16 +11,21 @@ Config (``method`` section; defaults are the reference's CREMA-D values):
   :func:`mcr_jax.game.competition`; slower, inspectable).
 - ``mipd_weight`` (λ_M 0.1), ``uni_weight`` (λ_uni 0.01), ``con_weight`` (λ_Con 1.0),
   ``ceb_weight`` (λ_CEB 0.0; needs ``model.ceb = True``).
-- ``num_permutations`` (S 32), ``derangement`` (False), ``permutation_method`` (``"shift"``),
+- ``num_permutations`` (S 32), ``derangement`` (True: no row is paired with itself, so the estimate is
+  the uniform-permutation MIPD times ``B / (B - 1)``; False: the reference's uniform permutations,
+  fixed points included), ``permutation_method`` (``"shift"``),
   ``permutation_scope``: ``"global"`` (default: partners drawn from the whole global batch, the
   same estimator on 1 or 256 devices) or ``"local"`` (each device permutes its own shard under
-  ``jax.shard_map``; moves no data between devices, but partners come from the device's rows only
-  — a different estimator, whose value depends on the device count).
+  ``jax.shard_map``; moves no data between devices, but partners come from the device's rows only;
+  it needs ``derangement=True``, under which its expectation is the global one for exchangeable
+  rows, whatever the device count — with fixed points allowed it would shrink by
+  ``(1 - 1/B_local) / (1 - 1/B)``).
 - ``perturbation``: ``"permute"`` | ``"noise"`` | ``"zero"``; ``perturb_space``: ``"latent"`` |
   ``"input"`` (noise/zero on the inputs, re-encoded ``S`` times in evaluation mode);
   ``noise_scale``.
 - ``permuted_source``: ``"same_pass"`` (paper, default) or ``"eval_pass"`` (the reference's
-  2-modality model: a second encoder pass in evaluation mode supplies the latents to permute).
+  2-modality model: a second encoder pass in evaluation mode supplies every latent of the perturbed
+  predictions, the permuted one and the kept ones; the clean prediction stays the training pass's).
 - ``branch_fast_path`` (True): with linear late fusion, permute branch logits ``z_m W_m``.
 - ``con_form`` (``"ntxent"`` | ``"cross_modal"``), ``temperature`` (0.5), ``con_labels``
   (``"binary"`` | ``"raw"``, regression only), ``ceb_condition`` (``"logits"`` | ``"label"``).
@@ -47,7 +52,7 @@ DEFAULTS = dict(
     con_weight=1.0,
     ceb_weight=0.0,
     num_permutations=32,
-    derangement=False,
+    derangement=True,
     permutation_method="shift",
     permutation_scope="global",
     perturbation="permute",
@@ -85,6 +90,10 @@ class MCR(Method):
             raise ValueError(f"method.permutation_scope must be 'global' or 'local'; got {o['permutation_scope']!r}.")
         if o["con_form"] not in CONTRASTIVE:
             raise ValueError(f"method.con_form must be one of {sorted(CONTRASTIVE)}; got {o['con_form']!r}.")
+        if o["permutation_scope"] == "local" and not o["derangement"]:
+            raise ValueError("method.permutation_scope='local' needs method.derangement=True: with fixed points "
+                             "allowed the expected MIPD shrinks by (1 - 1/B_local) / (1 - 1/B), so λ_M would "
+                             "depend on the device count.")
         if int(o["num_permutations"]) < 1:
             raise ValueError(f"method.num_permutations (S) must be >= 1; got {o['num_permutations']}.")
         self.divergence = "mse" if self.task == "regression" else "jsd"
@@ -153,13 +162,11 @@ class MCR(Method):
             kwargs["perturbed_latents"] = self._input_perturbed(handle, params, batch, key_noise)
             kwargs["num_samples"] = int(o["num_permutations"])
             return [parts[m] for m in names], fuse, kwargs
-        if o["permuted_source"] == "eval_pass":
+        if o["permuted_source"] == "eval_pass":  # the perturbed predictions are built from this pass only
             inputs, masks = model_inputs(batch, names)
-            eval_parts = to_parts(handle.eval_model(params).encode(inputs, masks))
-            kwargs["permuted_latents"] = [eval_parts[m] for m in names]
+            parts = to_parts(handle.eval_model(params).encode(inputs, masks))
         if o["perturbation"] == "permute" and o["permutation_scope"] == "local":
-            kwargs["perturbed_latents"] = self._local_permuted(kwargs.pop("permuted_latents", None) or
-                                                               [parts[m] for m in names], key_perm, batch_size)
+            kwargs["perturbed_latents"] = self._local_permuted([parts[m] for m in names], key_perm, batch_size)
         elif o["perturbation"] == "permute":
             kwargs["permutations"] = sample_permutations(key_perm, int(o["num_permutations"]), batch_size,
                                                          derangement=bool(o["derangement"]),
