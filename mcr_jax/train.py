@@ -3,10 +3,11 @@
 One jitted step over plain parameter pytrees (the NNX model is split once; the traced function
 merges it), validation every epoch, model selection on validation only (ties on the selection
 metric broken by the lower validation loss), early stopping on patience (never before the
-method's ``earliest_stop_epoch()``, e.g. a full ReconBoost cycle), the test split evaluated once at the selected checkpoint, orbax checkpoints every epoch
-(an interrupted run restarted with the same command resumes from the last finished epoch and ends
-with the same result), metrics as JSON lines, a per-epoch progress line with ETA, and a clear
-stop on a non-finite loss naming the step and the term.
+method's ``earliest_stop_epoch()``, e.g. a full ReconBoost cycle), the test split evaluated once
+at the selected checkpoint, orbax checkpoints every epoch (an interrupted run restarted with the
+same command resumes from the last finished epoch and ends with the same result), metrics as JSON
+lines, a per-epoch progress line with ETA, and a clear stop on a non-finite loss naming the step
+and the term.
 """
 
 from __future__ import annotations
