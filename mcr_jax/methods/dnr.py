@@ -1,103 +1,119 @@
 r"""Diagnosing & Re-learning (Wei, Li, Feng, Hu; ECCV 2024, arXiv 2407.09705).
 
+Released code: GeWu-Lab/Diagnosing_Relearning_ECCV2024, ``code/ours.py`` (``purity_score``,
+``reinit_score``, ``reinit``, the loop in ``main``) and ``code/script/ours.sh``.
+
 Training is the multi-loss :math:`L = \mathrm{CE}(\ell, y) + \lambda_{uni}\sum_m \mathrm{CE}(u_m, y)`.
 Every ``reinit_epochs`` epochs (at most ``reinit_num`` times) each modality is *diagnosed* and its
 encoder *softly re-initialised*:
 
 1. **Diagnosis.** The separability of modality ``m``'s representation is measured by the purity of
    a k-means clustering (``C`` clusters, ``C`` the number of classes) of its latents
-   :math:`z_m`, on the training split and on the validation split (features in evaluation mode,
-   each split min–max scaled to [-1, 1] per feature first, as the reference does). Purity is the
-   fraction of examples whose class is the majority class of their cluster. A large gap between
-   training and validation purity means the encoder has learnt training-specific structure (it is
-   well-learnt, or over-trained); a small gap means it is still learning.
+   :math:`z_m`, on the training split and on the validation split (features in evaluation mode).
+   As the release: each split is scaled per feature to [-1, 1] by scikit-learn's
+   ``MinMaxScaler(feature_range=(-1, 1))`` (a constant feature maps to -1), then clustered by
+   scikit-learn's ``KMeans(n_clusters=C, random_state=kmeans_seed, n_init=kmeans_n_init)``
+   (k-means++ seeding, Lloyd iterations to convergence: ``max_iter`` 300, ``tol`` 1e-4, the best of
+   ``n_init`` runs by inertia). Purity is the fraction of examples whose class is the majority
+   class of their cluster. A large gap between training and validation purity means the encoder
+   has learnt training-specific structure (it is well-learnt, or over-trained); a small gap means
+   it is still learning.
 2. **Re-learning.** The re-initialisation strength and the soft re-initialisation are
 
    .. math::
       \alpha_m = \tanh\big(\alpha \cdot |P^m_{train} - P^m_{val}|\big), \qquad
       \theta_m \leftarrow (1 - \alpha_m)\,\theta_m + \alpha_m\,\theta^0_m ,
 
-   applied to every parameter of ``encoders/<m>`` (heads, fusion and batch statistics are kept).
-   Well-learnt modalities are pulled back more, so they do not over-train while the others catch
-   up; worse-learnt ones are barely touched.
+   applied to every parameter of ``encoders/<m>`` (the release: every parameter named
+   ``audio_net`` / ``visual_net``; heads, fusion and batch statistics are kept, as there). Well-learnt
+   modalities are pulled back more, so they do not over-train while the others catch up;
+   worse-learnt ones are barely touched. The optimizer state is kept (the release keeps its SGD).
 
-Defaults (the authors' release, ``script/ours.sh``): ``alpha`` 3 (``--move_lambda``),
-``reinit_epochs`` 20, ``reinit_num`` 3. ``uni_weight`` 1.0 (multi-loss; the release trains the fused
-loss only — set 0 for that).
+Defaults and whom they follow:
 
-Choices (documented):
+- ``alpha`` 3 (``--move_lambda 3``), ``reinit_epochs`` 20 (``--reinit_epoch``), ``reinit_num`` 3:
+  the release's ``script/ours.sh``; ``kmeans_seed`` 0: the release's ``random_state=0``.
+- ``kmeans_n_init`` 10: the release leaves ``n_init`` to scikit-learn, whose default was 10 up to
+  scikit-learn 1.3 (since 1.4 it is ``"auto"``, a single k-means++ run); the MCR authors' port sets
+  10 explicitly. ``"auto"`` is accepted to get today's library default.
+- ``uni_weight`` 1.0 follows the **MCR authors**, whose D&R baseline is trained with the
+  multi-loss (kkontras/MCR, ``configs/CREMA_D/release/vit/DnR.json``: ``multi_supervised_w``
+  combined 1, per modality 1). The **release** trains the fused loss only (``ours.py``,
+  ``train_epoch``: ``loss = loss_mm``): set ``uni_weight = 0`` for it.
 
-- ``reinit_target = "initial"`` (default): :math:`\theta^0` are the encoder parameters the run
-  started from (the reference saves them at start). They are captured on the host by
-  :meth:`DnR.init_method_state`, which the trainer calls with the starting parameters (also when it
-  resumes, and after ``init.pretrained`` weights are loaded). ``"fresh"``: a newly initialised
-  model's encoders, ``ctx.fresh_params(reinit_seed + k)`` for the ``k``-th re-initialisation.
-- k-means: NumPy, k-means++ seeding (``kmeans_seed``), ``kmeans_iters`` Lloyd iterations, one
-  initialisation (the reference uses scikit-learn's ``KMeans(random_state=0)``); an empty cluster
-  keeps its previous centre.
-- The schedule counts 1-based finished epochs: re-initialise after epochs ``reinit_epochs``,
-  ``2·reinit_epochs``, … (the reference's ``epoch % 20 == 0, epoch > 0`` on 0-based epochs, one
-  epoch later). The number done so far lives in ``method_state["reinits"]``, with the last
-  diagnosis (``purity_train``, ``purity_val``, ``strength``, each ``[M]``).
+Remaining differences from the release (stated):
 
-Classification only (purity needs classes); any fusion head; any number of modalities M >= 2.
+- ``reinit_target = "initial"`` (default) re-initialises towards the parameters the run started
+  from, as the release's ``init_para.pkl`` (saved right after the model is built). They are
+  captured on the host by :meth:`DnR.init_method_state`, which the trainer calls with the starting
+  parameters (also when it resumes, and after ``init.pretrained`` weights are loaded).
+  ``"fresh"`` (an option of ours): a newly
+  initialised model's encoders, ``ctx.fresh_params(reinit_seed + k)`` for the ``k``-th
+  re-initialisation.
+- Schedule: re-initialise after the 1-based epochs ``reinit_epochs``, ``2·reinit_epochs``, …
+  The release checks ``epoch % reinit_epoch == 0 and epoch > 0`` after its 0-based epoch, i.e.
+  after 1-based epochs ``reinit_epochs + 1``, ``2·reinit_epochs + 1``, … (one epoch later); the
+  MCR authors' port makes the same check at the start of its 0-based epoch, which is this timing.
+  As in both, only the first ``reinit_num`` due epochs re-initialise. The number done lives in
+  ``method_state["reinits"]``, with the last diagnosis (``purity_train``, ``purity_val``,
+  ``strength``, each ``[M]``).
+- k-means++ seeding depends on the order of the rows: the release extracts training features
+  through its shuffling loader, here they come in the split's order, so the clusters (and the
+  purity) for the same features can differ from a given run of the release.
+- A split with fewer examples than classes is clustered into as many clusters as examples (the
+  release's ``KMeans`` would raise).
+- Any number of modalities M >= 2 (the release has audio and visual).
+
+The MCR authors' port (kkontras/MCR, ``agents/general_agent/helpers/Bias_Infusion.py``,
+``Bias_Infusion_DnR``) differs from the release in ways not copied here: its ``reinit_score``
+compares the training purity of modality 0 with the *validation purity of modality 1*
+(``val_features["g"]`` twice), and its ``reinit`` also mixes parameters named ``fc_0`` / ``fc_1``.
+
+Classification only (purity needs classes); any fusion head.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.preprocessing import MinMaxScaler
 
 from mcr_jax.methods.base import Method, task_loss, unimodal_losses
 from mcr_jax.methods.common import check_options
 
-DEFAULTS = dict(alpha=3.0, reinit_epochs=20, reinit_num=3, uni_weight=1.0, kmeans_iters=20, kmeans_seed=0,
+DEFAULTS = dict(alpha=3.0, reinit_epochs=20, reinit_num=3, uni_weight=1.0, kmeans_n_init=10, kmeans_seed=0,
                 reinit_target="initial", reinit_seed=0)
 TARGETS = ("initial", "fresh")
 
 
-# ---- diagnosis (NumPy) ---------------------------------------------------------------------------
-def minmax_scale(x: np.ndarray) -> np.ndarray:
-    """Each feature (column) of ``x [N, D]`` mapped linearly to [-1, 1]; constant features → 0."""
-    x = np.asarray(x, np.float64)
-    lo, hi = x.min(axis=0, keepdims=True), x.max(axis=0, keepdims=True)
-    span = hi - lo
-    return np.where(span > 0, 2.0 * (x - lo) / np.where(span > 0, span, 1.0) - 1.0, 0.0)
+# ---- diagnosis (NumPy / scikit-learn, on the host) -----------------------------------------------
+def _as_float(x) -> np.ndarray:
+    """``x`` as a float array, keeping float32 / float64 as given (the release clusters float32)."""
+    x = np.asarray(x)
+    return x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float64)
 
 
-def _sq_dists(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    """Squared Euclidean distances ``[N, K]`` (expanded form: no ``[N, K, D]`` temporary)."""
-    d2 = (x * x).sum(1)[:, None] - 2.0 * x @ centres.T + (centres * centres).sum(1)[None, :]
-    return np.maximum(d2, 0.0)
+def minmax_scale(x) -> np.ndarray:
+    """Each feature (column) of ``x [N, D]`` mapped linearly to [-1, 1] by scikit-learn's
+    ``MinMaxScaler(feature_range=(-1, 1))``; a constant feature maps to -1."""
+    return MinMaxScaler(feature_range=(-1, 1)).fit_transform(_as_float(x))
 
 
-def kmeans(x: np.ndarray, k: int, *, iters: int = 20, seed: int = 0) -> np.ndarray:
-    """Cluster assignments ``[N]`` of ``x [N, D]`` into ``k`` clusters (k-means++ seeding, Lloyd steps)."""
-    x = np.asarray(x, np.float64)
+def kmeans(x, k: int, *, n_init: int | str = 10, seed: int = 0) -> np.ndarray:
+    """Cluster assignments ``[N]`` of ``x [N, D]``: scikit-learn's
+    ``KMeans(n_clusters=k, random_state=seed, n_init=n_init)`` (``k`` is capped at ``N``)."""
+    x = _as_float(x)
     n = x.shape[0]
     if n == 0:
         raise ValueError("k-means needs at least one point.")
-    k = min(int(k), n)
-    rng = np.random.default_rng(seed)
-    centres = x[[rng.integers(n)]]
-    d2 = _sq_dists(x, centres)[:, 0]
-    for _ in range(1, k):  # k-means++: next centre drawn with probability ∝ squared distance
-        total = d2.sum()
-        idx = rng.choice(n, p=d2 / total) if total > 0 else rng.integers(n)
-        centres = np.concatenate([centres, x[[idx]]])
-        d2 = np.minimum(d2, _sq_dists(x, x[[idx]])[:, 0])
-    assign = np.argmin(_sq_dists(x, centres), axis=1)
-    for _ in range(max(int(iters), 1)):
-        for c in range(k):
-            members = x[assign == c]
-            if len(members):
-                centres[c] = members.mean(axis=0)
-        new = np.argmin(_sq_dists(x, centres), axis=1)
-        if np.array_equal(new, assign):
-            break
-        assign = new
-    return assign
+    with warnings.catch_warnings():  # fewer distinct points than clusters: a valid, degenerate case
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return KMeans(n_clusters=min(int(k), n), random_state=seed, n_init=n_init).fit_predict(x)
 
 
 def purity(labels: np.ndarray, clusters: np.ndarray) -> float:
@@ -147,9 +163,13 @@ class DnR(Method):
         o = {k: config.get(k, v) for k, v in DEFAULTS.items()}
         if o["reinit_target"] not in TARGETS:
             raise ValueError(f"method.reinit_target must be one of {TARGETS}; got {o['reinit_target']!r}.")
-        if int(o["reinit_epochs"]) < 1 or int(o["reinit_num"]) < 0 or int(o["kmeans_iters"]) < 1:
-            raise ValueError("method.reinit_epochs and method.kmeans_iters must be >= 1 and method.reinit_num >= 0; "
-                             f"got {o['reinit_epochs']}, {o['kmeans_iters']}, {o['reinit_num']}.")
+        if int(o["reinit_epochs"]) < 1 or int(o["reinit_num"]) < 0:
+            raise ValueError("method.reinit_epochs must be >= 1 and method.reinit_num >= 0; "
+                             f"got {o['reinit_epochs']} and {o['reinit_num']}.")
+        n_init = o["kmeans_n_init"]
+        integer = isinstance(n_init, (int, np.integer)) and not isinstance(n_init, bool)
+        if not (n_init == "auto" or (integer and n_init >= 1)):
+            raise ValueError(f"method.kmeans_n_init must be an integer >= 1 or 'auto'; got {n_init!r}.")
         self.opts = o
         self._initial = None
 
@@ -179,7 +199,7 @@ class DnR(Method):
         o, k = self.opts, self.info.num_classes
         out = {}
         for m in self.modalities:
-            p = [purity(y, kmeans(minmax_scale(f[m]), k, iters=int(o["kmeans_iters"]), seed=int(o["kmeans_seed"])))
+            p = [purity(y, kmeans(minmax_scale(f[m]), k, n_init=o["kmeans_n_init"], seed=int(o["kmeans_seed"])))
                  for f, y in ((train_feats, train_labels), (val_feats, val_labels))]
             out[m] = (p[0], p[1], reinit_strength(p[0], p[1], float(o["alpha"])))
         return out

@@ -1,13 +1,15 @@
 r"""ReconBoost: modality-alternating boosting with a reconcilement term (Hua et al., ICML 2024, arXiv 2405.09321).
 
-The ensemble is the linear late fusion head read additively: learner :math:`f_m(x) = z_m W_m` is
-modality ``m``'s encoder followed by its fusion branch, and the ensemble is
-:math:`F(x) = b + \sum_m f_m(x)` (the shared bias :math:`b` plays the role of gradient boosting's
-constant :math:`c_0`). Training alternates between stages:
+Released code: huacong/ReconBoost (``train.py``, ``models/dynamic_net.py``, ``schedule.py``,
+``README.md``). The ensemble is the linear late fusion head read additively: learner
+:math:`f_m(x) = z_m W_m` is modality ``m``'s encoder followed by its (bias-free) fusion branch,
+and the ensemble is :math:`F(x) = b + \sum_m f_m(x)`. Training alternates between stages:
 
 1. **Boosting stage** of the active modality :math:`a` (``stage_epochs`` epochs): only
    :math:`f_a` (encoder ``a`` and branch :math:`W_a`) is updated, against the detached ensemble of
-   the others :math:`F_{\neg a} = b + \sum_{j \ne a} \mathrm{sg}(f_j)`, with the reconcilement loss
+   the others :math:`F_{\neg a} = \sum_{j \ne a} \mathrm{sg}(f_j)` (no constant term: the
+   release's ``DynamicNet.forward(data, mask_model=a)`` returns ``boost_rate · Σ`` of the other
+   learners' outputs under ``torch.no_grad()``), with the reconcilement loss
 
    .. math::
       L_a = \mathbb{E}\big[-(1 - \lambda\, q_y)\,\log p_{a,y}\big],
@@ -16,29 +18,57 @@ constant :math:`c_0`). Training alternates between stages:
    i.e. :math:`\mathrm{CE}(y, p_a) - \lambda\,\mathrm{KL}(y \odot q \,\|\, p_a)` up to a term
    constant in :math:`f_a`: the KL-based reconcilement *pushes the new learner away from what the
    other modalities already predict well* (examples the others get right weigh less), which is the
-   paper's link to Friedman's gradient boosting (the learner corrects the others' errors).
+   paper's link to Friedman's gradient boosting (the learner corrects the others' errors). The
+   release (``train.py``, phase 1) computes, per example,
+   ``-w1·mean_c(t ⊙ log p_a) + w2·mean_c(t ⊙ q ⊙ log p_a)`` with ``t`` the one-hot label, which is
+   :math:`\tfrac{w_1}{C}\,[-(1 - \tfrac{w_2}{w_1} q_y) \log p_{a,y}]`: so λ = ``w2 / w1`` and
+   the factor ``w1 / C`` is dropped here (the learning rate covers it; Adam ignores it).
 2. **Global rectification** (``rectify_epochs`` epochs): every parameter is fine-tuned on the
-   ensemble's task loss :math:`\mathrm{CE}(y, F)` (the fused cross-entropy).
+   ensemble's task loss :math:`\mathrm{CE}(y, F)` (the fused cross-entropy; the release's phase 2,
+   ``CE(net_ensemble.forward_grad(data), y)``).
 
 The active modality cycles through the modalities in order (stage ``k`` trains modality
-``k mod M``, as the reference's fixed schedule), so a full cycle lasts
+``k mod M``, as the release's fixed schedule, ``schedule.py``), so a full cycle lasts
 ``stage_epochs + rectify_epochs`` epochs. The schedule is counted in **epochs** and tracked in
 ``method_state["epochs_done"]`` (updated by :meth:`ReconBoost.on_epoch_end`, so a resumed run
 continues the same stage). Parameters outside the active learner are frozen during a boosting
-stage: the optimizer is wrapped so that their updates are zero (their optimizer moments still see
-zero gradients — the reference creates a fresh SGD optimizer per phase instead).
+stage: the optimizer is wrapped so that their updates are zero. In both stages the inactive
+learners run in training mode (the release calls ``net_ensemble.to_train()``), so their batch
+statistics follow the batches as there.
 
-Defaults: ``stage_epochs = 4`` and ``rectify_epochs = 4`` (the release's ``epochs_per_stage`` and
-``correct_epoch``); ``reconcile_weight`` λ = 0.2, the ratio ``weight2 / weight1 = 1 / 5`` of the
-release's CREMA-D command (its loss is ``-w1·CE + w2·(q_y CE)``; the overall factor ``w1 / C`` is
-dropped, the optimizer's learning rate covers it).
+Defaults: ``stage_epochs = 4`` and ``rectify_epochs = 4`` (the release's ``--epochs_per_stage`` and
+``--correct_epoch``); ``reconcile_weight`` λ = 0.2 = ``weight2 / weight1`` of the README's
+CREMA-D command (``--weight1 5.0 --weight2 1.0``; AVE and ModelNet40 use 4 and 1, λ = 0.25).
 
-Simplifications (stated): the learnable boosting rate of the release is folded into the branch
-weights; the memory-consolidation term is omitted (in the release it is an MSE between two detached
-predictions and carries no gradient); no pre-trained unimodal start is implied (use
-``config.init.pretrained`` for it); each learner is the modality's encoder plus its own linear
-branch rather than the release's shared MLP head. The prediction is the ensemble :math:`F` (the
-model's fused logits); the per-modality outputs reported as ``unimodal`` are :math:`b + f_m`.
+Remaining differences from the release (stated):
+
+- Learners: each is the modality's encoder plus its own bias-free linear branch. In the release
+  (``--common_space True``) every learner's ``fc`` is replaced by one shared two-layer MLP head with
+  biases (``model.fc = net_ensemble.head``), which belongs to the active learner's optimizer in
+  every boosting stage, so boosting one modality also moves the head the others use.
+- The fusion bias :math:`b` is a constant of the ensemble :math:`F` only (rectification and
+  prediction): it is neither in :math:`F_{\neg a}` nor in :math:`f_a`, and is frozen while
+  boosting. The release has no separate constant once the ensemble has members (its ``c0`` is only
+  returned by an empty ensemble); its learners' biases sit inside the shared head.
+- The learnable ``boost_rate`` multiplying the ensemble (``DynamicNet.boost_rate``, initial 1.0,
+  trained in rectification) is folded into the branch weights.
+- The memory-consolidation ("GA") term is omitted: in the release it is the MSE between two
+  *detached* softmax outputs (``train.py``, ``ga_loss``) and carries no gradient.
+- Optimizer: one optimizer for the whole run whose updates are masked (its moments see zero
+  gradients while frozen). The release builds a new SGD (momentum 0.9, weight decay 5e-4) for each
+  phase of each stage, with separate rates ``--m_lr`` / ``--e_lr`` (0.01) decayed ×0.1 every 30
+  stages on CREMA-D; here the run's optimizer and schedule apply to both phases.
+- Start: no pre-trained unimodal start is implied (the README always passes ``--use_pretrain``; use
+  ``config.init.pretrained`` for it). Without it the release's first stage boosts against an empty
+  ensemble (``q_y = 1``: a softmax over the single column of ``c0``); here the other learners are
+  present from their initialisation.
+- The release's loaders drop the last incomplete batch; here padded rows are masked out.
+- The per-modality outputs reported as ``unimodal`` are :math:`b + f_m` (reporting only). The
+  prediction is the ensemble :math:`F` (the model's fused logits).
+
+The MCR authors' port (kkontras/MCR, ``agents/general_agent/helpers/Bias_Infusion.py``,
+``Bias_Infusion_ReconBoost``) uses the full fused prediction, active modality and bias included, as
+:math:`F_{\neg a}`; this module follows the release instead.
 
 Needs linear late fusion and classification; any number of modalities M >= 2.
 """
@@ -114,6 +144,12 @@ class ReconBoost(Method):
             raise ValueError(f"method.stage_epochs must be >= 1 and method.rectify_epochs >= 0; got "
                              f"{self.stage_epochs} and {self.rectify_epochs}.")
 
+    def earliest_stop_epoch(self) -> int:
+        """Early stopping waits until every modality has finished its first boosting stage:
+        ``(M - 1)`` stage + rectification blocks, then the last modality's stage (12 epochs for
+        M = 2 with the defaults)."""
+        return (len(self.modalities) - 1) * (self.stage_epochs + self.rectify_epochs) + self.stage_epochs
+
     def check_model(self, model) -> None:
         if not isinstance(model.fusion, LinearLateFusion):
             raise ValueError("ReconBoost reads the fusion head as an additive ensemble of per-modality learners "
@@ -149,10 +185,11 @@ class ReconBoost(Method):
 
         def fn(p):
             model = handle.train_model(p)
-            _, branches, bias = self._parts(model, batch)
+            _, branches, _ = self._parts(model, batch)
             fs = [branches[m] for m in self.modalities]
             f_active = sum(onehot[i] * f for i, f in enumerate(fs))
-            others = bias[None] + sum((1.0 - onehot[i]) * jax.lax.stop_gradient(f) for i, f in enumerate(fs))
+            # F_¬a: the other learners only, no constant (the release's DynamicNet.forward)
+            others = sum((1.0 - onehot[i]) * jax.lax.stop_gradient(f) for i, f in enumerate(fs))
             boost = reconcile_loss(f_active, others, labels, mask, weight=self.weight)
             rectify = task_loss(model.fusion.combine(branches), labels, mask, self.task)
             loss = jnp.where(boosting, boost, rectify)
