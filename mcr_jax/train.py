@@ -455,7 +455,9 @@ def train_ensemble(config, workdir: str) -> dict:
         if info.task == "regression":
             fused = np.mean([uni[m] for m in info.modalities], axis=0)
         else:
-            fused = combine_logits([uni[m] for m in info.modalities], mode)
+            per_batch = int(config.method.get("batch_size", 0) or config.get("eval", {}).get("batch_size", 0)
+                            or config.train.batch_size)
+            fused = combine_logits([uni[m] for m in info.modalities], mode, batch_size=per_batch)
         res = {"heads": metrics.head_metrics({"fused": fused, **uni}, labels, info.task)}
         if info.task == "classification":
             res["error_groups"] = metrics.error_groups(fused, uni, labels)

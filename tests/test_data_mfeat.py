@@ -74,6 +74,32 @@ def test_view_parsing(views, expected):
     assert mfeat.parse_views(views) == expected
 
 
+def test_views_from_the_command_line_and_one_default_everywhere():
+    """``--config.data.views=fou,zer`` reaches the config as ("fou,zer",): it must still work, and
+    the config file, the loader and the docs agree on the default views."""
+    import os
+    import subprocess
+    import sys
+
+    from experiments.configs import mfeat as mfeat_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = ("from absl import app\nfrom experiments.flags import FLAGS, define_common_flags\n"
+              "define_common_flags('w')\n"
+              "def main(_):\n    from mcr_jax.data.mfeat import parse_views\n"
+              "    print(repr(tuple(FLAGS.config.data.views)), parse_views(FLAGS.config.data.views))\n"
+              "app.run(main)\n")
+    out = subprocess.run([sys.executable, "-c", script, "--config=experiments/configs/mfeat.py:smoke",
+                          "--config.data.views=fou,zer", "--workdir=unused"], cwd=root, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.split()[-2:] == ["('fou',", "'zer')"], out
+    assert mfeat.parse_views(("fou, zer", "kar")) == ("fou", "zer", "kar")
+    default = tuple(mfeat.DEFAULTS["views"])
+    assert tuple(mfeat_config.get_config().data.views) == default
+    with open(os.path.join(root, "docs", "data.md")) as f:
+        assert f'| `views` | {default!r}'.replace("'", '"') in f.read()
+
+
 @pytest.mark.parametrize("views", [("fou", "fou"), ("fou", "abc"), ()])
 def test_bad_views(views):
     with pytest.raises(ValueError, match="distinct names"):

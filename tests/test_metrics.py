@@ -80,6 +80,22 @@ def test_ensemble_combination():
         combine_logits([a, b[:5]])
 
 
+def test_ensemble_per_batch_standardisation():
+    """The reference's mode: statistics of each evaluation batch (last one smaller)."""
+    r = np.random.default_rng(4)
+    a, b = r.normal(size=(10, 4)) * 5 + 2, r.normal(size=(10, 4))
+    want = np.zeros((10, 4))
+    for lo in (0, 4, 8):
+        for x in (a, b):
+            chunk = x[lo:lo + 4]
+            want[lo:lo + 4] += (chunk - chunk.mean()) / chunk.std()
+    got = combine_logits([a, b], "standardized_per_batch", batch_size=4)
+    np.testing.assert_allclose(got, want)
+    assert not np.allclose(got, combine_logits([a, b]))  # whole-split statistics differ
+    with pytest.raises(ValueError, match="batch_size"):
+        combine_logits([a, b], "standardized_per_batch")
+
+
 def test_mean_std_is_the_sample_std_with_a_t_interval():
     vals = [1.0, 2.0, 4.0, float("nan")]
     got = metrics.mean_std(vals)

@@ -1,14 +1,14 @@
 """UCI Multiple Features (handwritten digits, six views; two by default): MLP encoders, linear fusion."""
 
+import ml_collections
+
 from experiments.configs.base import base_config, switches
+from mcr_jax.data.mfeat import default_config as mfeat_defaults
 
 
 def get_config(arg=None):
     c = base_config()
-    c.data = base_config().data
-    c.data.name = "mfeat"
-    c.data.views = ("fou", "kar")
-    c.data.seed = 0
+    c.data = ml_collections.ConfigDict(mfeat_defaults())  # views ("pix", "fou"): see docs/data.md
     c.model.hidden = (128,)
     c.model.latent_dim = 64
     c.train.batch_size = 64

