@@ -2,17 +2,23 @@ r"""MLB: multi-loss training with balancing gradient coefficients (SPEC.md §8).
 
 Kontras, Chatzichristos, Blaschko, De Vos, *Improving Multimodal Learning with Multi-Loss Gradient
 Modulation*, BMVC 2024 (and *Self-Balancing Multimodal Models via Multi-Loss Gradient Modulation*,
-IJCV 2025) — the same authors as MCR.
+IJCV 2025) — the same authors as MCR. Released code: ``kkontras/MLB`` and ``kkontras/MCR``,
+``agents/general_agent/helpers/Bias_Infusion.py``: classes ``Bias_Infusion_MLB`` (two modalities,
+classification), ``Bias_Infusion_MLB_3d`` (three), ``Bias_Infusion_MLB_Reg`` (``kkontras/MCR``) and
+``Bias_Infusion_MLB_3d_Reg`` (regression); ``kkontras/MLB`` (snapshot ``357b5ce``) selects
+``Bias_Infusion_MLB`` with the config name ``"OGM-Mine"``.
 
 Loss: :math:`L = \mathrm{CE}(\ell, y) + \lambda_{uni} \sum_m \mathrm{CE}(u_m, y)` (fused plus
-unimodal heads). Per step, every modality's unimodal head gives a confidence — the batch mean of
-the softmax probability of the true class, :math:`c_m` — and the ratio
+unimodal heads; L1 losses for regression, as the released ``train_one_step_regression``). Per step,
+every modality's unimodal head gives a confidence — the batch mean of the softmax probability of
+the true class, :math:`c_m` — and the ratio
 
 .. math::
    r_m = \frac{\bar c_{-m}}{c_m}, \qquad \bar c_{-m} = \tfrac{1}{M-1}\sum_{j \ne m} c_j
 
-(M = 2: :math:`r_a = c_v / c_a`), so :math:`r_m > 1` exactly when modality m is **weaker** than the
-others. The coefficient
+(M = 2: :math:`r_a = c_v / c_a`, the released ``ratio_0 = score_1 / score_0``; M = 3: the mean of
+the other two, as ``Bias_Infusion_MLB_3d``), so :math:`r_m > 1` exactly when modality m is
+**weaker** than the others. The coefficient
 
 .. math::
    k_m = 1 + (\beta - 1)\tanh\big(\alpha (r_m - 1)\big) \quad (r_m > 1), \qquad
@@ -20,18 +26,36 @@ others. The coefficient
 
 accelerates the weaker modalities (up to β) and decelerates the stronger ones (down to
 :math:`1 - \tanh\alpha > 0`): the slowing branch uses no β, which is what keeps every coefficient
-positive (with β = 10 the symmetric form would reach :math:`1 - 9\tanh(0.5) < 0`); it follows the
-authors' code. :math:`k_m` multiplies the gradient (of the whole loss) of every parameter that
-belongs to modality m — ``encoders[m]``, ``heads[m]`` and, with linear late fusion, the branch
-``W_m`` — and shared parameters keep their gradient. As the confidences equalise, :math:`r_m \to 1`
-and :math:`k_m \to 1`: the balancing phases out by itself.
+positive (with β = 10 the symmetric form would reach :math:`1 - 9\tanh(0.5) < 0`). This is the
+released ``tanh_mode == "2"`` with ``tanh_mode_beta`` = β (``kkontras/MCR`` ``train.py`` sets
+``tanh_mode = "2"`` whenever ``--tanh_mode_beta`` is given); the released default (no ``tanh_mode``)
+is the symmetric :math:`1 + \tanh(\alpha(r_m - 1))` on both sides, which is β = 2 here.
+:math:`k_m` multiplies the gradient (of the whole loss) of every parameter that belongs to
+modality m — ``encoders[m]``, ``heads[m]`` and, with linear late fusion, the branch ``W_m`` (the
+released ``enc_m``, whose encoders hold their unimodal classifiers, and ``fc_m_lin.weight``) — and
+shared parameters (the fusion bias) keep their gradient. As the confidences equalise,
+:math:`r_m \to 1` and :math:`k_m \to 1`: the balancing phases out by itself.
 
-Regression: the confidence is replaced by the unimodal task loss :math:`L_m` (L1), lower being
-better, so :math:`r_m = L_m / \bar L_{-m}` (again > 1 for the weaker modality), as the authors' code
-does with its own regression loss.
+Regression: the confidence is replaced by the **mean squared error** of each unimodal output,
+:math:`L_m = \operatorname{mean}_i (u_{m,i} - y_i)^2` (the released ``F.mse_loss(out.squeeze(),
+label)`` in ``Bias_Infusion_MLB_Reg`` / ``_3d_Reg``), lower being better, so
+:math:`r_m = L_m / \bar L_{-m}` (again > 1 for the weaker modality). The training loss stays L1;
+only the score that sets the coefficients is the MSE.
+
+Remaining differences from the released code:
+
+- Any M >= 2 and any fusion head (released: two or three modalities; with a non-linear fusion head
+  the released code scales ``enc_m`` and, where it exists, ``fc_m_lin.weight``; here ``encoders[m]``
+  and ``heads[m]``, the branches existing only in linear late fusion).
+- Only the ``tanh_mode`` "2" family (β = 2 gives the released default); the released ablation modes
+  (``linear``, ``all_linear``, ``softmax``, ``ogm``, the JSD scores) are not implemented.
+- Padded rows (``mask``) are left out of the scores (the released batches have none); ratio
+  denominators are floored at 1e-12 (released: unguarded division).
+- No ``starting_epoch`` / ``ending_epoch`` switch (the released defaults 0 / 1500 mean always on).
 
 Config (``method`` section): ``alpha`` (α = 0.5), ``beta`` (β = 10; must be > 0), ``uni_weight``
-(λ_uni = 1.0). Any fusion head, any M >= 2.
+(λ_uni = 1.0; the released ``multi_supervised_w`` of the unimodal heads). Any fusion head, any
+M >= 2.
 """
 
 from __future__ import annotations
@@ -49,8 +73,8 @@ OWNED = ("encoders", "heads", "branches")
 def mlb_ratios(scores: jax.Array, *, higher_is_better: bool = True) -> jax.Array:
     """``r_m`` ``[M]``: > 1 for a modality weaker than the mean of the others.
 
-    ``higher_is_better``: scores are confidences (``r_m = mean_{j≠m} c_j / c_m``); otherwise losses
-    (``r_m = L_m / mean_{j≠m} L_j``). Denominators are floored at 1e-12.
+    ``higher_is_better``: scores are confidences (``r_m = mean_{j≠m} c_j / c_m``); otherwise losses,
+    e.g. the unimodal MSEs (``r_m = L_m / mean_{j≠m} L_j``). Denominators are floored at 1e-12.
     """
     if higher_is_better:
         return others_mean(scores) / jnp.maximum(scores, 1e-12)
@@ -86,8 +110,9 @@ class MLB(Method):
             out = self.forward(model, batch)
             fused = task_loss(out["logits"], labels, mask, self.task)
             uni = unimodal_losses(out, batch, self.task, names)
-            if self.task == "regression":
-                scores = jnp.stack([uni[m] for m in names])
+            if self.task == "regression":  # the unimodal MSE (the training loss above is L1)
+                u = {m: out["unimodal"][m][:, 0] for m in names}
+                scores = jnp.stack([masked_mean(jnp.square(u[m] - labels.astype(u[m].dtype)), mask) for m in names])
             else:
                 scores = jnp.stack([masked_mean(true_class_prob(out["unimodal"][m], labels), mask) for m in names])
             total = fused + weight * sum(uni.values())
