@@ -9,32 +9,59 @@ Two kinds of dataset come through one interface:
   (:func:`mcr_jax.data.tfds_source.split_batches`, with read-time augmentation in training).
 
 Either way a batch is ``{modality: array, "<modality>_mask": array?, "label": [B], "mask": [B]}``.
+
+Every dataset is checked here, once (:mod:`mcr_jax.data.checks`): classification labels must be
+integers in ``[0, num_classes)``, regression labels and every floating input finite. In-memory
+splits are scanned in full when the :class:`Dataset` is made (vectorised NumPy: milliseconds);
+sources read example by example (TFDS/grain, or a registered loader's random-access source) are
+checked batch by batch as they are read, so a bad example stops the run at the first batch that
+holds it. Either way the ``ValueError`` names the split, the entry and the example's index.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from flax import nnx
 
 from mcr_jax.data import load_dataset
+from mcr_jax.data.checks import check_split
 from mcr_jax.data.pipeline import batches as array_batches
 from mcr_jax.data.types import ArraySplit, DatasetInfo
 from mcr_jax.models import MultimodalModel
 
 TFDS_DATASETS = ("cremad", "ave", "mosi", "mosei", "ucf101")
 
+_INDEX = "__example_index__"  # record indices of streamed in-memory-pipeline batches (internal)
+
 
 class Dataset:
-    """Splits plus :class:`DatasetInfo`, and the one way to iterate batches over them."""
+    """Splits plus :class:`DatasetInfo`, and the one way to iterate batches over them.
 
-    def __init__(self, splits: Mapping[str, Any], info: DatasetInfo, *, tfds_info: dict | None = None):
+    With ``check=True`` (the default) the inputs are validated (see the module docstring): array
+    splits here, in full; other sources as their batches are read in :meth:`batches`.
+    """
+
+    def __init__(self, splits: Mapping[str, Any], info: DatasetInfo, *, tfds_info: dict | None = None,
+                 check: bool = True):
         self.splits = dict(splits)
         self.info = info
         self.tfds_info = tfds_info
+        self.check = check
+        if check:
+            for name, source in self.splits.items():
+                if self._in_memory(name):
+                    self._check(source, split=name, scope="split")
+
+    def _in_memory(self, split: str) -> bool:
+        return self.tfds_info is None and isinstance(self.splits[split], (ArraySplit, Mapping))
+
+    def _check(self, arrays, *, split: str, scope: str, index=None, valid=None) -> None:
+        check_split(arrays, split=split, keys=(*self.info.modalities, "label"), task=self.info.task,
+                    num_classes=self.info.num_classes, index=index, valid=valid, scope=scope)
 
     def size(self, split: str) -> int:
         return len(self.splits[split])
@@ -42,17 +69,32 @@ class Dataset:
     def batches(self, split: str, batch_size: int, *, train: bool, seed: int, epoch: int,
                 process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
         source = self.splits[split]
+        streamed = self.check and not self._in_memory(split)  # checked here, batch by batch
         if self.tfds_info is not None:
             from mcr_jax.data.tfds_source import split_batches
 
+            index_key = "index"  # grain_batches carries each row's record index
             it = split_batches(source, self.tfds_info, batch_size, train=train, seed=seed, epoch=epoch,
                                process_index=process_index, process_count=process_count)
         else:
+            index_key = _INDEX if streamed else None
             it = array_batches(source, batch_size, shuffle=train, seed=seed, epoch=epoch, drop_remainder=train,
-                               process_index=process_index, process_count=process_count)
+                               process_index=process_index, process_count=process_count, index_key=index_key)
         keep = set(self.info.modalities) | {f"{m}_mask" for m in self.info.modalities} | {"label", "mask"}
         for batch in it:
+            if streamed:
+                self._check(batch, split=split, scope="batch", index=batch[index_key], valid=batch["mask"] > 0)
             yield {k: v for k, v in batch.items() if k in keep}
+
+    def scan(self, splits: Sequence[str] | None = None, *, batch_size: int = 256) -> None:
+        """Reads every example of ``splits`` (default: all) once, so that the checks run now.
+
+        In-memory splits were checked when the dataset was made; for streamed (TFDS) splits this
+        reads and decodes everything, which takes as long as one evaluation pass over them.
+        """
+        for split in splits if splits is not None else list(self.splits):
+            for _ in self.batches(split, batch_size, train=False, seed=0, epoch=0):
+                pass
 
     def split_arrays(self, split: str, key: str) -> np.ndarray | None:
         """A whole column of an in-memory split (e.g. ``"sample_type"``), or None."""

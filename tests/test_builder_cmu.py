@@ -1,6 +1,7 @@
 """CMU-MOSI / CMU-MOSEI builders on tiny aligned-feature pickles in the shared format."""
 
 import pickle
+import re
 import socket
 
 import numpy as np
@@ -162,3 +163,71 @@ def test_command_line_builds_and_prints_the_summary(tmp_path, capsys):
     assert printed["split_sizes"] == {"train": 6, "validation": 3, "test": 4}
     assert info["metadata"]["source_file"] == "mine.pkl"
     assert info["metadata"]["options"] == {"mask_mode": "per_modality", "pickle_name": "mine.pkl"}
+
+
+# ------------------------------------------------------------------ pickles: trust, errors, location
+class _Payload:
+    """Unpickling this creates ``marker``: stands for the code a malicious pickle could run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_reading_a_pickle_warns_that_it_runs_code(tmp_path, caplog):
+    from mcr_jax.data.builders.cmu_mosi import load_pickle
+
+    path = tmp_path / "mosi_data.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"a": np.arange(3)}, f)
+    with caplog.at_level("WARNING", logger="mcr_jax.data"):
+        out = load_pickle(str(path), manual_dir=str(tmp_path))
+    np.testing.assert_array_equal(out["a"], np.arange(3))
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(str(path) in line and "runs code" in line and "\n" not in line for line in lines), lines
+
+
+def test_corrupt_pickle_names_the_file(tmp_path):
+    from mcr_jax.data.builders.cmu_mosi import load_pickle
+
+    path = tmp_path / "mosi_data.pkl"
+    path.write_bytes(b"this is not a pickle")
+    with pytest.raises(ValueError, match=f"could not unpickle {re.escape(str(path))}: "):
+        load_pickle(str(path), manual_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=f"could not unpickle {re.escape(str(path))}: "):
+        load_tfds_dataset("mosi", data_dir=tmp_path / "tfds", manual_dir=tmp_path)
+
+
+def test_pickle_outside_the_manual_dir_is_refused_before_unpickling(tmp_path):
+    from mcr_jax.data.builders.cmu_mosi import load_pickle
+
+    manual, elsewhere = tmp_path / "manual", tmp_path / "elsewhere"
+    manual.mkdir()
+    elsewhere.mkdir()
+    marker = tmp_path / "code_ran"
+    with open(elsewhere / "mosi_data.pkl", "wb") as f:
+        pickle.dump(_Payload(marker), f)
+    (manual / "mosi_data.pkl").symlink_to(elsewhere / "mosi_data.pkl")  # a link pointing outside
+    with pytest.raises(ValueError, match="outside the manual directory") as err:
+        load_tfds_dataset("mosi", data_dir=tmp_path / "tfds", manual_dir=manual)
+    assert str(elsewhere / "mosi_data.pkl") in str(err.value) and str(manual) in str(err.value)
+    for name in ("../elsewhere/mosi_data.pkl", str(elsewhere / "mosi_data.pkl")):  # a path outside
+        with pytest.raises(ValueError, match="outside the manual directory"):
+            load_tfds_dataset("mosi", data_dir=tmp_path / "tfds", manual_dir=manual,
+                              builder_kwargs={"pickle_name": name})
+    with pytest.raises(ValueError, match="outside the manual directory"):
+        load_pickle(str(manual / "mosi_data.pkl"), manual_dir=str(manual))
+    assert not marker.exists()
+
+
+def test_symlinks_inside_the_manual_dir_are_followed(tmp_path):
+    manual = tmp_path / "manual"
+    (manual / "files").mkdir(parents=True)
+    write_pickle(manual / "files" / "real.pkl", MOSI_DIMS, bad=False)
+    (manual / "mosi_data.pkl").symlink_to(manual / "files" / "real.pkl")
+    link_dir = tmp_path / "link_to_manual"  # the manual directory itself may be a link
+    link_dir.symlink_to(manual)
+    _, info = load_tfds_dataset("mosi", data_dir=tmp_path / "tfds", manual_dir=link_dir)
+    assert info["split_sizes"]["train"] == SIZES["train"]

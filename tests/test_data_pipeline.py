@@ -213,3 +213,16 @@ def test_registry_and_load_dataset_errors():
         data.load_dataset({"name": "nope"})
     with pytest.raises(ValueError, match="needs a 'name'"):
         data.load_dataset({})
+
+
+@pytest.mark.parametrize("random_access", [False, True])
+def test_index_key_carries_each_rows_example_index(random_access):
+    split = _split(11)
+    source = ListSource(split) if random_access else split
+    for shuffle, drop in ((True, True), (False, False)):
+        for b in batches(source, 4, shuffle=shuffle, seed=2, epoch=1, drop_remainder=drop, index_key="idx"):
+            assert b["idx"].dtype == np.int64
+            np.testing.assert_array_equal(b["idx"][b["mask"] == 1], _ids(b)[b["mask"] == 1])
+            assert (b["idx"][b["mask"] == 0] == 0).all()
+    with pytest.raises(ValueError, match="index_key 'label'"):
+        batches(split, 4, shuffle=False, seed=0, epoch=0, drop_remainder=False, index_key="label")

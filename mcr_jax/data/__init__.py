@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from mcr_jax.data.checks import check_split
 from mcr_jax.data.mfeat import load_mfeat
 from mcr_jax.data.pipeline import apply_standardization, batches, num_batches, standardize
 from mcr_jax.data.synthetic import load_synthetic, sweep_unique_ratio
@@ -22,6 +23,7 @@ __all__ = [
     "DatasetInfo",
     "apply_standardization",
     "batches",
+    "check_split",
     "load_dataset",
     "load_mfeat",
     "load_synthetic",

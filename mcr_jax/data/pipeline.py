@@ -67,7 +67,8 @@ def _stack_examples(source, indices: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def batches(split, batch_size: int, *, shuffle: bool, seed: int, epoch: int, drop_remainder: bool,
-            process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+            process_index: int = 0, process_count: int = 1,
+            index_key: str | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Iterate over the batches of one epoch of ``split``.
 
     Args:
@@ -79,6 +80,9 @@ def batches(split, batch_size: int, *, shuffle: bool, seed: int, epoch: int, dro
       drop_remainder: drop the last incomplete batch (training). Otherwise the last batch is padded
         to ``B`` rows that copy example 0 and have ``mask`` 0 (evaluation).
       process_index, process_count: this process and the number of processes.
+      index_key: if given, every batch also carries each row's example index (int64
+        ``[B / process_count]``; padding rows carry the index of the example they copy, 0) under
+        this key, e.g. to name the example behind a bad value or a prediction.
 
     Yields:
       dicts with every entry of the split (``[B / process_count, ...]``) plus ``"mask"``
@@ -86,7 +90,7 @@ def batches(split, batch_size: int, *, shuffle: bool, seed: int, epoch: int, dro
       ``[p·B/P, (p+1)·B/P)`` of each global batch.
 
     Raises:
-      ValueError: bad sizes or indices, a split entry named ``"mask"``, or (with
+      ValueError: bad sizes or indices, a split entry named ``"mask"`` (or ``index_key``), or (with
         ``drop_remainder``) a split smaller than one batch, which would give an empty epoch.
     """
     if batch_size < 1:
@@ -104,6 +108,8 @@ def batches(split, batch_size: int, *, shuffle: bool, seed: int, epoch: int, dro
     arrays = _as_arrays(split)
     if arrays is not None and MASK_KEY in arrays:
         raise ValueError(f"The split already has an entry {MASK_KEY!r}; batches() adds its own. Rename it.")
+    if index_key is not None and (index_key == MASK_KEY or (arrays is not None and index_key in arrays)):
+        raise ValueError(f"index_key {index_key!r} is already an entry of the split; choose another name.")
     n = len(arrays) if arrays is not None else len(split)
     if drop_remainder and n < batch_size:
         raise ValueError(
@@ -111,10 +117,10 @@ def batches(split, batch_size: int, *, shuffle: bool, seed: int, epoch: int, dro
             "drop_remainder=True the epoch would be empty; lower batch_size or use drop_remainder=False."
         )
     order = example_order(n, shuffle=shuffle, seed=seed, epoch=epoch)
-    return _iterate(split, arrays, order, batch_size, drop_remainder, process_index, process_count)
+    return _iterate(split, arrays, order, batch_size, drop_remainder, process_index, process_count, index_key)
 
 
-def _iterate(split, arrays, order, batch_size, drop_remainder, process_index, process_count):
+def _iterate(split, arrays, order, batch_size, drop_remainder, process_index, process_count, index_key):
     n = order.shape[0]
     local = batch_size // process_count
     lo, hi = process_index * local, (process_index + 1) * local
@@ -131,7 +137,12 @@ def _iterate(split, arrays, order, batch_size, drop_remainder, process_index, pr
             batch = _stack_examples(split, idx)
             if MASK_KEY in batch:
                 raise ValueError(f"The source's examples have an entry {MASK_KEY!r}; batches() adds its own.")
+            if index_key is not None and index_key in batch:
+                raise ValueError(f"The source's examples have an entry {index_key!r}, the index_key; "
+                                 "choose another index_key.")
         batch[MASK_KEY] = mask
+        if index_key is not None:
+            batch[index_key] = idx.astype(np.int64)
         yield batch
 
 

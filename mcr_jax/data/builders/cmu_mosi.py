@@ -16,6 +16,10 @@ Example: ``vision``, ``audio``, ``text`` float32 ``[L, F_m]``; ``vision_mask``, 
   in every modality (after sanitising), the same mask for all modalities; ``"per_modality"``: a
   step is padding for a modality when all of that modality's features are zero.
 * Splits: ``train``, ``validation`` (the pickle's ``valid``), ``test``.
+* Pickles: unpickling runs code from the file. The pickle must lie inside the manual directory
+  (real paths compared, so ``..``, absolute ``pickle_name`` values and symbolic links pointing out
+  of it are refused before the file is opened); reading it logs a one-line warning naming the file,
+  and a file that cannot be unpickled raises ``ValueError("could not unpickle <path>: <cause>")``.
 """
 
 from __future__ import annotations
@@ -48,14 +52,43 @@ def _layout(candidates: tuple[str, ...]) -> str:
             "                   'text': [N, 50, Ft], 'labels': [N, 1, 1], 'id': [N, ...] (optional)}}")
 
 
-def load_pickle(path: str) -> Any:
-    """Loads a pickle (falls back to latin-1 strings for Python 2 pickles). Only load trusted files."""
-    with open(path, "rb") as f:
-        try:
-            return pickle.load(f)
-        except UnicodeDecodeError:
-            f.seek(0)
-            return pickle.load(f, encoding="latin1")
+def inside_manual_dir(path: str | os.PathLike, manual_dir: str | os.PathLike | None) -> str:
+    """The real path of ``path``; ``ValueError`` unless it lies inside ``manual_dir``.
+
+    Both paths are resolved first (``os.path.realpath``), so ``..`` and symbolic links pointing out
+    of the directory count as outside; a manual directory that is itself a link is fine.
+    """
+    real = os.path.realpath(path)
+    root = os.path.realpath(manual_dir) if manual_dir is not None else None
+    if root is None or os.path.commonpath([real, root]) != root:
+        raise ValueError(
+            f"refusing to read {real} (given as {os.fspath(path)}): it is outside the manual directory "
+            f"{root if root is not None else manual_dir} (symbolic links are resolved). Unpickling runs "
+            "code from the file, so only pickles inside the configured manual directory are read: "
+            "copy the file you trust there."
+        )
+    return real
+
+
+def load_pickle(path: str | os.PathLike, *, manual_dir: str | os.PathLike | None) -> Any:
+    """Unpickles ``path`` (latin-1 strings for Python 2 pickles). Only load files you trust.
+
+    Unpickling runs code from the file: a warning says so, naming the file; a file outside
+    ``manual_dir`` (after resolving links) is refused with ``ValueError`` before it is opened, and
+    a file that cannot be unpickled raises ``ValueError("could not unpickle <path>: <cause>")``.
+    """
+    real = inside_manual_dir(path, manual_dir)
+    name = os.fspath(path) if os.path.abspath(path) == real else f"{os.fspath(path)} (-> {real})"
+    logger.warning("Reading pickle %s: unpickling runs code from the file; only read files you trust.", name)
+    try:
+        with open(real, "rb") as f:
+            try:
+                return pickle.load(f)
+            except UnicodeDecodeError:
+                f.seek(0)
+                return pickle.load(f, encoding="latin1")
+    except Exception as err:  # any failure of a foreign pickle: name the file
+        raise ValueError(f"could not unpickle {name}: {type(err).__name__}: {err}") from err
 
 
 def sanitize(x: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -104,7 +137,9 @@ class _CmuBase(ManualBuilder, skip_registration=True):
         names = (config.pickle_name,) if config.pickle_name else cls.CANDIDATES
         for name in names:
             if manual_dir is not None and os.path.isfile(os.path.join(manual_dir, name)):
-                return os.path.join(manual_dir, name)
+                path = os.path.join(manual_dir, name)
+                inside_manual_dir(path, manual_dir)  # refuse a file outside before any build starts
+                return path
         require_paths(cls.DATASET, manual_dir, [], cls.LAYOUT)  # names a missing directory first
         raise manual_dir_error(cls.DATASET, manual_dir, f"none of {list(names)} found.", cls.LAYOUT)
 
@@ -124,7 +159,7 @@ class _CmuBase(ManualBuilder, skip_registration=True):
 
     def _make_splits(self, manual_dir):
         path = self.pickle_path(manual_dir, self.builder_config)
-        data = load_pickle(path)
+        data = load_pickle(path, manual_dir=manual_dir)
         problem = lambda msg: manual_dir_error(self.DATASET, manual_dir, f"{os.path.basename(path)}: {msg}",
                                                self.LAYOUT)
         if not isinstance(data, dict):
