@@ -4,14 +4,24 @@ One checkpoint per finished epoch (the newest two are kept); each holds three it
 
 - ``state``: parameters, non-parameter model state, optimizer state, method state, PRNG key, step;
 - ``best``: the parameters and model state selected on validation so far;
-- ``meta``: JSON — epoch, best epoch and value, patience left, the per-epoch history, config.
+- ``meta``: JSON — epoch, best epoch and value, patience left, the per-epoch history, the run's
+  resolved config, and a SHA-256 checksum of ``state`` and of ``best``.
+
+Verified restores. A checkpoint is accepted only when orbax reads it, its checksums match what was
+saved and every floating-point leaf is finite. :meth:`Checkpointer.restore_latest_good` tries the
+newest step first; a step that fails is named, moved aside to ``<workdir>/broken_checkpoints/``
+and the next older one is tried, so a damaged file costs at most the epochs since the previous
+step, never a wrong result. :meth:`Checkpointer.restore_best` (the selected weights, e.g. for
+uni-pre) refuses a step that fails verification.
 
 Typed PRNG keys (NNX dropout streams) are stored as their raw key data and re-wrapped on restore.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -36,16 +46,50 @@ def from_saveable(tree: Any, like: Any) -> Any:
     return jax.tree.map(back, tree, like)
 
 
+def _host(tree: Any) -> Any:
+    from mcr_jax import parallel
+
+    return parallel.to_host(to_saveable(tree))
+
+
+def checksum(tree: Any) -> str:
+    """SHA-256 over every leaf's dtype, shape and bytes, in tree order (typed keys as key data)."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(_host(tree)):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def non_finite_leaves(tree: Any) -> list[str]:
+    """Paths of floating-point leaves holding NaN or Inf."""
+    bad = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(_host(tree))[0]:
+        a = np.asarray(leaf)
+        if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+            bad.append(jax.tree_util.keystr(path))
+    return bad
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint step that cannot be read or fails verification."""
+
+
 class Checkpointer:
     """Saves and restores ``(state, best, meta)`` under ``<workdir>/checkpoints``."""
 
     def __init__(self, workdir: str, *, max_to_keep: int = 2, enabled: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, "checkpoints")
         self.enabled = enabled
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+        self.max_to_keep = max_to_keep
+        self.manager = self._open()
+
+    def _open(self):
+        options = ocp.CheckpointManagerOptions(max_to_keep=self.max_to_keep, create=True,
                                                enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "best", "meta"))
+        return ocp.CheckpointManager(self.directory, options=options, item_names=("state", "best", "meta"))
 
     def latest_epoch(self) -> int | None:
         return self.manager.latest_step()
@@ -53,6 +97,7 @@ class Checkpointer:
     def save(self, epoch: int, state: Any, best: Any, meta: dict) -> None:
         if not self.enabled:
             return
+        meta = dict(meta, checksums={"state": checksum(state), "best": checksum(best)})
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(to_saveable(state)),
             best=ocp.args.StandardSave(to_saveable(best)),
@@ -74,14 +119,89 @@ class Checkpointer:
         return (from_saveable(restored.state, state_like), from_saveable(restored.best, best_like),
                 dict(restored.meta))
 
+    def _step_dir(self, epoch: int) -> str:
+        return os.path.join(self.directory, str(epoch))
+
+    def verified_restore(self, epoch: int, state_like: Any, best_like: Any) -> tuple[Any, Any, dict]:
+        """:meth:`restore`, then the checksums and finiteness checked; :class:`CheckpointError` naming
+        the step directory and the cause when anything is wrong."""
+        where = self._step_dir(epoch)
+        try:
+            state, best, meta = self.restore(epoch, state_like, best_like)
+        except Exception as e:  # orbax surfaces damaged files as many exception types
+            raise CheckpointError(f"checkpoint {where} is unreadable: {type(e).__name__}: {e}") from e
+        sums = meta.get("checksums")
+        if sums is None:
+            raise CheckpointError(f"checkpoint {where} has no checksums (written by an older version).")
+        for name, tree in (("state", state), ("best", best)):
+            if checksum(tree) != sums.get(name):
+                raise CheckpointError(f"checkpoint {where}: the {name} arrays do not match their saved checksum "
+                                      "(the files were changed or damaged).")
+            bad = non_finite_leaves(tree)
+            if bad:
+                raise CheckpointError(f"checkpoint {where}: non-finite values in {name} {bad[:3]}.")
+        return state, best, meta
+
+    def restore_latest_good(self, state_like: Any, best_like: Any, log=print) -> tuple[Any, Any, dict] | None:
+        """The newest step that passes :meth:`verified_restore` (None when there is no step at all).
+
+        Each failing step is reported through ``log``, moved to ``<workdir>/broken_checkpoints/`` (so
+        training can write that epoch again) and the next older step is tried. When every step
+        fails, raises :class:`CheckpointError` listing why."""
+        failures = []
+        while True:
+            epoch = self.latest_epoch()
+            if epoch is None:
+                if failures:
+                    raise CheckpointError("no checkpoint step of " + self.directory + " could be restored:\n  "
+                                          + "\n  ".join(failures)
+                                          + f"\nThe broken steps are in {self._broken_dir()}; delete the workdir "
+                                          "to start fresh.")
+                return None
+            try:
+                return self.verified_restore(epoch, state_like, best_like)
+            except CheckpointError as e:
+                failures.append(str(e))
+                moved = self._set_aside(epoch)
+                log(f"{e}\n  moved it to {moved}; falling back to the previous checkpoint.")
+
+    def _broken_dir(self) -> str:
+        return os.path.join(self.workdir, "broken_checkpoints")
+
+    def _set_aside(self, epoch: int) -> str:
+        from mcr_jax import parallel
+
+        target = os.path.join(self._broken_dir(), str(epoch))
+        self.manager.close()
+        if parallel.is_primary():
+            os.makedirs(self._broken_dir(), exist_ok=True)
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            shutil.move(self._step_dir(epoch), target)
+        self.manager = self._open()
+        return target
+
     def restore_best(self, best_like: Any, epoch: int | None = None) -> Any:
-        """Only the selected weights (for uni-pre initialisation and for evaluation)."""
+        """Only the selected weights (for uni-pre initialisation and for evaluation), verified
+        against their checksum; a damaged step raises :class:`CheckpointError`."""
         epoch = self.latest_epoch() if epoch is None else epoch
         if epoch is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}: train that run first.")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, to_saveable(best_like))
-        restored = self.manager.restore(epoch, args=ocp.args.Composite(best=ocp.args.StandardRestore(abstract)))
-        return from_saveable(restored.best, best_like)
+        where = self._step_dir(epoch)
+        try:
+            restored = self.manager.restore(epoch, args=ocp.args.Composite(best=ocp.args.StandardRestore(abstract),
+                                                                           meta=ocp.args.JsonRestore()))
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {where} is unreadable: {type(e).__name__}: {e}") from e
+        best = from_saveable(restored.best, best_like)
+        expected = dict(restored.meta).get("checksums", {}).get("best")
+        if expected is None or checksum(best) != expected:
+            raise CheckpointError(f"checkpoint {where}: the selected weights do not match their saved checksum.")
+        bad = non_finite_leaves(best)
+        if bad:
+            raise CheckpointError(f"checkpoint {where}: non-finite values in the selected weights {bad[:3]}.")
+        return best
 
     def close(self) -> None:
         self.manager.close()

@@ -7,13 +7,12 @@ results when its directory already holds them, so an interrupted comparison rest
 
 from __future__ import annotations
 
-import json
 import os
 
 import ml_collections
 import numpy as np
 
-from mcr_jax import metrics
+from mcr_jax import guards, metrics
 from mcr_jax.train import train_and_evaluate, unimodal_config
 
 DEFAULT_METHODS = ("unimodal", "ensemble", "joint", "multiloss", "uni_pre_frozen", "uni_pre_finetuned", "ogm_ge",
@@ -45,6 +44,7 @@ def run_comparison(config, workdir: str, methods=DEFAULT_METHODS, seeds=(0, 1, 2
     """Runs every method for every seed; returns ``{"runs": {label: [results per seed]}, "summary": ...}``."""
     from mcr_jax.inputs import load
 
+    seeds = guards.check_seeds(seeds)
     modalities = load(config.data).info.modalities
     runs: dict[str, list[dict]] = {}
     for seed in seeds:
@@ -64,8 +64,7 @@ def run_comparison(config, workdir: str, methods=DEFAULT_METHODS, seeds=(0, 1, 2
     out = {"dataset": config.data.name, "modalities": list(modalities), "seeds": list(seeds), "summary": summary,
            "runs": runs}
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(out, f, indent=1)
+    guards.write_json_atomic(os.path.join(workdir, "results.json"), out)
     return out
 
 

@@ -24,8 +24,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mcr_jax import inputs, metrics, parallel
-from mcr_jax.checkpoint import Checkpointer, from_saveable, host_copy
+from mcr_jax import guards, inputs, metrics, parallel
+from mcr_jax.checkpoint import Checkpointer, from_saveable, host_copy, non_finite_leaves
 from mcr_jax.data.pipeline import num_batches
 from mcr_jax.losses import mipd_divergences, sample_permutations
 from mcr_jax.methods import ModelHandle, combine_logits, get_method, task_loss
@@ -155,14 +155,19 @@ def evaluate(run, params, rest, split) -> tuple[dict, dict]:
 
 def selection_metric(config, task: str) -> str:
     """The validation metric that selects the model: ``train.select``, else loss (regression) or accuracy."""
-    return config.train.get("select", None) or ("loss" if task == "regression" else "accuracy")
+    select = config.train.get("select", None) or ("loss" if task == "regression" else "accuracy")
+    if select not in guards.SELECTABLE[task]:
+        raise ValueError(f"train.select={select!r} is not a validation metric of a {task} task; use one of "
+                         f"{sorted(guards.SELECTABLE[task])} (or '' for the default).")
+    return select
 
 
-def selection_value(val: dict, select: str) -> float:
+def selection_value(val: dict, select: str, task: str = "classification") -> float:
     """The selection metric's value on validation, oriented so that larger is better."""
     if select == "loss":
         return -float(val["loss"])
-    return float(val["heads"]["fused"][select])
+    value = float(val["heads"]["fused"][select])
+    return value if guards.SELECTABLE[task][select] else -value
 
 
 def improves(value: float, loss: float, meta: dict) -> bool:
@@ -198,14 +203,12 @@ def load_pretrained(params, rest, workdirs: dict[str, str], modalities) -> tuple
 
 
 def _finished(workdir: str, config) -> dict | None:
-    path = os.path.join(workdir, "results.json")
-    if not os.path.exists(path):
+    """The stored results of a finished run in ``workdir`` (None: not finished, or its results file
+    is damaged); a finished run of another config is refused, naming the differing keys."""
+    res = guards.read_json_or_none(os.path.join(workdir, "results.json"), log=_log)
+    if res is None:
         return None
-    with open(path) as f:
-        res = json.load(f)
-    if res.get("config") != _jsonable(_config_dict(config)):
-        raise ValueError(f"{workdir} holds a finished run with a different config; use another --workdir "
-                         "or delete that directory.")
+    guards.check_same_config(res.get("config", {}), _jsonable(_config_dict(config)), workdir, "a finished run")
     return res
 
 
@@ -302,13 +305,15 @@ def setup(config, *, mesh=None) -> Run:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains ``config.method`` on ``config.data`` and returns the results (also in results.json)."""
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    guards.validate_config(config)
     if config.method.name == "ensemble":
         return train_ensemble(config, workdir)
     done = _finished(workdir, config)
     if done is not None:
         _log(f"[{config.method.name}] {workdir} already finished: returning its results.")
         return done
+    if parallel.is_primary():
+        guards.check_writable(workdir)  # before the data, the compile and an epoch of training
 
     run = setup(config)
     data, info, method, state, tc = run.data, run.info, run.method, run.state, config.train
@@ -317,17 +322,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     ckpt = Checkpointer(workdir, enabled=bool(tc.get("checkpoint", True)))
     best = host_copy({"params": state["params"], "rest": state["rest"]})
+    config_json = _jsonable(_config_dict(config))
     meta = {"epoch": 0, "best_epoch": 0, "best_value": -float("inf"), "best_loss": float("inf"), "bad_epochs": 0,
-            "history": [], "stopped_early": False, "train_time_s": 0.0}
-    latest = ckpt.latest_epoch() if ckpt.enabled else None
-    if latest is not None:
-        state, best, meta = ckpt.restore(latest, state, best)
+            "history": [], "stopped_early": False, "train_time_s": 0.0, "config": config_json}
+    restored = ckpt.restore_latest_good(state, best, log=_log) if ckpt.enabled else None
+    if restored is not None:
+        stored = restored[2].get("config")
+        if stored is None:
+            raise ValueError(f"{workdir} holds checkpoints that do not record their config (written by an older "
+                             "version); delete its checkpoints/ folder to start fresh.")
+        guards.check_same_config(stored, config_json, workdir, "an interrupted run")
+        state, best, meta = restored
         _log(f"[{config.method.name}] resuming {workdir} after epoch {meta['epoch']} (step {_scalar(state['step'])}).")
 
     patience = int(tc.get("patience", 0) or 0)
     earliest_stop = int(method.earliest_stop_epoch())
     select = selection_metric(config, info.task)
     start = meta["epoch"] + 1
+    session_time = 0.0
     for epoch in range(start, epochs + 1):
         if meta["stopped_early"]:
             break
@@ -342,9 +354,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             terms = [n for i, n in enumerate(metric_names) if (_scalar(state["bad_terms"]) >> i) & 1]
             raise FloatingPointError(
                 f"non-finite {', '.join(terms)} at step {_scalar(state['bad_step'])} (epoch {epoch}); the update was "
-                f"skipped and training stopped. Lower optim.learning_rate or check the inputs for NaN/Inf.")
+                f"skipped and training stopped. The inputs were checked for NaN/Inf and label range when loaded, so "
+                f"lower optim.learning_rate (or check the method's own hyperparameters).")
         val, _ = evaluate(run, state["params"], state["rest"], "validation")
-        value = selection_value(val, select)
+        value = selection_value(val, select, info.task)
         improved = improves(value, float(val["loss"]), meta)
         if improved:
             best = host_copy({"params": state["params"], "rest": state["rest"]})
@@ -362,10 +375,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   "time_s": epoch_time}
         meta["history"].append(_jsonable(record))
         meta["epoch"] = epoch
-        if patience and meta["bad_epochs"] >= patience and epoch >= earliest_stop:
+        if patience and meta["bad_epochs"] >= patience and epoch >= earliest_stop and epoch < epochs:
             meta["stopped_early"] = True
         _write_history(workdir, meta["history"])
-        eta = meta["train_time_s"] / max(epoch - start + 1, 1) * (epochs - epoch) if not meta["stopped_early"] else 0
+        session_time += epoch_time  # the ETA uses this session's epochs (not the time before a resume)
+        eta = session_time / (epoch - start + 1) * (epochs - epoch) if not meta["stopped_early"] else 0
         main_metric = "mae" if info.task == "regression" else "accuracy"
         _log(f"[{config.method.name}] epoch {epoch:3d}/{epochs}  loss {train_means['loss']:.4f}  "
              f"val {main_metric} {val['heads']['fused'][main_metric]:.4f}{' *' if improved else '  '}  "
@@ -374,9 +388,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt.close()
 
     best = from_saveable(best, {"params": state["params"], "rest": state["rest"]})
+    bad = non_finite_leaves(best)
+    if bad:
+        raise FloatingPointError(f"the selected weights (epoch {meta['best_epoch']}) hold non-finite values in "
+                                 f"{bad[:5]}; refusing to publish results from them. Delete {workdir}/checkpoints "
+                                 "to retrain.")
     best = parallel.replicate(best, run.mesh)
     val, val_out = evaluate(run, best["params"], best["rest"], "validation")
     test, test_out = evaluate(run, best["params"], best["rest"], "test")
+    for name, res in (("validation", val), ("test", test)):
+        if not np.isfinite(res["loss"]):
+            raise FloatingPointError(f"the selected weights give a non-finite {name} loss; refusing to write "
+                                     f"results.json. Delete {workdir}/checkpoints to retrain.")
     _add_sample_type_accuracy(test, test_out["logits"], test_out["labels"], data, info)
     _save_predictions(workdir, {"validation": val_out, "test": test_out})
     results = {"config": _jsonable(_config_dict(config)), "method": config.method.name, "seed": run.seed,
@@ -386,8 +409,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                "train_time_s": meta["train_time_s"], "validation": val, "test": test}
     results = _jsonable(results)
     if parallel.is_primary():
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        guards.write_json_atomic(os.path.join(workdir, "results.json"), results)
     fused = test["heads"]["fused"]
     _log(f"[{config.method.name}] done: best epoch {meta['best_epoch']}, test "
          + ", ".join(f"{k} {v:.4f}" for k, v in fused.items()))
@@ -438,6 +460,8 @@ def unimodal_config(config, modality: str) -> ml_collections.ConfigDict:
 
 def train_ensemble(config, workdir: str) -> dict:
     """Trains (or reuses) one unimodal run per modality and evaluates their combined predictions."""
+    if parallel.is_primary():
+        guards.check_writable(workdir)
     data = inputs.load(config.data)
     info = data.info
     runs = dict(config.method.get("unimodal_workdirs", None) or {})
@@ -465,14 +489,14 @@ def train_ensemble(config, workdir: str) -> dict:
             _add_sample_type_accuracy(res, fused, labels, data, info)
         results[split] = res
     results = _jsonable(results)
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    guards.write_json_atomic(os.path.join(workdir, "results.json"), results)
     return results
 
 
 def run_seeds(config, workdir: str, seeds) -> dict:
     """Runs ``train_and_evaluate`` per seed in ``<workdir>/seed_<s>`` and aggregates mean ± std."""
     per_seed = []
+    seeds = guards.check_seeds(seeds)
     for s in seeds:
         sub = ml_collections.ConfigDict(_config_dict(config))
         sub.seed = int(s)
@@ -480,8 +504,8 @@ def run_seeds(config, workdir: str, seeds) -> dict:
     summary = {"method": config.method.name, "seeds": list(seeds), "test": {}}
     for head, mets in per_seed[0]["test"]["heads"].items():
         summary["test"][head] = {k: metrics.mean_std([r["test"]["heads"][head][k] for r in per_seed]) for k in mets}
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(_jsonable(summary), f, indent=1)
+    if parallel.is_primary():
+        guards.write_json_atomic(os.path.join(workdir, "summary.json"), _jsonable(summary))
     return summary
 
 

@@ -94,6 +94,8 @@ class MCR(Method):
             raise ValueError("method.permutation_scope='local' needs method.derangement=True: with fixed points "
                              "allowed the expected MIPD shrinks by (1 - 1/B_local) / (1 - 1/B), so λ_M would "
                              "depend on the device count.")
+        if not float(o["temperature"]) > 0:
+            raise ValueError(f"method.temperature (the contrastive τ) must be > 0; got {o['temperature']!r}.")
         if int(o["num_permutations"]) < 1:
             raise ValueError(f"method.num_permutations (S) must be >= 1; got {o['num_permutations']}.")
         self.divergence = "mse" if self.task == "regression" else "jsd"

@@ -1,0 +1,132 @@
+"""What keeps a run from producing a wrong result silently: config checks before training, config
+comparison on resume, atomic JSON writes, and reading a results file that may be damaged.
+
+Each guarantee and its test are listed in docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+#: validation metrics a run may select on, and whether larger is better.
+SELECTABLE = {
+    "classification": {"accuracy": True, "macro_f1": True, "loss": False, "ece": False, "top5": True},
+    "regression": {"loss": False, "mae": False, "binary_accuracy": True, "corr": True, "acc7": True},
+}
+
+
+def write_json_atomic(path: str, obj: Any, *, indent: int | None = 1) -> None:
+    """Writes ``obj`` as JSON to ``path`` through a temporary file in the same folder and
+    ``os.replace``: a reader (or a rerun after a kill) sees the old file or the new one, never half."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=indent)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_json_or_none(path: str, log=print) -> dict | None:
+    """The JSON object in ``path``; ``None`` (with a log line) when it is missing or unreadable, so
+    that a damaged results file counts as "not finished" and the run is redone."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            out = json.load(f)
+    except (OSError, ValueError) as e:
+        log(f"{path} is unreadable ({type(e).__name__}: {e}); treating the run as not finished.")
+        return None
+    if not isinstance(out, dict):
+        log(f"{path} does not hold a JSON object; treating the run as not finished.")
+        return None
+    return out
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (lists stay values)."""
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two config dicts, as ``key: old -> new`` lines."""
+    a, b = flatten(old), flatten(new)
+    missing = object()
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, missing), b.get(key, missing)
+        if va != vb:
+            show = lambda v: "(absent)" if v is missing else repr(v)  # noqa: E731
+            lines.append(f"{key}: {show(va)} -> {show(vb)}")
+    return lines
+
+
+def check_same_config(stored: dict, current: dict, workdir: str, what: str) -> None:
+    """Raises when ``workdir`` holds a run (``what``) made with another config."""
+    diff = config_diff(stored, current)
+    if diff:
+        raise ValueError(
+            f"{workdir} holds {what} made with a different config; differing keys (stored -> now):\n  "
+            + "\n  ".join(diff)
+            + f"\nRerun with the stored config to resume it, use another --workdir, or delete {workdir} "
+            "to start fresh.")
+
+
+def validate_config(config, task: str | None = None) -> None:
+    """Rejects config values that would train nothing or select wrongly, before any work is done."""
+    tc = config.train
+    epochs = tc.get("num_epochs", None)
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise ValueError(f"train.num_epochs must be an integer >= 1; got {epochs!r}.")
+    patience = tc.get("patience", 0)
+    if patience is None:
+        patience = 0
+    if not isinstance(patience, int) or isinstance(patience, bool) or patience < 0:
+        raise ValueError(f"train.patience must be an integer >= 0 (0 = no early stopping); got {patience!r}.")
+    batch = tc.get("batch_size", None)
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise ValueError(f"train.batch_size must be an integer >= 1; got {batch!r}.")
+    select = tc.get("select", "") or ""
+    if select:
+        allowed = sorted(SELECTABLE[task]) if task else sorted(set().union(*SELECTABLE.values()))
+        if select not in allowed:
+            raise ValueError(f"train.select={select!r} is not a validation metric of this "
+                             f"{task or 'run'}; use one of {allowed} (or '' for the default).")
+
+
+def check_seeds(seeds) -> list[int]:
+    """Seeds as distinct ints; a repeated seed would count one run twice in the summary."""
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("no seeds given; e.g. --seeds 0,1,2.")
+    dup = sorted({s for s in seeds if seeds.count(s) > 1})
+    if dup:
+        raise ValueError(f"seeds must be distinct; {dup} repeated in {seeds} (it would count one run twice).")
+    return seeds
+
+
+def check_writable(workdir: str) -> None:
+    """Fails before training when ``workdir`` cannot be written (not after a whole epoch)."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_probe.", dir=workdir)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(f"cannot write to the workdir {workdir} ({e.strerror or e}); choose a writable "
+                              "--workdir.") from e

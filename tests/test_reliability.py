@@ -1,0 +1,228 @@
+"""No silent wrong results: a changed config on an interrupted workdir, damaged checkpoints, a kill
+during the results write, bad config values and an unwritable workdir (docs/reliability.md)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments.configs import synthetic
+from mcr_jax import guards, train
+from mcr_jax.checkpoint import Checkpointer
+
+
+def smoke_config():
+    cfg = synthetic.get_config("smoke")
+    cfg.train.num_epochs = 4
+    cfg.train.patience = 0
+    cfg.parallel.num_devices = 1
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("ref"))
+    return workdir, train.train_and_evaluate(smoke_config(), workdir)
+
+
+def _interrupt_after(epoch, workdir, monkeypatch, cfg=None):
+    """Runs until the checkpoint of ``epoch`` is written, then dies as a kill would."""
+    original = Checkpointer.save
+
+    def save_then_crash(self, e, *args, **kwargs):
+        original(self, e, *args, **kwargs)
+        if e == epoch:
+            raise KeyboardInterrupt(f"simulated kill after epoch {epoch}")
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(cfg or smoke_config(), str(workdir))
+    monkeypatch.setattr(Checkpointer, "save", original)
+
+
+def _same_result(ref_dir, ref, workdir, res):
+    assert res["best_epoch"] == ref["best_epoch"] and res["steps"] == ref["steps"]
+    a, b = np.load(os.path.join(ref_dir, "predictions.npz")), np.load(os.path.join(workdir, "predictions.npz"))
+    for key in a.files:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-7)
+    assert res["test"] == ref["test"]
+
+
+def _item_files(workdir, epoch, item):
+    root = os.path.join(workdir, "checkpoints", str(epoch), item)
+    files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+    return sorted(files, key=os.path.getsize, reverse=True)
+
+
+# ---------------------------------------------------------------------------------- config on resume
+
+
+def test_changed_config_on_an_interrupted_workdir_is_refused(tmp_path, monkeypatch, reference):
+    _interrupt_after(2, tmp_path, monkeypatch)
+    other = smoke_config()
+    other.optim.learning_rate = 3e-3
+    other.method.strategy = "independent"
+    with pytest.raises(ValueError) as err:
+        train.train_and_evaluate(other, str(tmp_path))
+    msg = str(err.value)
+    assert "optim.learning_rate: 0.001 -> 0.003" in msg and "method.strategy: 'greedy' -> 'independent'" in msg
+    assert "delete" in msg and not os.path.exists(tmp_path / "results.json")
+    # The stored config still resumes, to the uninterrupted result.
+    res = train.train_and_evaluate(smoke_config(), str(tmp_path))
+    _same_result(*reference, str(tmp_path), res)
+
+
+def test_changed_config_on_a_finished_workdir_names_the_keys(reference):
+    ref_dir, _ = reference
+    other = smoke_config()
+    other.seed = 1
+    with pytest.raises(ValueError, match=r"seed: 0 -> 1"):
+        train.train_and_evaluate(other, ref_dir)
+
+
+# ---------------------------------------------------------------------------------- damaged checkpoints
+
+
+def test_flipped_bytes_in_the_best_weights_fall_back_to_the_previous_step(tmp_path, monkeypatch, reference, capsys):
+    _interrupt_after(3, tmp_path, monkeypatch)
+    target = _item_files(tmp_path, 3, "best")[0]
+    with open(target, "r+b") as f:  # 16 bytes in the middle of the largest file of the selected weights
+        f.seek(os.path.getsize(target) // 2)
+        chunk = bytearray(f.read(16))
+        f.seek(os.path.getsize(target) // 2)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+    res = train.train_and_evaluate(smoke_config(), str(tmp_path))
+    out = capsys.readouterr().out
+    assert os.path.join("checkpoints", "3") in out and "falling back" in out
+    assert os.path.isdir(tmp_path / "broken_checkpoints" / "3")
+    _same_result(*reference, str(tmp_path), res)
+
+
+def test_truncated_checkpoint_file_falls_back_to_the_previous_step(tmp_path, monkeypatch, reference):
+    _interrupt_after(3, tmp_path, monkeypatch)
+    target = _item_files(tmp_path, 3, "state")[0]
+    with open(target, "r+b") as f:
+        f.truncate(os.path.getsize(target) // 3)
+    res = train.train_and_evaluate(smoke_config(), str(tmp_path))
+    _same_result(*reference, str(tmp_path), res)
+
+
+def test_missing_metadata_falls_back_and_every_step_broken_is_a_clear_error(tmp_path, monkeypatch):
+    _interrupt_after(3, tmp_path, monkeypatch)
+    for epoch in (2, 3):
+        meta = [f for f in _item_files(tmp_path, epoch, "state") if os.path.basename(f) == "_METADATA"]
+        assert meta, "orbax layout changed: no _METADATA file"
+        os.remove(meta[0])
+    with pytest.raises(RuntimeError, match="no checkpoint step .* could be restored") as err:
+        train.train_and_evaluate(smoke_config(), str(tmp_path))
+    assert "checkpoints/3" in str(err.value) and "checkpoints/2" in str(err.value)
+    assert not os.path.exists(tmp_path / "results.json")
+
+
+def test_non_finite_selected_weights_are_never_published(tmp_path, monkeypatch):
+    import jax.numpy as jnp
+
+    real = train.host_copy
+
+    def poisoned(tree):  # the selected weights go bad (e.g. memory corruption) after selection
+        out = real(tree)
+        out["params"]["fusion"]["bias"] = np.full_like(out["params"]["fusion"]["bias"], np.nan)
+        return out
+
+    monkeypatch.setattr(train, "host_copy", poisoned)
+    cfg = smoke_config()
+    cfg.train.checkpoint = False
+    with pytest.raises(FloatingPointError, match="refusing to publish"):
+        train.train_and_evaluate(cfg, str(tmp_path))
+    assert not os.path.exists(tmp_path / "results.json")
+    del jnp
+
+
+# ---------------------------------------------------------------------------------- atomic results
+
+
+def test_kill_during_the_results_write_leaves_no_truncated_file(tmp_path, monkeypatch, reference):
+    real_dump = json.dump
+
+    def dump_half_then_die(obj, f, **kwargs):
+        text = json.dumps(obj, **kwargs)
+        f.write(text[: len(text) // 2])
+        raise KeyboardInterrupt("simulated kill during the write")
+
+    monkeypatch.setattr(guards.json, "dump", dump_half_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(smoke_config(), str(tmp_path))
+    assert not os.path.exists(tmp_path / "results.json")
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    monkeypatch.setattr(guards.json, "dump", real_dump)
+    res = train.train_and_evaluate(smoke_config(), str(tmp_path))
+    _same_result(*reference, str(tmp_path), res)
+
+
+def test_a_damaged_results_file_counts_as_not_finished(tmp_path, reference, capsys):
+    ref_dir, ref = reference
+    import shutil
+
+    shutil.copytree(ref_dir, tmp_path / "run")
+    with open(tmp_path / "run" / "results.json", "w") as f:
+        f.write('{"config": {"seed": 0, "tra')  # what a kill mid-write used to leave
+    res = train.train_and_evaluate(smoke_config(), str(tmp_path / "run"))
+    assert "unreadable" in capsys.readouterr().out
+    assert res["test"] == ref["test"]
+    with open(tmp_path / "run" / "results.json") as f:
+        assert json.load(f)["test"] == ref["test"]
+
+
+# ---------------------------------------------------------------------------------- bad config values
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("train.num_epochs", 0, "train.num_epochs"),
+    ("train.num_epochs", -3, "train.num_epochs"),
+    ("train.patience", -1, "train.patience"),
+    ("train.select", "foo", "train.select"),
+    ("train.batch_size", 0, "train.batch_size"),
+    ("method.temperature", 0.0, "method.temperature"),
+    ("method.temperature", -0.5, "method.temperature"),
+], ids=lambda v: str(v))
+def test_bad_config_values_are_rejected_before_training(field, value, match, tmp_path, monkeypatch):
+    cfg = smoke_config()
+    section, key = field.split(".")
+    cfg[section][key] = value
+    calls = []
+    monkeypatch.setattr(train, "make_train_step", lambda *a, **k: calls.append(1))
+    with pytest.raises(ValueError, match=match):
+        train.train_and_evaluate(cfg, str(tmp_path))
+    assert not calls, "the error must come before any training step is built"
+
+
+def test_a_selection_metric_of_the_other_task_is_rejected(tmp_path):
+    cfg = smoke_config()
+    cfg.train.select = "mae"  # a regression metric on a classification dataset
+    with pytest.raises(ValueError, match="not a validation metric of a classification task"):
+        train.train_and_evaluate(cfg, str(tmp_path))
+
+
+def test_repeated_seeds_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="distinct"):
+        train.run_seeds(smoke_config(), str(tmp_path), [0, 0])
+    from mcr_jax import report
+
+    with pytest.raises(ValueError, match="distinct"):
+        report.run_comparison(smoke_config(), str(tmp_path), ["joint"], seeds=[1, 1])
+
+
+def test_an_unwritable_workdir_fails_before_any_work(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.setattr(train, "setup", lambda *a, **k: pytest.fail("setup ran before the write check"))
+    with pytest.raises(PermissionError, match="cannot write to the workdir"):
+        train.train_and_evaluate(smoke_config(), str(tmp_path / "a_file" / "run"))
+
+
+def test_selection_orientation_of_lower_is_better_metrics():
+    val = {"loss": 0.5, "heads": {"fused": {"mae": 0.3, "corr": 0.8, "ece": 0.1}}}
+    assert train.selection_value(val, "mae", "regression") == -0.3
+    assert train.selection_value(val, "corr", "regression") == 0.8
+    assert train.selection_value(val, "ece", "classification") == -0.1
+    assert train.selection_value(val, "loss", "regression") == -0.5
