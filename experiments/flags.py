@@ -1,5 +1,7 @@
 """Command-line flags shared by main.py and compare.py, and the start-up they drive."""
 
+import sys
+
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -8,7 +10,35 @@ from mcr_jax import parallel
 FLAGS = flags.FLAGS
 
 
+def method_into_config_arg(argv: list[str]) -> list[str]:
+    """``--config.method.name=<name>`` also becomes the config argument's ``method=<name>`` word, so the
+    config file builds that method's own ``method`` section (its options at their defaults, each
+    overridable) instead of MCR's. Returns the rewritten argv (unchanged without that flag)."""
+    name = None
+    for i, a in enumerate(argv):
+        if a.startswith("--config.method.name="):
+            name = a.split("=", 1)[1]
+        elif a == "--config.method.name" and i + 1 < len(argv):
+            name = argv[i + 1]
+    if not name:
+        return list(argv)
+
+    def with_method(value: str) -> str:
+        path, _, arg = value.partition(":")
+        words = [w for w in arg.split(",") if w.strip() and not w.strip().startswith("method=")]
+        return path + ":" + ",".join(words + [f"method={name}"])
+
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a.startswith("--config="):
+            out[i] = "--config=" + with_method(a[len("--config="):])
+        elif a == "--config" and i + 1 < len(out):
+            out[i + 1] = with_method(out[i + 1])
+    return out
+
+
 def define_common_flags(workdir_help: str) -> None:
+    sys.argv[:] = method_into_config_arg(sys.argv)
     config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config(arg)).", lock_config=False)
     flags.DEFINE_string("workdir", None, workdir_help)
     flags.DEFINE_string("coordinator_address", None,

@@ -26,10 +26,11 @@ METHOD_DEFAULTS = {
 
 
 def method_config(config, name: str, unimodal_dirs: dict[str, str]) -> ml_collections.ConfigDict:
-    """The config of one method in a comparison (``mcr`` keeps the config's own method section)."""
+    """The config of one method in a comparison: the config's own method section for the method it
+    was built for (``mcr`` by default, with its dataset-specific settings), else the method's
+    comparison defaults (the method fills in the rest)."""
     c = ml_collections.ConfigDict(config.to_dict())
-    if name == "mcr":
-        c.method.name = "mcr"
+    if name == c.method.name:
         return c
     section = {"name": name, **METHOD_DEFAULTS.get(name, {})}
     if section["name"] == "uni_pre":

@@ -464,6 +464,10 @@ def train_ensemble(config, workdir: str) -> dict:
         guards.check_writable(workdir)
     data = inputs.load(config.data)
     info = data.info
+    from mcr_jax.methods.common import check_options
+    from mcr_jax.methods.ensemble import DEFAULTS as ENSEMBLE_DEFAULTS
+
+    check_options(config.method, ENSEMBLE_DEFAULTS, "ensemble")
     runs = dict(config.method.get("unimodal_workdirs", None) or {})
     preds = {}
     for m in info.modalities:

@@ -183,3 +183,40 @@ def test_mcr_local_scope_needs_derangements():
     with pytest.raises(ValueError, match="derangement"):
         MCR(ml_collections.ConfigDict({"name": "mcr", "permutation_scope": "local", "derangement": False}),
             _data()[1])
+
+
+@pytest.mark.parametrize("derangement", [True, False])
+def test_mcr_passes_derangement_and_method_to_the_sampler(derangement, monkeypatch):
+    from mcr_jax.methods import mcr as mcr_module
+
+    seen = []
+    real = mcr_module.sample_permutations
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mcr_module, "sample_permutations", spy)
+    opts = dict(synthetic.get_config("smoke").method, derangement=derangement, permutation_method="uniform")
+    method, handle, params, batch, _ = build(opts)
+    method.gradients(handle, params, batch, jax.random.PRNGKey(0), {})
+    assert seen and all(k["derangement"] is derangement and k["method"] == "uniform" for k in seen)
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0])
+def test_mcr_noise_scale_changes_the_divergence_as_the_pure_loss(scale):
+    """Noise perturbation on the latents: the method's D_m equals the pure loss's with the same key
+    and scale (so the option is passed on and acts)."""
+    opts = dict(synthetic.get_config("smoke").method, perturbation="noise", noise_scale=scale,
+                branch_fast_path=False)
+    method, handle, params, batch, _ = build(opts)
+    key = jax.random.PRNGKey(5)
+    *_, mets = _grads(method, handle, params, batch, key=5)
+    model = handle.train_model(params)
+    out = method.forward(model, batch)
+    names = method.modalities
+    want = losses.mipd_divergences(out["logits"], lambda xs: model.fuse(dict(zip(names, xs, strict=True))),
+                                   [out["latents"][m] for m in names], perturbation="noise",
+                                   key=jax.random.split(key)[1], num_samples=opts["num_permutations"],
+                                   noise_scale=scale)
+    np.testing.assert_allclose([mets["mipd_x1"], mets["mipd_x2"]], want, rtol=2e-5, atol=1e-7)

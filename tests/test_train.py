@@ -251,3 +251,18 @@ def test_selection_ties_are_broken_by_validation_loss(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "evaluate", scripted)
     res = train.train_and_evaluate(smoke_config(num_epochs=3, checkpoint=False), str(tmp_path))
     assert res["best_epoch"] == 2
+
+
+def test_split_losses_are_per_example_means_of_the_saved_predictions(reference_run):
+    """The reported validation/test losses are the mean cross-entropy over examples, recomputed
+    here in NumPy from predictions.npz; the smoke config's evaluation batch (32) does not divide the
+    60-row splits, so a per-batch mean would differ."""
+    workdir, res = reference_run
+    preds = np.load(os.path.join(workdir, "predictions.npz"))
+    for split in ("validation", "test"):
+        logits, labels = preds[f"{split}_logits"].astype(np.float64), preds[f"{split}_labels"]
+        assert len(labels) % 32 != 0
+        logp = logits - logits.max(-1, keepdims=True)
+        logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+        want = -logp[np.arange(len(labels)), labels].mean()
+        assert res[split]["loss"] == pytest.approx(want, rel=1e-5)

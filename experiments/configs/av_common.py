@@ -2,13 +2,13 @@
 the reference optimiser: Adam with coupled L2 1e-4, eps 1e-7, lr 1e-4, constant for 780 steps then
 cosine annealing with warm restarts)."""
 
-from experiments.configs.base import base_config, switches
+from experiments.configs.base import base_config, set_mcr, switches
 
 SMOKE_RESNET = dict(widths=(4, 8, 8, 16), blocks=(1, 1, 1, 1))
 
 
 def av_config(name: str, arg, *, mipd_weight: float, uni_weight: float, builder_kwargs: dict | None = None):
-    c = base_config()
+    c = base_config(arg)
     c.data = base_config().data
     c.data.name = name
     c.data.data_dir = "~/tensorflow_datasets"
@@ -19,8 +19,7 @@ def av_config(name: str, arg, *, mipd_weight: float, uni_weight: float, builder_
     c.model.widths = (64, 128, 256, 512)
     c.model.blocks = (2, 2, 2, 2)
     c.model.latent_dim = 512
-    c.method.mipd_weight = mipd_weight
-    c.method.uni_weight = uni_weight
+    set_mcr(c, mipd_weight=mipd_weight, uni_weight=uni_weight)
     c.optim.learning_rate = 1e-4
     c.optim.weight_decay = 1e-4
     c.optim.eps = 1e-7
@@ -32,7 +31,7 @@ def av_config(name: str, arg, *, mipd_weight: float, uni_weight: float, builder_
     if "smoke" in switches(arg):
         c.model.widths, c.model.blocks = SMOKE_RESNET["widths"], SMOKE_RESNET["blocks"]
         c.model.latent_dim = 16
-        c.method.num_permutations = 4
+        set_mcr(c, num_permutations=4)
         c.data.builder_kwargs = {**c.data.builder_kwargs, "frame_size": 16}
         c.train.batch_size = 4
         c.train.num_epochs = 1

@@ -44,6 +44,21 @@ def method_class(name: str) -> type[Method]:
     return entry
 
 
+def method_defaults(name: str) -> dict:
+    """The options of method ``name`` with their defaults (its module's ``DEFAULTS``): what a config's
+    ``method`` section holds for it, besides ``name``."""
+    import sys
+
+    if name == "ensemble":
+        from mcr_jax.methods.ensemble import DEFAULTS
+    else:
+        cls = method_class(name)
+        DEFAULTS = getattr(cls, "defaults", None)
+        if DEFAULTS is None:
+            DEFAULTS = getattr(sys.modules[cls.__module__], "DEFAULTS", {})
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in DEFAULTS.items()}
+
+
 def register_method(name: str, cls: type[Method]) -> type[Method]:
     """Adds a method class to the registry (used by the baselines and by users' own methods)."""
     if name in METHODS and METHODS[name] is not cls:
@@ -57,5 +72,5 @@ def get_method(config, info) -> Method:
     return method_class(config.get("name", None))(config, info)
 
 
-__all__ = ["METHODS", "MCR", "method_class", "Joint", "Method", "ModelHandle", "MultiLoss", "UniPre", "Unimodal",
+__all__ = ["METHODS", "MCR", "method_class", "method_defaults", "Joint", "Method", "ModelHandle", "MultiLoss", "UniPre", "Unimodal",
            "combine_logits", "get_method", "register_method", "task_loss"]

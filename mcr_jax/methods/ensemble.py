@@ -24,6 +24,8 @@ from collections.abc import Sequence
 import numpy as np
 
 MODES = ("standardized", "standardized_per_batch", "probs")
+#: the ensemble's options (``method`` section); ``unimodal_workdirs``: ``{modality: workdir}`` to reuse.
+DEFAULTS = dict(mode="standardized", batch_size=0, unimodal_workdirs={})
 
 
 def _standardize(x: np.ndarray) -> np.ndarray:

@@ -1,6 +1,9 @@
 """Multi-loss: the fused task loss plus a weighted task loss on every unimodal head."""
 
 from mcr_jax.methods.base import Method, task_loss, unimodal_losses
+from mcr_jax.methods.common import check_options
+
+DEFAULTS = dict(uni_weight=1.0)
 
 
 class MultiLoss(Method):
@@ -9,11 +12,15 @@ class MultiLoss(Method):
     name = "multiloss"
     reports_unimodal_heads = True
 
+    def __init__(self, config, info):
+        super().__init__(config, info)
+        self.opts = check_options(config, DEFAULTS, "multi-loss")
+
     def loss(self, handle, params, batch, key, method_state):
         model = handle.train_model(params)
         out = self.forward(model, batch)
         fused = task_loss(out["logits"], batch["label"], batch.get("mask"), self.task)
         uni = unimodal_losses(out, batch, self.task, self.modalities)
-        weight = float(self.config.get("uni_weight", 1.0))
+        weight = float(self.opts["uni_weight"])
         total = fused + weight * sum(uni.values())
         return total, {"task": fused, **{f"uni_{m}": v for m, v in uni.items()}}, model

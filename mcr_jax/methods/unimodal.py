@@ -6,6 +6,9 @@ method's prediction is that head's output.
 """
 
 from mcr_jax.methods.base import Method, model_inputs, task_loss
+from mcr_jax.methods.common import check_options
+
+DEFAULTS = dict(modality="")
 
 
 class Unimodal(Method):
@@ -16,7 +19,7 @@ class Unimodal(Method):
 
     def __init__(self, config, info):
         super().__init__(config, info)
-        m = config.get("modality", None)
+        m = check_options(config, DEFAULTS, "unimodal")["modality"]
         if m not in self.modalities:
             raise ValueError(
                 f"method 'unimodal' needs method.modality set to one of {list(self.modalities)}; got {m!r}.")

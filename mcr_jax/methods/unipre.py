@@ -11,6 +11,9 @@ import optax
 
 from mcr_jax.game import path_keys
 from mcr_jax.methods.base import Method
+from mcr_jax.methods.common import check_options
+
+DEFAULTS = dict(pretrained={}, freeze=False)
 
 
 class UniPre(Method):
@@ -21,14 +24,15 @@ class UniPre(Method):
 
     def __init__(self, config, info):
         super().__init__(config, info)
-        pretrained = config.get("pretrained", None)
+        opts = check_options(config, DEFAULTS, "uni-pre")
+        pretrained = opts["pretrained"]
         if not pretrained:
             raise ValueError("method 'uni_pre' needs method.pretrained = {modality: unimodal run workdir}; "
                              "the compare command fills it from its unimodal runs.")
         missing = [m for m in self.modalities if m not in pretrained]
         if missing:
             raise ValueError(f"method.pretrained lacks workdirs for modalities {missing}.")
-        self.freeze = bool(config.get("freeze", False))
+        self.freeze = bool(opts["freeze"])
 
     def make_optimizer(self, base, params):
         if not self.freeze:

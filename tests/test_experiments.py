@@ -1,0 +1,52 @@
+"""The command line's method route: ``--config.method.name=<m>`` gives method m its own options."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments.configs import ave, mfeat, synthetic
+from experiments.flags import method_into_config_arg
+from mcr_jax import inputs
+from mcr_jax.methods import METHODS, get_method, method_defaults
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_method_name_flag_becomes_the_config_argument():
+    argv = ["main", "--config=experiments/configs/synthetic.py:smoke", "--config.method.name=ogm_ge", "--workdir=w"]
+    assert method_into_config_arg(argv)[1] == "--config=experiments/configs/synthetic.py:smoke,method=ogm_ge"
+    argv = ["main", "--config", "experiments/configs/mfeat.py", "--config.method.name", "agm"]
+    assert method_into_config_arg(argv)[2] == "experiments/configs/mfeat.py:method=agm"
+    assert method_into_config_arg(["main", "--config=a.py"]) == ["main", "--config=a.py"]
+
+
+@pytest.mark.parametrize("name", sorted(set(METHODS) - {"uni_pre", "unimodal"}))
+def test_every_method_gets_its_own_section_and_accepts_it(name):
+    cfg = synthetic.get_config(f"smoke,method={name}")
+    assert set(cfg.method) == {"name", *method_defaults(name)} and cfg.method.name == name
+    get_method(cfg.method, inputs.load(cfg.data).info)  # no unknown option, nothing missing
+
+
+def test_dataset_specific_mcr_settings_only_reach_mcr():
+    assert ave.get_config().method.mipd_weight == 0.01
+    cfg = ave.get_config("method=mlb")
+    assert dict(cfg.method) == {"name": "mlb", **method_defaults("mlb")}
+    assert "num_permutations" not in mfeat.get_config("smoke,method=joint").method
+
+
+def test_unimodal_and_a_baseline_option_from_the_command_line(tmp_path):
+    """The README's route: a method other than MCR and one of its options, set on the command line;
+    the run records only that method's options."""
+    for name, extra in (("unimodal", "--config.method.modality=x2"), ("ogm_ge", "--config.method.alpha=0.5")):
+        workdir = tmp_path / name
+        subprocess.run([sys.executable, "-m", "experiments.main", "--config=experiments/configs/synthetic.py:smoke",
+                        f"--config.method.name={name}", extra, f"--workdir={workdir}"], cwd=ROOT, check=True,
+                       capture_output=True, text=True)
+        with open(workdir / "results.json") as f:
+            method = json.load(f)["config"]["method"]
+        key, value = extra[len("--config.method."):].split("=")
+        assert method["name"] == name and str(method[key]) == value
+        assert set(method) == {"name", *method_defaults(name)}
