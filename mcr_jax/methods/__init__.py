@@ -72,5 +72,5 @@ def get_method(config, info) -> Method:
     return method_class(config.get("name", None))(config, info)
 
 
-__all__ = ["METHODS", "MCR", "method_class", "method_defaults", "Joint", "Method", "ModelHandle", "MultiLoss", "UniPre", "Unimodal",
-           "combine_logits", "get_method", "register_method", "task_loss"]
+__all__ = ["METHODS", "MCR", "method_class", "method_defaults", "Joint", "Method", "ModelHandle", "MultiLoss",
+           "UniPre", "Unimodal", "combine_logits", "get_method", "register_method", "task_loss"]
