@@ -44,6 +44,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mcr_jax.losses.mipd import mipd_divergences
@@ -67,6 +68,40 @@ def strategy_k(strategy: str | float) -> float:
 def shared_weight(strategy: str | float) -> float:
     """``s(k)``: the weight of the clean-prediction path and of unowned parameters (0 greedy, else 1)."""
     return 0.0 if strategy_k(strategy) < 0 else 1.0
+
+
+def _where(path) -> str:
+    return "/".join(path_keys(path)) or "<root>"
+
+
+def _static_owner(owner: Any, where: str) -> int:
+    """A player label as a Python int; a clear ``TypeError`` for traced or non-integer labels.
+
+    Players select per-term gradients and gradient scales at trace time, so they must be static:
+    a traced label (players passed as a ``jit``/``vmap`` argument, or injected by
+    ``optax.inject_hyperparams``) cannot be branched on.
+    """
+    if isinstance(owner, jax.core.Tracer):
+        raise TypeError(
+            f"players must be a static pytree of Python ints (a modality index, or SHARED = {SHARED}; e.g. from "
+            f"assign_players), not traced arrays; the label of parameter {where!r} is {owner}. Close over the "
+            "players instead of passing them as an argument of a jit/vmap/grad-transformed function (with "
+            "optax.inject_hyperparams, list 'players' in static_args)."
+        )
+    if isinstance(owner, (int, np.integer)) and not isinstance(owner, (bool, np.bool_)):
+        return int(owner)
+    if (isinstance(owner, (np.ndarray, jax.Array)) and np.shape(owner) == ()
+            and np.issubdtype(owner.dtype, np.integer)):
+        return int(owner)  # a concrete integer scalar
+    raise TypeError(
+        f"players must be a pytree of Python ints (a modality index, or SHARED = {SHARED}) shaped like the "
+        f"parameters; the label of parameter {where!r} is {owner!r} of type {type(owner).__name__}."
+    )
+
+
+def _static_players(players: Any) -> Any:
+    """``players`` with every label checked and turned into a Python int (see :func:`_static_owner`)."""
+    return jax.tree_util.tree_map_with_path(lambda path, o: _static_owner(o, _where(path)), players)
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,7 +144,8 @@ def scale_shared_params(params: Any, players: Any, strategy: str | float) -> Any
     Apply to the parameters that the perturbed predictions use (e.g. a shared fusion bias).
     """
     s = shared_weight(strategy)
-    return jax.tree.map(lambda p, owner: scale_gradient(p, s) if owner == SHARED else p, params, players)
+    return jax.tree.map(lambda p, owner: scale_gradient(p, s) if owner == SHARED else p, params,
+                        _static_players(players))
 
 
 def scale_params_for_term(params: Any, players: Any, term: int, strategy: str | float) -> Any:
@@ -127,7 +163,7 @@ def scale_params_for_term(params: Any, players: Any, term: int, strategy: str | 
             return scale_gradient(p, s)
         return p if owner == term else scale_gradient(p, k)
 
-    return jax.tree.map(scale, params, players)
+    return jax.tree.map(scale, params, _static_players(players))
 
 
 def game_mipd_divergences(
@@ -162,40 +198,116 @@ def game_mipd_divergences(
 # The optax form.
 
 
-def combine_mipd_grads(mipd_grads: Any, players: Any, strategy: str | float) -> Any:
+def combine_mipd_grads(
+    mipd_grads: Any,
+    players: Any,
+    strategy: str | float,
+    *,
+    num_players: int | None = None,
+    like: Any = None,
+) -> Any:
     """Combines per-term gradients by the game rule.
 
     Args:
       mipd_grads: pytree like the parameters whose leaves carry a leading axis ``M``: entry ``j``
-        is the gradient of ``L_MIPD_j``.
+        is the gradient of ``L_MIPD_j``; leaf shapes ``(M,) + param.shape``.
       players: pytree like the parameters with int leaves: the owning modality's index, or
-        ``SHARED`` (-1).
+        ``SHARED`` (-1). Must be static (Python ints, e.g. from :func:`assign_players`), not
+        traced arrays.
       strategy: ``"greedy"``, ``"independent"``, ``"collaborative"`` or ``k``.
+      num_players: ``M``, the number of modalities (players). By default ``M`` is the highest
+        player index + 1 (every modality owns a leaf, as :func:`assign_players` guarantees), or,
+        when every leaf is shared, the first leaf's leading axis. Pass it when a modality owns no
+        parameter.
+      like: optional pytree like the parameters (e.g. the gradients): each leaf of ``mipd_grads``
+        must then have shape ``(M,) + like_leaf.shape`` exactly.
 
     Returns:
       pytree like the parameters: ``g_m + k·(Σ_j g_j − g_m)`` for player ``m``'s leaves and
       ``s(k)·Σ_j g_j`` for shared leaves (not yet multiplied by the weight).
+
+    Raises:
+      ValueError: when the trees' structures differ, a leaf lacks the leading axis ``M`` (or has
+        another size there), a leaf's trailing shape is not its parameter's (with ``like``), or a
+        player index is out of range. Shapes are static, so the checks cost nothing under jit.
+      TypeError: when a player label is not a static int (e.g. traced under jit).
     """
     k = strategy_k(strategy)
     s = shared_weight(strategy)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(mipd_grads)
+    try:
+        owner_leaves = treedef.flatten_up_to(players)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            "mipd_grads and players must have the parameters' tree structure; "
+            f"got {treedef} and {jax.tree.structure(players)}."
+        ) from err
+    like_leaves = None
+    if like is not None:
+        try:
+            like_leaves = treedef.flatten_up_to(like)
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                "mipd_grads must have the tree structure of the parameters (and of the gradients); "
+                f"got {treedef} and {jax.tree.structure(like)}."
+            ) from err
+    wheres = [_where(path) for path, _ in flat]
+    grads = [g for _, g in flat]
+    owners = [_static_owner(o, w) for o, w in zip(owner_leaves, wheres, strict=True)]
+    if not grads:
+        return treedef.unflatten([])
+    m, source = _num_terms(grads, owners, wheres, num_players)
+    for g, owner, where, i in zip(grads, owners, wheres, range(len(grads)), strict=True):
+        shape = tuple(jnp.shape(g))
+        if like_leaves is not None:
+            param_shape = tuple(jnp.shape(like_leaves[i]))
+            if shape != (m,) + param_shape:
+                raise ValueError(
+                    f"mipd_grads leaf {where!r} has shape {shape}; expected {(m,) + param_shape}: a leading axis "
+                    f"of the M={m} per-term gradients ({source}) followed by the parameter's shape {param_shape}."
+                )
+        elif not shape or shape[0] != m:
+            raise ValueError(
+                f"mipd_grads leaf {where!r} has shape {shape}; expected a leading axis of the M={m} per-term "
+                f"gradients ({source}) followed by the parameter's shape, i.e. ({m}, ...)."
+            )
+        if owner != SHARED and not 0 <= owner < m:
+            raise ValueError(
+                f"player index {owner} of parameter {where!r} is out of range for per-term gradients with M={m}; "
+                f"labels are 0..M-1 or SHARED ({SHARED})."
+            )
 
     def combine(g, owner):
         if owner == SHARED:
             return s * jnp.sum(g, axis=0)
-        if not 0 <= owner < g.shape[0]:
-            raise ValueError(f"player index {owner} is out of range for per-term gradients with M={g.shape[0]}.")
         own = g[owner]
         return own + k * (jnp.sum(g, axis=0) - own)
 
-    try:
-        return jax.tree.map(combine, mipd_grads, players)
-    except ValueError as err:
-        if "player index" in str(err):
-            raise
+    return treedef.unflatten([combine(g, o) for g, o in zip(grads, owners, strict=True)])
+
+
+def _num_terms(grads: list, owners: list[int], wheres: list[str], num_players: Any) -> tuple[int, str]:
+    """``M`` and where it came from: ``num_players``, else the players, else the first leaf."""
+    if num_players is not None:
+        if isinstance(num_players, jax.core.Tracer):
+            raise TypeError(
+                f"num_players must be a static Python int, not a traced array ({num_players}); with "
+                "optax.inject_hyperparams, list 'num_players' in static_args."
+            )
+        m = int(num_players)
+        if m < 1:
+            raise ValueError(f"num_players (M) must be >= 1; got {m}.")
+        return m, "num_players"
+    top = max(owners)
+    if top != SHARED:
+        return top + 1, f"players label modalities 0..{top}; pass num_players= if a modality owns no parameter"
+    shape = tuple(jnp.shape(grads[0]))
+    if not shape:
         raise ValueError(
-            "mipd_grads and players must have the parameters' tree structure; "
-            f"got {jax.tree.structure(mipd_grads)} and {jax.tree.structure(players)}."
-        ) from err
+            f"mipd_grads leaf {wheres[0]!r} has shape {shape}; every leaf needs a leading axis M of per-term "
+            "gradients, (M,) + param.shape (every parameter is shared, so pass num_players=M)."
+        )
+    return shape[0], f"the leading axis of leaf {wheres[0]!r}; every parameter is shared"
 
 
 class CompetitionState(NamedTuple):
@@ -210,6 +322,7 @@ def competition(
     players: Any,
     strategy: str | float = "greedy",
     weight: float | jax.Array = 0.1,
+    num_players: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps an optimizer so that MIPD gradients are combined by the competition game first.
 
@@ -223,11 +336,18 @@ def competition(
 
     Args:
       inner: the optimizer that receives the combined gradient.
-      players: pytree like the parameters with int leaves (see :func:`assign_players`).
+      players: pytree like the parameters with int leaves (see :func:`assign_players`). Must be
+        static: Python ints, not arrays traced by ``jit`` (a ``TypeError`` says so).
       strategy: ``"greedy"`` (default), ``"independent"``, ``"collaborative"`` or ``k``.
       weight: ``lambda_M``.
+      num_players: ``M``; by default the highest player index + 1 (see :func:`combine_mipd_grads`).
+
+    ``update`` checks (at trace time, so at no cost under jit) that every ``mipd_grads`` leaf has
+    shape ``(M,) + param.shape`` and raises a ``ValueError`` naming the leaf otherwise, instead of
+    broadcasting a gradient without the ``M`` axis or with the wrong ``M``.
     """
     strategy_k(strategy)  # validate early
+    players = _static_players(players)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
@@ -238,7 +358,7 @@ def competition(
             raise ValueError(
                 "competition.update needs mipd_grads=: the per-term MIPD gradients (leaves with a leading axis M)."
             )
-        combined = combine_mipd_grads(mipd_grads, players, strategy)
+        combined = combine_mipd_grads(mipd_grads, players, strategy, num_players=num_players, like=updates)
         updates = jax.tree.map(lambda g, c: g + jnp.asarray(weight, g.dtype) * c.astype(g.dtype), updates, combined)
         new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
         return new_updates, CompetitionState(inner_state=inner_state)
@@ -268,17 +388,24 @@ def assign_players(
     modalities: Sequence[str],
     *,
     patterns: Mapping[str, Sequence[str]] | None = None,
+    require_all: bool = True,
 ) -> Any:
     """Labels every parameter leaf with its owning modality's index, or ``SHARED``.
 
     By default a leaf belongs to modality ``m`` when ``modalities[m]`` is one of the keys on its
-    path (``encoders/audio/...``, ``fusion/branches/audio/kernel``). ``patterns`` maps a modality
-    to regular expressions matched (``re.search``) against the ``/``-joined path instead.
+    path (``encoders/audio/...``, ``fusion/branches/audio/kernel``; exact, case-sensitive match).
+    ``patterns`` maps a modality to regular expressions matched (``re.search``) against the
+    ``/``-joined path instead; modalities absent from ``patterns`` then own nothing, by choice.
 
     Args:
       params: a parameter pytree, or an ``nnx.Module`` (its ``nnx.Param`` state is used).
       modalities: ordered modality names; the index is the player id.
       patterns: optional ``{modality: [regex, ...]}``.
+      require_all: raise when a modality (every one of ``modalities``, or every one named in
+        ``patterns``) owns no leaf. A misspelt name would otherwise silently make that modality's
+        parameters shared, so that e.g. the greedy game zeroes their MIPD gradient. Pass
+        ``False`` for parameter subsets where a modality may legitimately own nothing (the
+        layers of a non-separable fusion head).
 
     Returns:
       a pytree like ``params`` with int leaves.
@@ -310,7 +437,36 @@ def assign_players(
             raise ValueError(f"parameter {joined!r} matches several modalities {[modalities[i] for i in hits]}.")
         return hits[0] if hits else SHARED
 
-    return jax.tree_util.tree_map_with_path(owner, params)
+    players = jax.tree_util.tree_map_with_path(owner, params)
+    if require_all:
+        required = list(modalities) if patterns is None else [m for m in modalities if m in patterns]
+        owned = {modalities[i] for i in jax.tree.leaves(players) if i != SHARED}
+        missing = [m for m in required if m not in owned]
+        if missing:
+            raise ValueError(_no_leaf_message(params, modalities, missing, patterns))
+    return players
+
+
+def _no_leaf_message(params: Any, modalities: Sequence[str], missing: list[str], patterns) -> str:
+    paths = [path_keys(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    top = sorted({keys[0] for keys in paths if keys})
+    second = sorted({keys[1] for keys in paths if len(keys) > 1})
+    all_keys = {key for keys in paths for key in keys}
+    lines = [
+        f"modalit{'y' if len(missing) == 1 else 'ies'} {missing} own{'s' if len(missing) == 1 else ''} no "
+        f"parameter leaf, so {'its' if len(missing) == 1 else 'their'} parameters would be treated as shared "
+        f"(modalities: {list(modalities)})."
+    ]
+    if patterns is not None:
+        lines.append(f"No path matched their patterns {({m: list(patterns[m]) for m in missing})}.")
+    else:
+        lines.append("A modality owns the leaves whose path holds its name as a key (exact, case-sensitive).")
+    lines.append(f"Top-level keys: {top}; keys one level below: {second}.")
+    close = {m: k for m in missing for k in sorted(all_keys) if k.lower() == m.lower() and k != m}
+    if close:
+        lines.append(f"Did you mean {close}?")
+    lines.append("Pass require_all=False if a modality legitimately owns no parameter here.")
+    return " ".join(lines)
 
 
 def per_term_grads(loss_terms_fn: Callable[[Any], jax.Array], params: Any) -> Any:

@@ -300,3 +300,111 @@ def test_nnx_optimizer_passes_mipd_grads_through():
 
 def test_top_level_game_api():
     assert mcr_jax.competition is game.competition and mcr_jax.SHARED == -1
+
+
+# ---------------------------------------------------------------------------- no silent wrong results
+
+
+def _random_like(params, lead=(), seed=0):
+    r = np.random.default_rng(seed)
+    return jax.tree.map(lambda p: jnp.asarray(r.normal(size=lead + p.shape), jnp.float32), params)
+
+
+def test_competition_rejects_mipd_grads_without_the_player_axis():
+    """Per-term gradients lacking the leading M axis used to broadcast into a garbage update."""
+    names, params, *_ = make_problem(2, "linear")
+    players = game.assign_players(params, names)
+    tx = game.competition(optax.sgd(1.0), players=players)
+    grads = _random_like(params, seed=1)
+    with pytest.raises(ValueError, match=r"mipd_grads leaf 'encoders/audio' has shape \(4, 3\); expected \(2, 4, 3\)"):
+        tx.update(grads, tx.init(params), params, mipd_grads=_random_like(params, seed=2))
+    # The trailing shape must be the parameter's (a leading axis of the right size is not enough).
+    bad = dict(_random_like(params, (2,), seed=3))
+    bad["heads"] = {m: jnp.zeros((2, 3)) for m in names}  # params' heads are (3, 4)
+    with pytest.raises(ValueError, match=r"'heads/audio' has shape \(2, 3\); expected \(2, 3, 4\)"):
+        tx.update(grads, tx.init(params), params, mipd_grads=bad)
+    # Shapes are static: the same check fires at trace time under jit.
+    step = jax.jit(lambda g, mg: tx.update(g, tx.init(params), params, mipd_grads=mg)[0])
+    with pytest.raises(ValueError, match="expected a leading axis|expected \\(2, "):
+        step(grads, _random_like(params, seed=4))
+
+
+def test_combine_rejects_the_wrong_number_of_terms():
+    """M = 3 per-term gradients for a 2-player labelling used to sum a third, foreign term."""
+    names, params, *_ = make_problem(2, "linear")
+    players = game.assign_players(params, names)
+    three = _random_like(params, (3,), seed=5)
+    with pytest.raises(ValueError, match=r"has shape \(3, .*M=2 .*players label modalities 0\.\.1"):
+        game.combine_mipd_grads(three, players, "greedy")
+    # Leaves must agree: one leaf with M=3 among M=2 leaves is caught and named.
+    mixed = _random_like(params, (2,), seed=6)
+    mixed["fusion"]["bias"] = jnp.zeros((3, 4))
+    with pytest.raises(ValueError, match=r"'fusion/bias' has shape \(3, 4\)"):
+        game.combine_mipd_grads(mixed, players, "greedy")
+    # A scalar leaf (no axis at all) is caught too.
+    mixed["fusion"]["bias"] = jnp.zeros(())
+    with pytest.raises(ValueError, match=r"'fusion/bias' has shape \(\)"):
+        game.combine_mipd_grads(mixed, players, "greedy")
+
+
+def test_combine_num_players_for_a_modality_that_owns_nothing():
+    """When the last modality owns no parameter, M comes from num_players, and is checked too."""
+    names, params, *_ = make_problem(2, "linear")
+    players = game.assign_players(params, names)
+    g3 = _random_like(params, (3,), seed=7)
+    out = game.combine_mipd_grads(g3, players, "greedy", num_players=3)
+    a = g3["encoders"]["audio"]
+    np.testing.assert_allclose(out["encoders"]["audio"], a[0] - a[1] - a[2], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out["fusion"]["bias"], 0.0)
+    with pytest.raises(ValueError, match=r"has shape \(3, .*M=2 .*num_players"):
+        game.combine_mipd_grads(g3, players, "greedy", num_players=2)
+    tx = game.competition(optax.sgd(1.0), players=players, num_players=3)
+    upd, _ = tx.update(_random_like(params), tx.init(params), params, mipd_grads=g3)
+    assert jax.tree.structure(upd) == jax.tree.structure(params)
+    with pytest.raises(ValueError, match="player index 1 .* out of range .*M=1"):
+        game.combine_mipd_grads(_random_like(params, (1,)), players, "greedy", num_players=1)
+
+
+def test_assign_players_raises_for_a_modality_that_owns_no_leaf():
+    """('Audio', 'video') used to make every audio leaf shared: greedy then zeroes its game gradient."""
+    names, params, *_ = make_problem(2, "linear")
+    with pytest.raises(ValueError, match=r"\['Audio'\] owns no parameter leaf") as err:
+        game.assign_players(params, ("Audio", "video"))
+    msg = str(err.value)
+    assert "Top-level keys: ['encoders', 'fusion', 'heads']" in msg and "'audio'" in msg
+    assert "Did you mean {'Audio': 'audio'}" in msg and "require_all=False" in msg
+    with pytest.raises(ValueError, match=r"\['text'\] owns no parameter leaf"):
+        game.assign_players(params, ("audio", "video", "text"))
+    with pytest.raises(ValueError, match=r"\['video'\] owns no .*No path matched their patterns"):
+        game.assign_players(params, names, patterns={"audio": ["^encoders/audio"], "video": ["^encoders/vidoe"]})
+    # Opting out: a non-separable fusion head's layers belong to nobody.
+    _, mlp_params, *_ = make_problem(2, "concat_mlp")
+    fusion_players = game.assign_players(mlp_params["fusion"], names, require_all=False)
+    assert set(jax.tree.leaves(fusion_players)) == {game.SHARED}
+    with pytest.raises(ValueError, match="owns no parameter leaf|own no parameter leaf"):
+        game.assign_players(mlp_params["fusion"], names)
+
+
+def test_players_must_be_static_ints():
+    """Players given as arrays under jit used to fail with a TracerBoolConversionError."""
+    names, params, *_ = make_problem(2, "linear")
+    players = game.assign_players(params, names)
+    array_players = jax.tree.map(jnp.asarray, players)
+    grads, mipd_grads = _random_like(params, seed=8), _random_like(params, (2,), seed=9)
+    with pytest.raises(TypeError, match="players must be a static pytree of Python ints.*'encoders/audio'"):
+        jax.jit(lambda mg, pl: game.combine_mipd_grads(mg, pl, "greedy"))(mipd_grads, array_players)
+
+    def build_and_update(g, mg, pl):
+        tx = game.competition(optax.sgd(1.0), players=pl)
+        return tx.update(g, tx.init(params), params, mipd_grads=mg)[0]
+
+    with pytest.raises(TypeError, match="not traced arrays"):
+        jax.jit(build_and_update)(grads, mipd_grads, array_players)
+    with pytest.raises(TypeError, match="not traced arrays"):
+        jax.jit(lambda p, pl: game.scale_shared_params(p, pl, "greedy"))(params, array_players)
+    # Concrete (non-traced) integer arrays are read as ints, also when closed over under jit.
+    want = jax.jit(lambda g, mg: build_and_update(g, mg, players))(grads, mipd_grads)
+    got = jax.jit(lambda g, mg: build_and_update(g, mg, array_players))(grads, mipd_grads)
+    assert_trees_close(got, want, rtol=1e-6, atol=1e-7)
+    with pytest.raises(TypeError, match="pytree of Python ints .* 'fusion/bias' is 0.5"):
+        game.combine_mipd_grads(mipd_grads, {**players, "fusion": {**players["fusion"], "bias": 0.5}}, "greedy")

@@ -461,3 +461,84 @@ def test_top_level_exports():
     for name in ["jsd_from_logits", "mipd_divergences", "supervised_ntxent", "ceb_loss", "competition",
                  "scale_gradient", "assign_players", "sample_permutations"]:
         assert callable(getattr(mcr_jax, name))
+
+
+# ---------------------------------------------------------------------------------- no silent wrong results
+
+
+def test_mipd_checks_the_permutations_shape_and_dtype():
+    latents, _, fuse, clean, perms = _mipd_case(2)
+    with pytest.raises(ValueError, match=r"permutations must have rank 2 \(\[S, B\].*got shape \(6,\).*perm\[None\]"):
+        losses.mipd_divergences(clean, fuse, latents, perms[0])
+    with pytest.raises(ValueError, match=r"integer row indices.*float32"):
+        losses.mipd_divergences(clean, fuse, latents, perms.astype(jnp.float32))
+    with pytest.raises(ValueError, match=r"shape \(0, 6\): S = 0"):
+        losses.mipd_divergences(clean, fuse, latents, perms[:0])
+    with pytest.raises(ValueError, match=r"permutations has shape \(3, 4\) but the latent has shape \(6, 3\)"):
+        losses.mipd_divergences(clean, fuse, latents, perms[:, :4])
+    # Under jit the shape checks fire at trace time.
+    with pytest.raises(ValueError, match="rank 2"):
+        jax.jit(lambda p: losses.mipd_divergences(clean, fuse, latents, p))(perms[0])
+
+
+def test_mipd_rejects_rows_that_are_not_permutations():
+    """Non-bijections gave wrong gradients (the gather's backward uses the inverse permutation)."""
+    latents, _, fuse, clean, perms = _mipd_case(2)
+    bad = np.asarray(perms).copy()
+    bad[1, 2] = bad[1, 3]  # a repeated index, one missing
+    # NumPy permutations are host data: always checked.
+    with pytest.raises(ValueError, match=r"permutations row 1 of 3 is not a permutation of 0\.\.5 \(repeated"):
+        losses.mipd_divergences(clean, fuse, latents, bad)
+    out_of_range = np.asarray(perms).copy()
+    out_of_range[2, 0] = 6
+    with pytest.raises(ValueError, match=r"row 2 .*values outside 0\.\.5: \[6\]"):
+        losses.mipd_divergences(clean, fuse, latents, out_of_range)
+    # Device arrays: checked on request (one device-to-host copy).
+    with pytest.raises(ValueError, match="row 1 of 3"):
+        losses.mipd_divergences(clean, fuse, latents, jnp.asarray(bad), check_permutations=True)
+    # Traced: NaN values and gradients instead of silently wrong ones.
+    checked = jax.jit(lambda p: losses.mipd_divergences(clean, fuse, latents, p, check_permutations=True))
+    assert bool(jnp.all(jnp.isnan(checked(jnp.asarray(bad)))))
+    grad = jax.jit(jax.grad(lambda z, p: jnp.sum(losses.mipd_divergences(
+        fuse([z, latents[1]]), fuse, [z, latents[1]], p, check_permutations=True))))
+    assert bool(jnp.all(jnp.isnan(grad(latents[0], jnp.asarray(bad)))))
+    # ... and valid permutations pass untouched.
+    np.testing.assert_allclose(checked(perms), losses.mipd_divergences(clean, fuse, latents, perms), rtol=1e-6)
+    assert bool(jnp.all(jnp.isfinite(grad(latents[0], perms))))
+    np.testing.assert_allclose(losses.mipd_divergences(clean, fuse, latents, np.asarray(perms)),
+                               losses.mipd_divergences(clean, fuse, latents, perms), rtol=1e-6)
+
+
+def test_losses_reject_an_empty_batch():
+    """B = 0 (or S = 0) gave NaN (MIPD, CEB) or a meaningless 0.0 (contrastive)."""
+    fuse = jax_mlp_fuse(mlp_fuse_params((3, 4), 8, 5))
+    latents = [jnp.zeros((0, 3)), jnp.zeros((0, 4))]
+    clean = fuse(latents)
+    perms = jnp.zeros((3, 0), jnp.int32)
+    with pytest.raises(ValueError, match=r"empty batch \(shape \(0, 3\)\): B = 0"):
+        losses.mipd_divergences(clean, fuse, latents, perms)
+    with pytest.raises(ValueError, match="empty batch"):
+        losses.mipd_divergences(clean, fuse, latents, perturbation="zero", num_samples=2)
+    full, _, fuse6, clean6, _ = _mipd_case(2)
+    with pytest.raises(ValueError, match=r"num_samples \(S\) must be >= 1; got 0"):
+        losses.mipd_divergences(clean6, fuse6, full, perturbed_latents=[z[None][:0] for z in full])
+    zs = [jnp.zeros((0, 4)), jnp.zeros((0, 4))]
+    labels = jnp.zeros((0,), jnp.int32)
+    for fn in (losses.supervised_ntxent, losses.cross_modal_supcon):
+        with pytest.raises(ValueError, match="empty batch"):
+            fn(zs, labels)
+        with pytest.raises(ValueError, match="empty batch"):
+            fn(zs, labels, mask=jnp.zeros((0,), bool))
+    with pytest.raises(ValueError, match="D = 0"):
+        losses.supervised_ntxent([jnp.zeros((3, 0)), jnp.zeros((3, 0))], jnp.zeros((3,), jnp.int32))
+    with pytest.raises(ValueError, match="empty batch"):
+        losses.ceb_loss([jnp.zeros((0, 3)), jnp.zeros((0, 4))], jnp.zeros((0, 7)))
+    with pytest.raises(ValueError, match="empty batch"):
+        losses.ceb_loss([jnp.zeros((0, 3)), jnp.zeros((0, 4))], jnp.zeros((0, 7)), mask=jnp.zeros((0,)))
+    with pytest.raises(ValueError, match="no features"):
+        losses.ceb_loss([jnp.zeros((2, 0)), jnp.zeros((2, 0))], jnp.zeros((2, 0)))
+    # The sampler already refused S = 0 and B = 0.
+    with pytest.raises(ValueError, match="num_samples"):
+        losses.sample_permutations(jax.random.key(0), 0, 4)
+    with pytest.raises(ValueError, match="batch_size"):
+        losses.sample_permutations(jax.random.key(0), 2, 0, derangement=False)

@@ -41,3 +41,13 @@ def require_same_batch(latents: Sequence, name: str = "latents") -> int:
         shapes = ", ".join(str(shape_of(z)) for z in latents)
         raise ValueError(f"every entry of {name} must share the leading batch axis [B, ...]; got shapes {shapes}.")
     return sizes[0]
+
+
+def require_nonempty_batch(batch: int, name: str = "latents", shape=None) -> None:
+    """Losses average over the batch rows: an empty batch would give NaN (or a meaningless 0)."""
+    if batch < 1:
+        seen = "" if shape is None else f" (shape {shape})"
+        raise ValueError(
+            f"{name} have an empty batch{seen}: B = 0. The loss averages over the batch rows, so it would be "
+            "NaN or a meaningless 0; pass at least one row (skip empty batches before calling the loss)."
+        )

@@ -18,7 +18,13 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from mcr_jax.losses._checks import require_modalities, require_rank, require_same_batch, shape_of
+from mcr_jax.losses._checks import (
+    require_modalities,
+    require_nonempty_batch,
+    require_rank,
+    require_same_batch,
+    shape_of,
+)
 
 CEB_CONDITIONS = ("logits", "label")
 
@@ -55,7 +61,7 @@ def ceb_loss(latents: Sequence[jax.Array], decoded: jax.Array, *, mask: jax.Arra
     """Mean squared error between the concatenated latents and the decoder's output.
 
     Args:
-      latents: ``M >= 2`` arrays ``[B, D_m]``.
+      latents: ``M >= 2`` arrays ``[B, D_m]`` (``B >= 1``, else ``ValueError``: the mean would be NaN).
       decoded: ``[B, sum_m D_m]``, the decoder's output ``h(c)``.
       mask: optional ``[B]``; padded rows do not count.
 
@@ -66,7 +72,11 @@ def ceb_loss(latents: Sequence[jax.Array], decoded: jax.Array, *, mask: jax.Arra
     batch = require_same_batch(latents)
     for m, z in enumerate(latents):
         require_rank(z, 2, f"latents[{m}]", "[B, D]")
+    require_nonempty_batch(batch, "latents", shape_of(latents[0]))
     target = jnp.concatenate(list(latents), axis=-1)
+    if shape_of(target)[1] == 0:
+        shapes = ", ".join(str(shape_of(z)) for z in latents)
+        raise ValueError(f"the latents have no features (sum_m D_m = 0; shapes {shapes}): the mean would be NaN.")
     if shape_of(decoded) != shape_of(target):
         raise ValueError(
             f"decoded has shape {shape_of(decoded)} but the concatenated latents have shape {shape_of(target)}."

@@ -33,7 +33,13 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from mcr_jax.losses._checks import require_modalities, require_rank, require_same_batch, shape_of
+from mcr_jax.losses._checks import (
+    require_modalities,
+    require_nonempty_batch,
+    require_rank,
+    require_same_batch,
+    shape_of,
+)
 
 _NEG = -1e30  # stands in for -inf in masked log-sum-exps (keeps gradients finite)
 
@@ -47,11 +53,15 @@ def _prepare(latents, labels, mask):
     batch = require_same_batch(latents)
     for m, z in enumerate(latents):
         require_rank(z, 2, f"latents[{m}]", "[B, D]")
+    require_nonempty_batch(batch, "latents", shape_of(latents[0]))
     dims = {shape_of(z)[1] for z in latents}
     if len(dims) != 1:
         shapes = ", ".join(str(shape_of(z)) for z in latents)
         raise ValueError(f"contrastive losses compare latents by cosine similarity, so every latent needs the "
                          f"same dimension D; got shapes {shapes}.")
+    if dims == {0}:
+        raise ValueError(f"latents have dimension D = 0 (shape {shape_of(latents[0])}); cosine similarities of "
+                         "empty vectors are meaningless.")
     require_rank(labels, 1, "labels", "[B]")
     if shape_of(labels)[0] != batch:
         raise ValueError(f"labels has shape {shape_of(labels)} but the latents have shape {shape_of(latents[0])}.")
@@ -75,7 +85,7 @@ def supervised_ntxent(
     """Supervised NT-Xent over all modalities' rows (the reference form; see the module docstring).
 
     Args:
-      latents: ``M >= 2`` arrays ``[B, D]`` (same ``D``).
+      latents: ``M >= 2`` arrays ``[B, D]`` (same ``D``; ``B >= 1``, else ``ValueError``).
       labels: ``[B]`` class labels (any dtype with equality; for regression, pass discretised labels).
       temperature: ``tau > 0`` (reference 0.5).
       mask: optional ``[B]`` bool/0-1, ``False`` for padded rows (they are neither anchors,
@@ -117,7 +127,7 @@ def cross_modal_supcon(
     """Cross-modal supervised contrastive loss (the paper's form; see the module docstring).
 
     Args:
-      latents: ``M >= 2`` arrays ``[B, D]`` (same ``D``).
+      latents: ``M >= 2`` arrays ``[B, D]`` (same ``D``; ``B >= 1``, else ``ValueError``).
       labels: ``[B]`` class labels.
       temperature: ``tau > 0``.
       mask: optional ``[B]``; padded rows are neither anchors nor candidates.

@@ -42,8 +42,15 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from mcr_jax.losses._checks import require_modalities, require_rank, require_same_batch, shape_of
+from mcr_jax.losses._checks import (
+    require_modalities,
+    require_nonempty_batch,
+    require_rank,
+    require_same_batch,
+    shape_of,
+)
 from mcr_jax.losses.divergences import DIVERGENCES, LN2
 
 PERTURBATIONS = ("permute", "noise", "zero")
@@ -169,8 +176,65 @@ def _uniform_derangement(key: jax.Array, batch_size: int) -> jax.Array:
     return perm
 
 
+def _require_permutation_shape(permutations, batch: int | None = None, latent_shape=None) -> None:
+    """``permutations`` must be ``[S, B]`` (``S >= 1``, ``B`` the batch size) of an integer dtype."""
+    shape = shape_of(permutations)
+    if len(shape) != 2:
+        raise ValueError(
+            f"permutations must have rank 2 ([S, B]: S permutations of the B batch rows); got shape {shape}. "
+            "For a single permutation pass perm[None]."
+        )
+    dtype = jnp.result_type(permutations)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(
+            f"permutations must hold integer row indices ([S, B] int32); got dtype {dtype} (shape {shape})."
+        )
+    if shape[0] < 1:
+        raise ValueError(f"permutations has shape {shape}: S = 0 permutations; the MIPD averages over S >= 1.")
+    if batch is not None and shape[1] != batch:
+        seen = f"the latent has shape {latent_shape}" if latent_shape is not None else f"the batch size is {batch}"
+        raise ValueError(
+            f"permutations has shape {shape} but {seen}; the permutations' second axis must equal the batch size B."
+        )
+
+
+def _first_bad_row(perms: np.ndarray) -> str | None:
+    """A description of the first row of ``perms [S, B]`` that is not a permutation of ``0..B-1``."""
+    batch = perms.shape[1]
+    bad = np.any(np.sort(perms, axis=1) != np.arange(batch)[None], axis=1)
+    if not bad.any():
+        return None
+    r = int(np.argmax(bad))
+    row = perms[r]
+    inside = row[(row >= 0) & (row < batch)]
+    counts = np.bincount(inside.astype(np.int64), minlength=batch)
+    shown = row.tolist() if batch <= 16 else row[:16].tolist() + ["..."]
+    problems = []
+    outside = row[(row < 0) | (row >= batch)]
+    if outside.size:
+        problems.append(f"values outside 0..{batch - 1}: {sorted(set(outside.tolist()))[:8]}")
+    if (counts > 1).any():
+        problems.append(f"repeated: {np.flatnonzero(counts > 1)[:8].tolist()}")
+    if (counts == 0).any():
+        problems.append(f"missing: {np.flatnonzero(counts == 0)[:8].tolist()}")
+    return (
+        f"permutations row {r} of {perms.shape[0]} is not a permutation of 0..{batch - 1} ({'; '.join(problems)}): "
+        f"{shown}. Every row must be a bijection of the batch rows (the gather's backward pass uses the "
+        "inverse permutation); draw them with sample_permutations."
+    )
+
+
+def _permutations_ok(permutations: jax.Array, inverse: jax.Array) -> jax.Array:
+    """Scalar bool, in the graph: every row is a permutation (values in range, ``inverse[perm] == arange``)."""
+    batch = shape_of(permutations)[1]
+    in_range = (permutations >= 0) & (permutations < batch)
+    back = jnp.take_along_axis(inverse, jnp.clip(permutations, 0, batch - 1), axis=1)
+    return jnp.all(in_range & (back == jnp.arange(batch, dtype=back.dtype)[None]))
+
+
 def inverse_permutations(permutations: jax.Array) -> jax.Array:
     """``[S, B] -> [S, B]``: row ``s`` is the inverse of permutation ``s``."""
+    _require_permutation_shape(permutations)
     num_samples, batch = shape_of(permutations)
     rows = jnp.arange(num_samples)[:, None]
     return jnp.zeros_like(permutations).at[rows, permutations].set(jnp.arange(batch, dtype=permutations.dtype)[None])
@@ -196,7 +260,15 @@ _permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 
 def permute_rows(z: jax.Array, permutations: jax.Array, inverse: jax.Array | None = None) -> jax.Array:
-    """``z[permutations]``: ``[B, ...]`` and ``[S, B]`` -> ``[S, B, ...]``, with a gather-only backward pass."""
+    """``z[permutations]``: ``[B, ...]`` and ``[S, B]`` -> ``[S, B, ...]``, with a gather-only backward pass.
+
+    Every row of ``permutations`` must be a permutation of ``0..B-1``: the backward pass gathers
+    by the inverse, which is the transpose only for a bijection (see ``mipd_divergences``'s
+    ``check_permutations``).
+    """
+    if not shape_of(z):
+        raise ValueError(f"z must have a leading batch axis [B, ...]; got shape {shape_of(z)}.")
+    _require_permutation_shape(permutations, shape_of(z)[0], shape_of(z))
     if inverse is None:
         inverse = inverse_permutations(permutations)
     return _permute_rows(z, permutations, inverse)
@@ -230,12 +302,6 @@ def perturb_latent(
     if kind == "permute":
         if permutations is None:
             raise ValueError("perturbation 'permute' needs permutations [S, B].")
-        require_rank(permutations, 2, "permutations", "[S, B]")
-        if shape_of(permutations)[1] != shape_of(z)[0]:
-            raise ValueError(
-                f"permutations has shape {shape_of(permutations)} but the latent has shape {shape_of(z)}; "
-                "the permutations' second axis must equal the batch size B."
-            )
         return permute_rows(z, permutations, inverse_permutations)
     if num_samples is None:
         num_samples = 1 if permutations is None else shape_of(permutations)[0]
@@ -268,6 +334,7 @@ def mipd_divergences(
     stop_perturbed: bool = False,
     perturbed_latents: Sequence[jax.Array] | None = None,
     mask: jax.Array | None = None,
+    check_permutations: bool = False,
 ) -> jax.Array:
     r"""Per-modality divergence :math:`D_m` between clean and perturbed predictions (SPEC.md §3).
 
@@ -286,8 +353,9 @@ def mipd_divergences(
         ``S·B·C`` instead of ``S·B·D·C`` work. A sequence of ``M`` functions gives modality
         ``m``'s perturbed predictions their own fusion function (the game uses this to scale the
         gradients of player-owned fusion parameters per term).
-      latents: ``M >= 2`` arrays ``[B, ...]``, one per modality, from the clean pass.
-      permutations: ``[S, B]`` int32 (for ``perturbation="permute"``).
+      latents: ``M >= 2`` arrays ``[B, ...]``, one per modality, from the clean pass (``B >= 1``).
+      permutations: ``[S, B]`` int32 (for ``perturbation="permute"``), ``S >= 1``; every row a
+        permutation of ``0..B-1`` (see ``check_permutations``).
       divergence: ``"jsd"`` (classification, default), ``"kl"`` or ``"mse"`` (regression).
       perturbation: ``"permute"`` (default), ``"noise"`` or ``"zero"``; see :func:`perturb_latent`.
       key: PRNG key for ``"noise"`` (split per modality).
@@ -304,12 +372,32 @@ def mipd_divergences(
       mask: optional ``[B]`` (bool or 0/1): the average runs over the valid rows only (padded
         rows of a final batch). Draw the permutations with ``sample_permutations(...,
         valid=mask)`` so that valid rows are never paired with padded ones.
+      check_permutations: verify that every row of ``permutations`` is a permutation of
+        ``0..B-1``. Rows that are not (repeated or out-of-range indices) give wrong values and
+        wrong gradients: the backward pass of the permuted gather uses the inverse permutation,
+        which is the gather's transpose only for a bijection. The shape (``[S, B]``, ``S >= 1``,
+        ``B`` the batch size) and the integer dtype are always checked (at trace time: free).
+        The values: NumPy ``permutations`` are always checked (host data, no device sync); with
+        ``check_permutations=True`` concrete device arrays are fetched and checked too (a
+        device-to-host copy per call: outside the hot path, e.g. in tests or when debugging).
+        Both raise a ``ValueError`` naming the first bad row. Traced permutations (under ``jit``,
+        ``vmap``, ``scan``) cannot raise without a host callback; with ``check_permutations=True``
+        an in-graph check (one gather of ``S·B`` indices, no host sync) turns the returned
+        divergences, and hence their gradients, into NaN when any row is not a permutation, so a bad
+        draw is loud rather than silently wrong (``jax_debug_nans`` then points at it). Off by
+        default: ``sample_permutations`` only draws valid permutations.
 
     Returns:
       ``[M]`` divergences ``D_m`` (each in ``[0, ln 2]`` for the JSD).
+
+    Raises:
+      ValueError: for mismatched shapes, an empty batch (``B = 0``) or ``S = 0`` samples (the mean
+        would be NaN), permutations that are not ``[S, B]`` integers, or (see
+        ``check_permutations``) rows that are not permutations.
     """
     num_modalities = require_modalities(latents)
     batch = require_same_batch(latents)
+    require_nonempty_batch(batch, "latents", shape_of(latents[0]))
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; use one of {tuple(DIVERGENCES)}.")
     require_rank(clean_logits, 2, "clean_logits", "[B, C]")
@@ -331,11 +419,20 @@ def mipd_divergences(
     if perturbation == "noise" and key is None and perturbed_latents is None:
         raise ValueError("perturbation 'noise' needs a PRNG key.")
     if permutations is not None:
+        _require_permutation_shape(permutations, batch, shape_of(latents[0]))
         num_samples = shape_of(permutations)[0]
     elif perturbed_latents is not None:
-        num_samples = shape_of(perturbed_latents[0])[0]
+        num_samples = shape_of(perturbed_latents[0])[0] if shape_of(perturbed_latents[0]) else 0
     elif num_samples is None:
         num_samples = 1
+    if int(num_samples) < 1:
+        raise ValueError(f"num_samples (S) must be >= 1; got {num_samples} (the MIPD averages over S samples).")
+    uses_permutations = perturbation == "permute" and perturbed_latents is None
+    if uses_permutations and not isinstance(permutations, jax.core.Tracer):
+        if check_permutations or not isinstance(permutations, jax.Array):
+            bad = _first_bad_row(np.asarray(permutations))
+            if bad is not None:
+                raise ValueError(bad)
     keys = jax.random.split(key, num_modalities) if key is not None else [None] * num_modalities
     transform = nonperturbed_transform or (lambda x: x)
     fuse_fns = list(fuse_fn) if isinstance(fuse_fn, (list, tuple)) else [fuse_fn] * num_modalities
@@ -367,7 +464,7 @@ def mipd_divergences(
     else:
         reduce = jnp.mean
     inverse = None
-    if perturbation == "permute" and perturbed_latents is None:
+    if uses_permutations:
         inverse = inverse_permutations(permutations)  # once for every modality's backward gather
     out = []
     for m in range(num_modalities):
@@ -400,7 +497,11 @@ def mipd_divergences(
                 f"expected {expected_shape} to match clean_logits {shape_of(clean_logits)}."
             )
         out.append(reduce(div(perturbed_logits.reshape((num_samples,) + shape_of(clean_logits)))))
-    return jnp.stack(out)
+    result = jnp.stack(out)
+    if uses_permutations and check_permutations and isinstance(permutations, jax.core.Tracer):
+        # Traced: no raise without a host sync; NaN values and gradients instead of wrong ones.
+        result = result * jnp.where(_permutations_ok(permutations, inverse), 1.0, jnp.nan).astype(result.dtype)
+    return result
 
 
 def _broadcast_divergence(div, clean_logits):

@@ -218,7 +218,7 @@ class MCR(Method):
         strategy = self.opts["strategy"]
         graphdef, fparams, frest = nnx.split(model.fusion, nnx.Param, ...)
         fparams = nnx.as_pure(fparams)
-        players = game.assign_players(fparams, self.modalities)
+        players = game.assign_players(fparams, self.modalities, require_all=False)
         if fast:
             return nnx.merge(graphdef, game.scale_shared_params(fparams, players, strategy), frest)
         return [nnx.merge(graphdef, game.scale_params_for_term(fparams, players, j, strategy), frest)
