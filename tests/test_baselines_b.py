@@ -148,10 +148,14 @@ def test_mmpareto_integration_matches_numpy(case, scope):
 
 def test_mmpareto_weights_degenerate_cases():
     zero = [jnp.zeros(3)]
-    a_mm, a_u, cos = pareto_weights(zero, zero)
-    assert float(a_mm) == 0.5 and float(a_u) == 0.5 and float(cos) == 0.0
+    a_mm, a_u, cos = pareto_weights(zero, zero)  # the original's solver: <g1, g2> >= ||g1||^2 -> 0.999
+    assert float(a_mm) == pytest.approx(0.999) and float(a_u) == pytest.approx(0.001, rel=1e-4) and float(cos) == 0.0
     out, _ = integrate(zero, zero, scale=1.5)
     assert float(jnp.abs(out[0]).sum()) == 0 and bool(jnp.all(jnp.isfinite(out[0])))
+    g = [jnp.array([1.0, -2.0, 0.5])]  # a vanished unimodal gradient: weight 0.001, rescaled to gamma * g_mm
+    a_mm, _, _ = pareto_weights(g, zero)
+    assert float(a_mm) == pytest.approx(0.001)
+    np.testing.assert_allclose(integrate(g, zero, scale=1.5)[0][0], 1.5 * g[0], rtol=1e-5)
     a_mm, _, _ = pareto_weights([jnp.array([1.0, 0.0])], [jnp.array([-1.0, 0.0])])  # opposite: g_mm + g_u = 0 at ½
     assert float(a_mm) == 0.5
 
