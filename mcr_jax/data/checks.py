@@ -12,8 +12,8 @@ at the door, with a message that names the split, the entry and the first bad ex
 
 :func:`check_split` works on whole in-memory splits (vectorised, in chunks so that a large array
 is never copied whole) and on single batches (``index`` gives the record index of each row,
-``valid`` leaves padding rows out). :class:`mcr_jax.inputs.Dataset` calls it for every split
-when a dataset is loaded, and on every batch of the sources read example by example.
+``valid`` leaves padding rows out). :class:`mcr_jax.data.dataset.Dataset` calls it for every
+in-memory split when a dataset is loaded, and on every batch of the sources read example by example.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 ``(seed, epoch)``, remainder dropped) or for evaluation (in order, every example exactly once, the
 last batch padded and masked). In a multi-process job ``batch_size`` is the *global* batch and every
 process yields its own contiguous block of rows of each global batch, so that concatenating the
-processes' batches in process order gives exactly the single-process batch.
+processes' batches in process order gives exactly the single-process batch. The layout (order,
+padding, per-process rows) is :mod:`mcr_jax.data.layout`'s, shared with the grain reader.
 """
 
 from __future__ import annotations
@@ -13,30 +14,17 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from mcr_jax.data.layout import assemble, batch_layout, check_batch_arguments, example_order, num_batches
 from mcr_jax.data.types import LABEL_KEY, MASK_KEY, ArraySplit
 
-
-def num_batches(n: int, batch_size: int, drop_remainder: bool) -> int:
-    """Number of (global) batches `batches` yields for ``n`` examples."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}.")
-    return n // batch_size if drop_remainder else -(-n // batch_size)
-
-
-def example_order(n: int, *, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
-    """The order ``int64 [n]`` in which `batches` visits the examples.
-
-    Shuffling draws a permutation from ``PCG64(SeedSequence([seed, epoch]))``: the same on every
-    process and machine, different for every epoch.
-    """
-    if not shuffle:
-        return np.arange(n, dtype=np.int64)
-    if seed < 0 or epoch < 0:
-        raise ValueError(f"seed and epoch must be >= 0 for shuffling, got seed={seed}, epoch={epoch}.")
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(epoch)])))
-    return rng.permutation(n)
+__all__ = [
+    "apply_standardization",
+    "batches",
+    "check_not_empty",
+    "example_order",
+    "num_batches",
+    "standardize",
+]
 
 
 def _as_arrays(source) -> ArraySplit | None:
@@ -53,23 +41,22 @@ def _as_arrays(source) -> ArraySplit | None:
     return None
 
 
-def _stack_examples(source, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Gather ``source[i]`` for each index and stack them per key (the slow, general path)."""
-    examples = [source[int(i)] for i in indices]
-    keys = list(examples[0])
-    for i, ex in zip(indices, examples, strict=True):
-        if list(ex) != keys:
-            raise ValueError(
-                f"Example {int(i)} has keys {sorted(ex)} but example {int(indices[0])} has {sorted(keys)}; "
-                "a source must return the same keys for every example."
-            )
-    return {k: np.stack([np.asarray(ex[k]) for ex in examples]) for k in keys}
+def check_not_empty(n: int, batch_size: int, drop_remainder: bool) -> None:
+    """``ValueError`` when dropping the remainder of ``n`` examples would leave an empty epoch."""
+    if drop_remainder and n < batch_size:
+        raise ValueError(
+            f"The split has {n} examples, fewer than one batch of {batch_size}, so with "
+            "drop_remainder=True the epoch would be empty; lower batch_size or use drop_remainder=False."
+        )
 
 
 def batches(split, batch_size: int, *, shuffle: bool, seed: int, epoch: int, drop_remainder: bool,
             process_index: int = 0, process_count: int = 1,
             index_key: str | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Iterate over the batches of one epoch of ``split``.
+
+    The rows of each batch come from :func:`mcr_jax.data.layout.batch_layout` and are put together
+    by :func:`mcr_jax.data.layout.assemble`, as in the grain reader.
 
     Args:
       split: an `ArraySplit`, a dict of arrays with one leading length ``N``, or any random-access
@@ -93,57 +80,27 @@ def batches(split, batch_size: int, *, shuffle: bool, seed: int, epoch: int, dro
       ValueError: bad sizes or indices, a split entry named ``"mask"`` (or ``index_key``), or (with
         ``drop_remainder``) a split smaller than one batch, which would give an empty epoch.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(
-            f"Need 0 <= process_index < process_count, got process_index={process_index}, "
-            f"process_count={process_count}."
-        )
-    if batch_size % process_count:
-        raise ValueError(
-            f"The global batch_size {batch_size} is not divisible by process_count {process_count}; "
-            f"choose a batch_size that is a multiple of {process_count}."
-        )
+    check_batch_arguments(batch_size, process_index, process_count)
     arrays = _as_arrays(split)
     if arrays is not None and MASK_KEY in arrays:
         raise ValueError(f"The split already has an entry {MASK_KEY!r}; batches() adds its own. Rename it.")
     if index_key is not None and (index_key == MASK_KEY or (arrays is not None and index_key in arrays)):
         raise ValueError(f"index_key {index_key!r} is already an entry of the split; choose another name.")
     n = len(arrays) if arrays is not None else len(split)
-    if drop_remainder and n < batch_size:
-        raise ValueError(
-            f"The split has {n} examples, fewer than one batch of {batch_size}, so with "
-            "drop_remainder=True the epoch would be empty; lower batch_size or use drop_remainder=False."
-        )
-    order = example_order(n, shuffle=shuffle, seed=seed, epoch=epoch)
-    return _iterate(split, arrays, order, batch_size, drop_remainder, process_index, process_count, index_key)
+    check_not_empty(n, batch_size, drop_remainder)
+    indices, mask = batch_layout(n, batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
+                                 drop_remainder=drop_remainder, process_index=process_index,
+                                 process_count=process_count)
+    return _iterate(split, arrays, indices, mask, index_key)
 
 
-def _iterate(split, arrays, order, batch_size, drop_remainder, process_index, process_count, index_key):
-    n = order.shape[0]
-    local = batch_size // process_count
-    lo, hi = process_index * local, (process_index + 1) * local
-    for b in range(num_batches(n, batch_size, drop_remainder)):
-        idx = order[b * batch_size:(b + 1) * batch_size]
-        mask = np.ones((batch_size,), np.float32)
-        if idx.shape[0] < batch_size:
-            mask[idx.shape[0]:] = 0.0
-            idx = np.concatenate([idx, np.zeros((batch_size - idx.shape[0],), idx.dtype)])
-        idx, mask = idx[lo:hi], mask[lo:hi]
+def _iterate(split, arrays, indices, mask, index_key):
+    for idx, row_mask in zip(indices, mask, strict=True):
         if arrays is not None:
-            batch = {k: v[idx] for k, v in arrays.items()}
+            rows = {k: v[idx] for k, v in arrays.items()}
         else:
-            batch = _stack_examples(split, idx)
-            if MASK_KEY in batch:
-                raise ValueError(f"The source's examples have an entry {MASK_KEY!r}; batches() adds its own.")
-            if index_key is not None and index_key in batch:
-                raise ValueError(f"The source's examples have an entry {index_key!r}, the index_key; "
-                                 "choose another index_key.")
-        batch[MASK_KEY] = mask
-        if index_key is not None:
-            batch[index_key] = idx.astype(np.int64)
-        yield batch
+            rows = [split[int(i)] for i in idx]
+        yield assemble(rows, row_mask.copy(), index=idx, index_key=index_key)
 
 
 def _default_modalities(split: ArraySplit) -> list[str]:

@@ -7,13 +7,14 @@ Two entry points:
 * :func:`grain_batches` reads a source into dict batches of NumPy arrays with a float32
   ``"mask"`` ``[B]`` (1 real example, 0 padding) and an int32 ``"index"`` ``[B]`` (record index).
 
-Batches are laid out for the **global** batch: with ``process_count`` processes, the global batch
-``b`` is the slice ``order[b * B:(b + 1) * B]`` of one seeded order of the whole split and process
-``p`` yields its contiguous rows ``[p * B / P, (p + 1) * B / P)``. Every process therefore yields
-the same number of batches, and the batches of all processes concatenated in process order are
-the global batch. Training (``drop_remainder=True``) drops the last partial global batch;
-evaluation (``drop_remainder=False``) pads it with copies of a real example whose mask is 0, so
-every example is seen exactly once with mask 1.
+Batches are laid out for the **global** batch by :mod:`mcr_jax.data.layout`, the same layout as
+the in-memory path (:func:`mcr_jax.data.pipeline.batches`): with ``process_count`` processes, the
+global batch ``b`` is the slice ``order[b * B:(b + 1) * B]`` of one seeded order of the whole split
+and process ``p`` yields its contiguous rows ``[p * B / P, (p + 1) * B / P)``. Every process
+therefore yields the same number of batches, and the batches of all processes concatenated in
+process order are the global batch. Training (``drop_remainder=True``) drops the last partial
+global batch; evaluation (``drop_remainder=False``) pads it with copies of example 0 whose mask is
+0, so every example is seen exactly once with mask 1.
 
 Read-time conversion (:func:`to_model_inputs`): uint8 RGB frames (``"video"``) → float32
 ImageNet-normalised, uint8 optical flow (``"flow"``) → float32 in [-1, 1], byte strings → ``str``,
@@ -24,7 +25,6 @@ conversion, seeded per example from ``(seed, epoch, index)``.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -37,6 +37,7 @@ from absl import flags as absl_flags
 from mcr_jax.data.builders import BUILDERS, get_builder_class
 from mcr_jax.data.builders import audio_video as av
 from mcr_jax.data.builders.common import ManualDirError, logger
+from mcr_jax.data.layout import assemble, batch_layout
 
 Example = dict[str, Any]
 AugmentFn = Callable[[Example, np.random.Generator], Example]
@@ -200,54 +201,27 @@ class _Rows:
 
 
 class _Prepare:
-    """Reads one record, augments it (when an augment_fn is given) and converts it."""
+    """Reads one record, augments it (when an augment_fn is given) and converts it.
+
+    Returns ``(example, record index, mask)``; :func:`_collate` makes the batch.
+    """
 
     def __init__(self, source, augment_fn: AugmentFn | None, seed: int, epoch: int):
         self.source, self.augment_fn, self.seed, self.epoch = source, augment_fn, seed, epoch
 
-    def __call__(self, row: tuple[int, float]) -> Example:
+    def __call__(self, row: tuple[int, float]) -> tuple[Example, int, float]:
         index, mask = row
         example = dict(self.source[index])
         if self.augment_fn is not None:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             example = self.augment_fn(example, rng)
-        example = to_model_inputs(example)
-        example["index"] = np.int32(index)
-        example["mask"] = np.float32(mask)
-        return example
+        return to_model_inputs(example), index, mask
 
 
-def _stack(examples: Sequence[Example]) -> dict[str, np.ndarray]:
-    return {k: np.stack([np.asarray(e[k]) for e in examples]) for k in examples[0]}
-
-
-def batch_layout(
-    num_examples: int, batch_size: int, *, shuffle: bool, seed: int, epoch: int, drop_remainder: bool,
-    process_index: int = 0, process_count: int = 1,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Record indices ``[num_batches, B / P]`` and masks of this process's rows of every batch."""
-    if batch_size <= 0 or batch_size % process_count:
-        raise ValueError(f"batch_size {batch_size} must be positive and divisible by process_count "
-                         f"{process_count}")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if seed < 0 or epoch < 0:
-        raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
-    order = np.random.default_rng([seed, epoch]).permutation(num_examples) if shuffle else np.arange(
-        num_examples)
-    mask = np.ones(num_examples, np.float32)
-    if drop_remainder:
-        num_batches = num_examples // batch_size
-        order, mask = order[: num_batches * batch_size], mask[: num_batches * batch_size]
-    else:
-        num_batches = math.ceil(num_examples / batch_size)
-        pad = num_batches * batch_size - num_examples
-        order = np.concatenate([order, np.full(pad, order[0] if num_examples else 0)])
-        mask = np.concatenate([mask, np.zeros(pad, np.float32)])
-    local = batch_size // process_count
-    cols = slice(process_index * local, (process_index + 1) * local)
-    return (order.reshape(num_batches, batch_size)[:, cols].astype(np.int64),
-            mask.reshape(num_batches, batch_size)[:, cols])
+def _collate(rows: Sequence[tuple[Example, int, float]]) -> dict[str, np.ndarray]:
+    """The batch of prepared rows: :func:`mcr_jax.data.layout.assemble`, index int32 under ``"index"``."""
+    return assemble([r[0] for r in rows], np.array([r[2] for r in rows], np.float32),
+                    index=np.array([r[1] for r in rows], np.int32), index_key="index")
 
 
 def grain_batches(
@@ -268,7 +242,8 @@ def grain_batches(
     Args:
       source: a random-access source (``len`` and ``source[i]``), e.g. from :func:`load_tfds_dataset`.
       batch_size: the GLOBAL batch size B (divisible by ``process_count``).
-      shuffle: permute the split with ``default_rng([seed, epoch])``; else keep record order.
+      shuffle: permute the split with ``PCG64(SeedSequence([seed, epoch]))`` (see
+        :func:`mcr_jax.data.layout.batch_layout`); else keep record order.
       drop_remainder: True for training (drop the last partial batch); False for evaluation (pad
         it; padding rows have ``mask`` 0).
       augment_fn: ``f(example, rng) -> example`` on the raw (uint8) example, e.g.
@@ -289,7 +264,7 @@ def grain_batches(
     local = batch_size // process_count
     ds = (grain.MapDataset.source(_Rows(indices.reshape(-1), mask.reshape(-1)))
           .map(_Prepare(source, augment_fn, seed, epoch))
-          .batch(local, batch_fn=_stack))
+          .batch(local, batch_fn=_collate))
     if worker_count > 0:
         if not absl_flags.FLAGS.is_parsed():  # grain workers read absl flags; outside absl.app.run
             absl_flags.FLAGS.mark_as_parsed()  # nobody has parsed them: use the defaults

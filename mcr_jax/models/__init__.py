@@ -1,5 +1,7 @@
-"""Flax NNX models: encoders, fusion heads, unimodal heads, CEB decoder, the multimodal model."""
+"""Flax NNX models: encoders, fusion heads, unimodal heads, CEB decoder, the multimodal model,
+and :func:`build_model` (config + dataset info → model)."""
 
+from mcr_jax.models.build import build_model, encoder_spec
 from mcr_jax.models.encoders import (
     ENCODERS,
     MLPEncoder,
@@ -34,6 +36,8 @@ __all__ = [
     "ResNet18Encoder",
     "TransformerEncoder",
     "TransformerFusion",
+    "build_model",
+    "encoder_spec",
     "make_encoder",
     "make_fusion",
 ]
