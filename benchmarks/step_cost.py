@@ -27,6 +27,7 @@ from mcr_jax.data.types import DatasetInfo
 from mcr_jax.methods import ModelHandle, get_method
 from mcr_jax.models import MultimodalModel
 from mcr_jax.optim import make_optimizer
+from mcr_jax.state import init_state, split_model
 from mcr_jax.train import make_train_step
 
 VARIANTS = {
@@ -66,19 +67,15 @@ def build_step(variant: dict, info, model, batch, num_perms: int):
         for k, v in variant.items():
             mcfg[k] = v
     method = get_method(mcfg, info)
-    model.eval()
-    gd_eval = nnx.split(model, nnx.Param, ...)[0]
-    model.train()
-    gd, params, rest = nnx.split(model, nnx.Param, ...)
+    gd, gd_eval, params, rest = split_model(model)
     # own copies: the step donates its state, and the variants start from the same weights
-    params, rest = jax.tree.map(jnp.copy, (nnx.as_pure(params), nnx.as_pure(rest)))
+    params, rest = jax.tree.map(jnp.copy, (params, rest))
     optim = ml_collections.ConfigDict(dict(name="adam_l2", learning_rate=1e-4, weight_decay=1e-4, eps=1e-7))
     tx = method.make_optimizer(make_optimizer(optim, 1000), params)
-    state = {"params": params, "rest": rest, "opt_state": tx.init(params), "method_state": {},
-             "key": jax.random.PRNGKey(0), "step": jnp.zeros((), jnp.int32),
-             "bad_step": -jnp.ones((), jnp.int32), "bad_terms": jnp.zeros((), jnp.int32)}
-    names = sorted(jax.eval_shape(lambda p, r, b, k: method.gradients(ModelHandle(gd, gd_eval, r), p, b, k, {})[4],
-                                  params, rest, batch, state["key"])) + ["grad_norm"]
+    state = init_state(params, rest, tx, method, seed=0)
+    names = sorted(jax.eval_shape(
+        lambda p, r, b, k, ms: method.gradients(ModelHandle(gd, gd_eval, r), p, b, k, ms).metrics,
+        params, rest, batch, state.key, state.method_state)) + ["grad_norm"]
     step = jax.jit(make_train_step(method, tx, gd, gd_eval, names), donate_argnums=0)
     compiled = step.lower(state, batch).compile()
     mem = compiled.memory_analysis()

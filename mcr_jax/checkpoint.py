@@ -46,6 +46,15 @@ def from_saveable(tree: Any, like: Any) -> Any:
     return jax.tree.map(back, tree, like)
 
 
+def _plain(tree: Any) -> Any:
+    """A NamedTuple state (:class:`mcr_jax.state.TrainState`) as a dict, as it is stored."""
+    return tree._asdict() if hasattr(tree, "_asdict") else tree
+
+
+def _rebuild(tree: Any, like: Any) -> Any:
+    return type(like)(**tree) if hasattr(like, "_asdict") else tree
+
+
 def _host(tree: Any) -> Any:
     from mcr_jax import parallel
 
@@ -55,7 +64,7 @@ def _host(tree: Any) -> Any:
 def checksum(tree: Any) -> str:
     """SHA-256 over every leaf's dtype, shape and bytes, in tree order (typed keys as key data)."""
     h = hashlib.sha256()
-    for leaf in jax.tree.leaves(_host(tree)):
+    for leaf in jax.tree.leaves(_host(_plain(tree))):
         a = np.ascontiguousarray(np.asarray(leaf))
         h.update(f"{a.dtype.str}{a.shape}".encode())
         h.update(a.tobytes())
@@ -99,7 +108,7 @@ class Checkpointer:
             return
         meta = dict(meta, checksums={"state": checksum(state), "best": checksum(best)})
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(to_saveable(state)),
+            state=ocp.args.StandardSave(to_saveable(_plain(state))),
             best=ocp.args.StandardSave(to_saveable(best)),
             meta=ocp.args.JsonSave(meta),
         )
@@ -111,13 +120,13 @@ class Checkpointer:
         restored = self.manager.restore(
             epoch,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract(state_like)),
+                state=ocp.args.StandardRestore(abstract(_plain(state_like))),
                 best=ocp.args.StandardRestore(abstract(best_like)),
                 meta=ocp.args.JsonRestore(),
             ),
         )
-        return (from_saveable(restored.state, state_like), from_saveable(restored.best, best_like),
-                dict(restored.meta))
+        state = _rebuild(from_saveable(dict(restored.state), _plain(state_like)), state_like)
+        return state, from_saveable(restored.best, best_like), dict(restored.meta)
 
     def _step_dir(self, epoch: int) -> str:
         return os.path.join(self.directory, str(epoch))

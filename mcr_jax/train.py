@@ -12,25 +12,27 @@ and the term.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
 from mcr_jax import guards, inputs, metrics, parallel
 from mcr_jax.checkpoint import Checkpointer, from_saveable, host_copy, non_finite_leaves
 from mcr_jax.data.pipeline import num_batches
-from mcr_jax.losses import mipd_divergences, sample_permutations
-from mcr_jax.methods import ModelHandle, combine_logits, get_method, task_loss
+from mcr_jax.methods import ModelHandle, combine_logits, get_method
 from mcr_jax.methods.base import EpochContext, model_inputs
 from mcr_jax.optim import make_optimizer
+from mcr_jax.state import StepOutput, TrainState, init_state, split_model
+from mcr_jax.steps import EVAL_PERMUTATION_SEED, make_epoch_fn, make_eval_fn, make_eval_step, make_train_step
 
 
 def _log(msg: str) -> None:
@@ -51,94 +53,33 @@ def _jsonable(x):
 
 
 # ----------------------------------------------------------------------------------------------
-# Steps.
-
-
-def _is_key(x) -> bool:
-    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def make_train_step(method, tx, graphdef_train, graphdef_eval, metric_names):
-    """``(state, batch) -> (state, metrics)``; a non-finite step leaves the state unchanged and
-    records the step and the offending terms (checked on the host once per epoch)."""
-
-    def step(state, batch):
-        key, sub = jax.random.split(state["key"])
-        handle = ModelHandle(graphdef_train, graphdef_eval, state["rest"])
-        grads, tx_kwargs, new_rest, new_ms, mets = method.gradients(handle, state["params"], batch, sub,
-                                                                    state["method_state"])
-        mets = dict(mets, grad_norm=optax.tree.norm(grads))
-        updates, new_opt = tx.update(grads, state["opt_state"], state["params"], **tx_kwargs)
-        new_params = optax.apply_updates(state["params"], updates)
-        bad = jnp.stack([~jnp.all(jnp.isfinite(mets[n])) for n in metric_names])
-        ok = ~jnp.any(bad)
-        keep = lambda new, old: jax.tree.map(lambda a, b: a if _is_key(a) else jnp.where(ok, a, b), new, old)
-        first = state["bad_step"] < 0
-        new_state = {
-            "params": keep(new_params, state["params"]),
-            "rest": keep(new_rest, state["rest"]),
-            "opt_state": keep(new_opt, state["opt_state"]),
-            "method_state": keep(new_ms, state["method_state"]),
-            "key": key,
-            "step": state["step"] + 1,
-            "bad_step": jnp.where(first & ~ok, state["step"], state["bad_step"]),
-            "bad_terms": jnp.where(first & ~ok, jnp.sum(bad.astype(jnp.int32) << jnp.arange(len(metric_names))),
-                                   state["bad_terms"]),
-        }
-        return new_state, mets
-
-    return step
-
-
-#: the key of the evaluation MIPD diagnostic's permutations (folded with the batch index).
-EVAL_PERMUTATION_SEED = 0
-
-
-def make_eval_step(method, graphdef_eval, num_samples: int):
-    """``(params, rest, batch, index) -> outputs``: predictions and a MIPD balance diagnostic per
-    modality over the batch's valid rows.
-
-    The diagnostic draws ``num_samples`` fresh derangements of the valid rows per batch, from a
-    fixed key folded with the batch's ``index`` in the split: deterministic (every model is scored
-    with the same permutations), never the identity, and padded rows take no part."""
-
-    def step(params, rest, batch, index):
-        model = nnx.merge(graphdef_eval, params, rest)
-        out = method.predict(model, batch)
-        res = {"logits": out["logits"], "unimodal": out["unimodal"],
-               "loss": task_loss(out["logits"], batch["label"], batch["mask"], method.task)}
-        if method.uses_fusion and num_samples > 0:
-            names = method.modalities
-            valid = batch["mask"] > 0
-            key = jax.random.fold_in(jax.random.PRNGKey(EVAL_PERMUTATION_SEED), index)
-            perms = sample_permutations(key, num_samples, batch["label"].shape[0], valid=valid)
-            res["mipd"] = mipd_divergences(
-                out["logits"], lambda xs: method.fuse(model, dict(zip(names, xs, strict=True))),
-                [out["latents"][m] for m in names], perms, mask=valid,
-                divergence="mse" if method.task == "regression" else "jsd")
-        return res
-
-    return step
-
-
-# ----------------------------------------------------------------------------------------------
 # Evaluation.
+
+
+def _eval_batches(run, params, rest, split):
+    """``[(host outputs, host batch)]`` over a split: one compiled call when the split is on the
+    device, else one call per batch of the host pipeline (same batches, same results)."""
+    if split in run.device_arrays:
+        out = parallel.to_host(run.eval_fn[split](params, rest, run.device_arrays[split]))
+        return [({k: (jax.tree.map(lambda a, i=i: a[i], v)) for k, v in out.items()},
+                 {"mask": out["mask"][i], "label": out["label"][i]}) for i in range(out["mask"].shape[0])]
+    return [parallel.to_host((run.eval_step(params, rest, batch, jnp.int32(index)), batch))
+            for index, batch in enumerate(run.batches(split, run.eval_batch_size, train=False, epoch=0))]
 
 
 def evaluate(run, params, rest, split) -> tuple[dict, dict]:
     """Metrics of every head on a whole split (padding removed), plus the raw outputs."""
     method = run.method
     logits, uni, labels, losses, mipd = [], {}, [], [], []
-    for index, batch in enumerate(run.batches(split, run.eval_batch_size, train=False, epoch=0)):
-        out, host = parallel.to_host((run.eval_step(params, rest, batch, jnp.int32(index)), batch))
+    for out, host in _eval_batches(run, params, rest, split):
         valid = np.asarray(host["mask"]) > 0
-        logits.append(out["logits"][valid])
+        logits.append(np.asarray(out["logits"])[valid])
         labels.append(np.asarray(host["label"])[valid])
         for m, v in out["unimodal"].items():
-            uni.setdefault(m, []).append(v[valid])
+            uni.setdefault(m, []).append(np.asarray(v)[valid])
         losses.append((float(out["loss"]), int(valid.sum())))
         if "mipd" in out and valid.sum() >= 2:  # a batch's valid rows, weighted by their number
-            mipd.append((out["mipd"], int(valid.sum())))
+            mipd.append((np.asarray(out["mipd"]), int(valid.sum())))
     outputs = {"logits": np.concatenate(logits), "labels": np.concatenate(labels),
                "unimodal": {m: np.concatenate(v) for m, v in uni.items()}}
     report_uni = method.uses_fusion and method.reports_unimodal_heads
@@ -217,17 +158,54 @@ def _finished(workdir: str, config) -> dict | None:
 # Set-up: everything a run needs, placed on the mesh.
 
 
+@dataclasses.dataclass
 class Run:
-    """What :func:`setup` builds: data, method, state on the mesh, the jitted steps, helpers."""
+    """What :func:`setup` builds: data, method, state on the mesh, the jitted steps, helpers.
 
-    def __init__(self, **kwargs):
-        self.__dict__.update(kwargs)
+    ``epoch_fn`` (a whole training epoch in one call) and ``eval_fn`` (a whole split) exist for
+    splits held on the device (``device_arrays``: in-memory datasets, one process); otherwise the
+    trainer loops over ``train_step`` / ``eval_step`` batch by batch."""
+
+    config: Any
+    data: Any
+    info: Any
+    method: Any
+    mesh: Any
+    seed: int
+    state: TrainState
+    train_step: Callable
+    eval_step: Callable
+    metric_names: list
+    steps_per_epoch: int
+    batch_size: int
+    eval_batch_size: int
+    graphdef_train: Any
+    graphdef_eval: Any
+    tx: Any
+    device_arrays: dict = dataclasses.field(default_factory=dict)
+    epoch_fn: Callable | None = None
+    eval_fn: dict = dataclasses.field(default_factory=dict)
+    features_fn: Callable | None = None
+    fresh_params: Callable | None = None
 
     def batches(self, split: str, batch_size: int, *, train: bool, epoch: int):
         """This process's slice of each global batch, assembled into global sharded arrays."""
         for local in self.data.batches(split, batch_size, train=train, seed=self.seed, epoch=epoch,
                                        process_index=jax.process_index(), process_count=jax.process_count()):
             yield parallel.global_batch(local, self.mesh)
+
+    def epoch_rows(self, epoch: int) -> np.ndarray:
+        """``[steps, batch]`` int32: the training batches' example indices for ``epoch``, the host
+        pipeline's order (shuffled by seed and epoch), for the compiled epoch."""
+        rows, _ = self.data.batch_layout("train", self.batch_size, train=True, seed=self.seed, epoch=epoch)
+        return rows.astype(np.int32)
+
+
+def compiled_epochs(config, data) -> bool:
+    """Whether whole epochs run as one compiled call: in-memory training data, one process, and
+    ``train.compiled_epochs`` not switched off."""
+    return (bool(config.train.get("compiled_epochs", True)) and jax.process_count() == 1
+            and hasattr(data, "in_memory") and data.in_memory("train"))
 
 
 def setup(config, *, mesh=None) -> Run:
@@ -240,11 +218,7 @@ def setup(config, *, mesh=None) -> Run:
     seed = int(config.seed)
     model = inputs.build_model(config.model, info, seed=seed)
     method.check_model(model)
-    model.eval()
-    graphdef_eval = nnx.split(model, nnx.Param, ...)[0]
-    model.train()
-    graphdef_train, params, rest = nnx.split(model, nnx.Param, ...)
-    params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+    graphdef_train, graphdef_eval, params, rest = split_model(model)
 
     tc = config.train
     batch_size, epochs = int(tc.batch_size), int(tc.num_epochs)
@@ -259,27 +233,31 @@ def setup(config, *, mesh=None) -> Run:
     if pretrained:  # uni-pre, or any method started from unimodal runs (config.init.pretrained)
         params, rest = load_pretrained(params, rest, dict(pretrained), info.modalities)
 
-    state = {"params": params, "rest": rest, "opt_state": tx.init(params),
-             "method_state": method.init_method_state(params), "key": jax.random.PRNGKey(seed),
-             "step": jnp.zeros((), jnp.int32), "bad_step": -jnp.ones((), jnp.int32),
-             "bad_terms": jnp.zeros((), jnp.int32)}
-    state = parallel.replicate(state, mesh)
+    state = parallel.replicate(init_state(params, rest, tx, method, seed), mesh)
     sample = next(data.batches("train", batch_size, train=True, seed=seed, epoch=1))
-    shapes = jax.eval_shape(lambda p, r, b, k, ms: method.gradients(ModelHandle(graphdef_train, graphdef_eval, r),
-                                                                     p, b, k, ms)[4],
-                            params, rest, sample, state["key"], state["method_state"])
+    shapes = jax.eval_shape(lambda p, r, b, k, ms: StepOutput(*method.gradients(
+        ModelHandle(graphdef_train, graphdef_eval, r), p, b, k, ms)).metrics,
+        params, rest, sample, state.key, state.method_state)
     metric_names = sorted(shapes) + ["grad_norm"]
     rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    train_step = jax.jit(make_train_step(method, tx, graphdef_train, graphdef_eval, metric_names),
-                         in_shardings=(rep, shard), out_shardings=(rep, rep), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(method, graphdef_eval, int(config.get("eval", {}).get("mipd_samples", 8))),
-                        in_shardings=(rep, rep, shard, rep))
+    step = make_train_step(method, tx, graphdef_train, graphdef_eval, metric_names)
+    train_step = jax.jit(step, in_shardings=(rep, shard), out_shardings=(rep, rep), donate_argnums=0)
+    raw_eval = make_eval_step(method, graphdef_eval, int(config.get("eval", {}).get("mipd_samples", 8)))
+    eval_step = jax.jit(raw_eval, in_shardings=(rep, rep, shard, rep))
     encode = jax.jit(lambda p, r, b: nnx.merge(graphdef_eval, p, r).encode(*model_inputs(b, info.modalities)),
                      in_shardings=(rep, rep, shard))
     run = Run(config=config, data=data, info=info, method=method, mesh=mesh, seed=seed, state=state,
               train_step=train_step, eval_step=eval_step, metric_names=metric_names, steps_per_epoch=steps_per_epoch,
               batch_size=batch_size, eval_batch_size=eval_bs, graphdef_train=graphdef_train,
               graphdef_eval=graphdef_eval, tx=tx)
+    if compiled_epochs(config, data):
+        for split in ("train", "validation", "test"):
+            run.device_arrays[split] = parallel.replicate(data.arrays(split), mesh)
+        run.epoch_fn = jax.jit(make_epoch_fn(step, batch_sharding=shard), in_shardings=(rep, rep, rep),
+                               out_shardings=(rep, rep), donate_argnums=0)
+        for split in ("validation", "test"):
+            run.eval_fn[split] = jax.jit(make_eval_fn(raw_eval, num_examples=data.size(split), batch_size=eval_bs,
+                                                      batch_sharding=shard), in_shardings=(rep, rep, rep))
 
     def features_fn(p, r, split):
         feats, labels = {}, []
@@ -298,8 +276,110 @@ def setup(config, *, mesh=None) -> Run:
     run.features_fn, run.fresh_params = features_fn, fresh_params
     return run
 
+
 # ----------------------------------------------------------------------------------------------
-# The loop.
+# The loop, in named pieces.
+
+
+def train_epoch(run: Run, state: TrainState, epoch: int) -> tuple[TrainState, dict[str, float]]:
+    """One training epoch: the compiled epoch when the data is on the device, else the step loop.
+    Returns the new state and the epoch's mean of every step metric; raises on a non-finite step."""
+    if run.epoch_fn is not None:
+        state, mets = run.epoch_fn(state, run.device_arrays["train"], run.epoch_rows(epoch))
+        mets = parallel.to_host(mets)
+        means = {k: float(np.mean(v)) for k, v in mets.items()}
+    else:
+        step_metrics = []
+        for batch in run.batches("train", run.batch_size, train=True, epoch=epoch):
+            state, m = run.train_step(state, batch)
+            step_metrics.append(m)
+        step_metrics = parallel.to_host(step_metrics)  # one transfer per epoch
+        means = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
+    if _scalar(state.bad_step) >= 0:
+        terms = [n for i, n in enumerate(run.metric_names) if (_scalar(state.bad_terms) >> i) & 1]
+        raise FloatingPointError(
+            f"non-finite {', '.join(terms)} at step {_scalar(state.bad_step)} (epoch {epoch}); the update was "
+            f"skipped and training stopped. The inputs were checked for NaN/Inf and label range when loaded, so "
+            f"lower optim.learning_rate (or check the method's own hyperparameters).")
+    return state, means
+
+
+def checkpoint_every(config, run: Run) -> int:
+    """``train.checkpoint_every`` (epochs); 0 = automatic: every epoch when batches are streamed (an
+    epoch can take minutes), a handful of saves per run when the data is on the device (an epoch
+    takes milliseconds and a save is the dominant cost). The last epoch is always saved."""
+    every = int(config.train.get("checkpoint_every", 0) or 0)
+    if every < 0:
+        raise ValueError(f"train.checkpoint_every must be >= 0 (0 = automatic); got {every}.")
+    if every:
+        return every
+    return max(1, int(config.train.num_epochs) // 4) if run.epoch_fn is not None else 1
+
+
+def _start(run: Run, workdir: str, ckpt: Checkpointer) -> tuple[TrainState, dict, dict]:
+    """``(state, best, meta)``: restored from the newest good checkpoint, or fresh."""
+    config, state = run.config, run.state
+    best = host_copy({"params": state.params, "rest": state.rest})
+    config_json = _jsonable(_config_dict(config))
+    meta = {"epoch": 0, "best_epoch": 0, "best_value": -float("inf"), "best_loss": float("inf"), "bad_epochs": 0,
+            "history": [], "stopped_early": False, "train_time_s": 0.0, "config": config_json}
+    restored = ckpt.restore_latest_good(state, best, log=_log) if ckpt.enabled else None
+    if restored is None:
+        return state, best, meta
+    stored = restored[2].get("config")
+    if stored is None:
+        raise ValueError(f"{workdir} holds checkpoints that do not record their config (written by an older "
+                         "version); delete its checkpoints/ folder to start fresh.")
+    guards.check_same_config(stored, config_json, workdir, "an interrupted run")
+    state, best, meta = restored
+    _log(f"[{config.method.name}] resuming {workdir} after epoch {meta['epoch']} (step {_scalar(state.step)}).")
+    return state, best, meta
+
+
+def _select(run: Run, state: TrainState, val: dict, epoch: int, best, meta: dict, select: str):
+    """Model selection after an epoch: returns ``(best, improved)`` and updates ``meta``."""
+    value = selection_value(val, select, run.info.task)
+    improved = improves(value, float(val["loss"]), meta)
+    if improved:
+        best = host_copy({"params": state.params, "rest": state.rest})
+        meta.update(best_epoch=epoch, best_value=value, best_loss=float(val["loss"]), bad_epochs=0)
+    else:
+        meta["bad_epochs"] += 1
+    return best, improved
+
+
+def _finish(run: Run, workdir: str, state: TrainState, best, meta: dict, select: str) -> dict:
+    """Evaluates the selected weights on validation and test and writes the results (never from
+    non-finite weights or losses)."""
+    config, info = run.config, run.info
+    best = from_saveable(best, {"params": state.params, "rest": state.rest})
+    bad = non_finite_leaves(best)
+    if bad:
+        raise FloatingPointError(f"the selected weights (epoch {meta['best_epoch']}) hold non-finite values in "
+                                 f"{bad[:5]}; refusing to publish results from them. Delete {workdir}/checkpoints "
+                                 "to retrain.")
+    best = parallel.replicate(best, run.mesh)
+    val, val_out = evaluate(run, best["params"], best["rest"], "validation")
+    test, test_out = evaluate(run, best["params"], best["rest"], "test")
+    for name, res in (("validation", val), ("test", test)):
+        if not np.isfinite(res["loss"]):
+            raise FloatingPointError(f"the selected weights give a non-finite {name} loss; refusing to write "
+                                     f"results.json. Delete {workdir}/checkpoints to retrain.")
+    _add_sample_type_accuracy(test, test_out["logits"], test_out["labels"], run.data, info)
+    _save_predictions(workdir, {"validation": val_out, "test": test_out})
+    results = {"config": _jsonable(_config_dict(config)), "method": config.method.name, "seed": run.seed,
+               "dataset": info.name, "modalities": list(info.modalities), "task": info.task,
+               "best_epoch": meta["best_epoch"], "epochs_run": meta["epoch"], "selection": f"val_{select}",
+               "stopped_early": meta["stopped_early"], "steps": _scalar(state.step),
+               "train_time_s": meta["train_time_s"], "compiled_epochs": run.epoch_fn is not None,
+               "validation": val, "test": test}
+    results = _jsonable(results)
+    if parallel.is_primary():
+        guards.write_json_atomic(os.path.join(workdir, "results.json"), results)
+    fused = test["heads"]["fused"]
+    _log(f"[{config.method.name}] done: best epoch {meta['best_epoch']}, test "
+         + ", ".join(f"{k} {v:.4f}" for k, v in fused.items()))
+    return results
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -316,25 +396,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         guards.check_writable(workdir)  # before the data, the compile and an epoch of training
 
     run = setup(config)
-    data, info, method, state, tc = run.data, run.info, run.method, run.state, config.train
-    epochs, batch_size = int(tc.num_epochs), run.batch_size
-    train_step, metric_names, steps_per_epoch = run.train_step, run.metric_names, run.steps_per_epoch
-
+    info, method, tc = run.info, run.method, config.train
+    epochs = int(tc.num_epochs)
     ckpt = Checkpointer(workdir, enabled=bool(tc.get("checkpoint", True)))
-    best = host_copy({"params": state["params"], "rest": state["rest"]})
-    config_json = _jsonable(_config_dict(config))
-    meta = {"epoch": 0, "best_epoch": 0, "best_value": -float("inf"), "best_loss": float("inf"), "bad_epochs": 0,
-            "history": [], "stopped_early": False, "train_time_s": 0.0, "config": config_json}
-    restored = ckpt.restore_latest_good(state, best, log=_log) if ckpt.enabled else None
-    if restored is not None:
-        stored = restored[2].get("config")
-        if stored is None:
-            raise ValueError(f"{workdir} holds checkpoints that do not record their config (written by an older "
-                             "version); delete its checkpoints/ folder to start fresh.")
-        guards.check_same_config(stored, config_json, workdir, "an interrupted run")
-        state, best, meta = restored
-        _log(f"[{config.method.name}] resuming {workdir} after epoch {meta['epoch']} (step {_scalar(state['step'])}).")
-
+    every = checkpoint_every(config, run)
+    state, best, meta = _start(run, workdir, ckpt)
     patience = int(tc.get("patience", 0) or 0)
     earliest_stop = int(method.earliest_stop_epoch())
     select = selection_metric(config, info.task)
@@ -344,32 +410,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if meta["stopped_early"]:
             break
         t0 = time.perf_counter()
-        step_metrics = []
-        for batch in run.batches("train", batch_size, train=True, epoch=epoch):
-            state, mets = train_step(state, batch)
-            step_metrics.append(mets)
-        step_metrics = parallel.to_host(step_metrics)  # one transfer per epoch
-        train_means = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
-        if _scalar(state["bad_step"]) >= 0:
-            terms = [n for i, n in enumerate(metric_names) if (_scalar(state["bad_terms"]) >> i) & 1]
-            raise FloatingPointError(
-                f"non-finite {', '.join(terms)} at step {_scalar(state['bad_step'])} (epoch {epoch}); the update was "
-                f"skipped and training stopped. The inputs were checked for NaN/Inf and label range when loaded, so "
-                f"lower optim.learning_rate (or check the method's own hyperparameters).")
-        val, _ = evaluate(run, state["params"], state["rest"], "validation")
-        value = selection_value(val, select, info.task)
-        improved = improves(value, float(val["loss"]), meta)
-        if improved:
-            best = host_copy({"params": state["params"], "rest": state["rest"]})
-            meta.update(best_epoch=epoch, best_value=value, best_loss=float(val["loss"]), bad_epochs=0)
-        else:
-            meta["bad_epochs"] += 1
+        state, train_means = train_epoch(run, state, epoch)
+        val, _ = evaluate(run, state.params, state.rest, "validation")
+        best, improved = _select(run, state, val, epoch, best, meta, select)
         epoch_time = time.perf_counter() - t0
         meta["train_time_s"] += epoch_time
-        ctx = EpochContext(epoch=epoch, steps_per_epoch=steps_per_epoch, state=state,
+        ctx = EpochContext(epoch=epoch, steps_per_epoch=run.steps_per_epoch, state=state,
                            features_fn=run.features_fn, fresh_params_fn=run.fresh_params)
-        state["method_state"] = method.on_epoch_end(epoch, val, state["method_state"], ctx)
-        record = {"epoch": epoch, "step": _scalar(state["step"]), "train": train_means,
+        new_ms = method.on_epoch_end(epoch, val, ctx.state.method_state, ctx)
+        state = ctx.state._replace(method_state=new_ms)
+        record = {"epoch": epoch, "step": _scalar(state.step), "train": train_means,
                   "val": {"loss": val["loss"], **{f"{h}_{k}": v for h, d in val["heads"].items() for k, v in d.items()},
                           **{f"mipd_{m}": v for m, v in val.get("mipd", {}).items()}},
                   "time_s": epoch_time}
@@ -383,37 +433,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         main_metric = "mae" if info.task == "regression" else "accuracy"
         _log(f"[{config.method.name}] epoch {epoch:3d}/{epochs}  loss {train_means['loss']:.4f}  "
              f"val {main_metric} {val['heads']['fused'][main_metric]:.4f}{' *' if improved else '  '}  "
-             f"{epoch_time:5.1f}s  ETA {eta:5.0f}s" + ("  (early stop)" if meta["stopped_early"] else ""))
-        ckpt.save(epoch, state, best, meta)
+             f"{epoch_time:5.2f}s  ETA {eta:5.0f}s" + ("  (early stop)" if meta["stopped_early"] else ""))
+        if epoch % every == 0 or epoch == epochs or meta["stopped_early"]:
+            ckpt.save(epoch, state, best, meta)
     ckpt.close()
-
-    best = from_saveable(best, {"params": state["params"], "rest": state["rest"]})
-    bad = non_finite_leaves(best)
-    if bad:
-        raise FloatingPointError(f"the selected weights (epoch {meta['best_epoch']}) hold non-finite values in "
-                                 f"{bad[:5]}; refusing to publish results from them. Delete {workdir}/checkpoints "
-                                 "to retrain.")
-    best = parallel.replicate(best, run.mesh)
-    val, val_out = evaluate(run, best["params"], best["rest"], "validation")
-    test, test_out = evaluate(run, best["params"], best["rest"], "test")
-    for name, res in (("validation", val), ("test", test)):
-        if not np.isfinite(res["loss"]):
-            raise FloatingPointError(f"the selected weights give a non-finite {name} loss; refusing to write "
-                                     f"results.json. Delete {workdir}/checkpoints to retrain.")
-    _add_sample_type_accuracy(test, test_out["logits"], test_out["labels"], data, info)
-    _save_predictions(workdir, {"validation": val_out, "test": test_out})
-    results = {"config": _jsonable(_config_dict(config)), "method": config.method.name, "seed": run.seed,
-               "dataset": info.name, "modalities": list(info.modalities), "task": info.task,
-               "best_epoch": meta["best_epoch"], "epochs_run": meta["epoch"], "selection": f"val_{select}",
-               "stopped_early": meta["stopped_early"], "steps": _scalar(state["step"]),
-               "train_time_s": meta["train_time_s"], "validation": val, "test": test}
-    results = _jsonable(results)
-    if parallel.is_primary():
-        guards.write_json_atomic(os.path.join(workdir, "results.json"), results)
-    fused = test["heads"]["fused"]
-    _log(f"[{config.method.name}] done: best epoch {meta['best_epoch']}, test "
-         + ", ".join(f"{k} {v:.4f}" for k, v in fused.items()))
-    return results
+    return _finish(run, workdir, state, best, meta, select)
 
 
 def _add_sample_type_accuracy(res: dict, logits, labels, data, info) -> None:
@@ -513,4 +537,5 @@ def run_seeds(config, workdir: str, seeds) -> dict:
     return summary
 
 
-__all__ = ["Run", "evaluate", "setup", "load_pretrained", "run_seeds", "train_and_evaluate", "train_ensemble"]
+__all__ = ["EVAL_PERMUTATION_SEED", "Run", "evaluate", "load_pretrained", "make_train_step", "run_seeds", "setup",
+           "train_and_evaluate", "train_ensemble", "train_epoch"]

@@ -18,6 +18,7 @@ from mcr_jax.methods.base import EpochContext
 from mcr_jax.methods.dnr import kmeans, minmax_scale, purity, reinit_strength
 from mcr_jax.methods.mmpareto import integrate, pareto_weights
 from mcr_jax.methods.reconboost import reconcile_loss, schedule
+from mcr_jax.state import TrainState
 from mcr_jax.train import train_and_evaluate
 from tests.method_setup import build, toy_data
 
@@ -292,7 +293,8 @@ def test_dnr_softly_reinitialises_each_encoder_by_its_purity_gap():
         calls.append(split)
         return feats[split]
 
-    state = {"params": params, "rest": {}}
+    state = TrainState(params=params, rest={}, opt_state=None, method_state=None, key=None, step=None,
+                       bad_step=None, bad_terms=None)
     ctx = EpochContext(epoch=1, steps_per_epoch=4, state=state, features_fn=features_fn,
                        fresh_params_fn=lambda s: pytest.fail("reinit_target='initial' must not draw new params"))
     assert method.on_epoch_end(1, {}, state0, ctx) is state0 and calls == []  # not due
@@ -301,7 +303,7 @@ def test_dnr_softly_reinitialises_each_encoder_by_its_purity_gap():
     a = np.tanh(3.0 * (1.0 - 0.2))
     np.testing.assert_allclose(new_ms["strength"], [a, 0.0], rtol=1e-6)
     np.testing.assert_allclose(new_ms["purity_val"], [0.2, 1.0])
-    new = state["params"]
+    new = ctx.params
     jax.tree.map(lambda n, p, i: np.testing.assert_allclose(n, (1 - a) * _np(p) + a * _np(i), rtol=1e-5, atol=1e-6),
                  new["encoders"]["x1"], params["encoders"]["x1"], initial["encoders"]["x1"])
     # α = 0 for x2, and nothing outside the encoders changes
@@ -324,7 +326,9 @@ def test_dnr_fresh_target_and_loss_and_errors():
     y = np.repeat(np.arange(5), 12)
     seeds = []
     fresh = jax.tree.map(jnp.zeros_like, params)
-    ctx = EpochContext(epoch=1, steps_per_epoch=4, state={"params": params, "rest": {}},
+    state = TrainState(params=params, rest={}, opt_state=None, method_state=None, key=None, step=None,
+                       bad_step=None, bad_terms=None)
+    ctx = EpochContext(epoch=1, steps_per_epoch=4, state=state,
                        features_fn=lambda p, r, s: ({"x1": np.zeros((60, 8)) if s == "validation"
                                                      else _blob_features(y, 0), "x2": _blob_features(y, 1)}, y),
                        fresh_params_fn=lambda s: seeds.append(s) or fresh)

@@ -22,6 +22,7 @@ from sklearn.metrics import accuracy_score
 from sklearn.preprocessing import MinMaxScaler
 
 from mcr_jax.methods.base import EpochContext
+from mcr_jax.state import TrainState
 from tests.method_setup import build
 
 # ---- D&R: the release's diagnosis and re-initialisation --------------------------------------------
@@ -99,7 +100,8 @@ def test_dnr_reinitialisation_matches_the_release(dnr_case):
     initial = jax.tree.map(lambda x: np.asarray(x) * 0.5 - 0.25, params)  # θ⁰ ≠ θ on every leaf
     state0 = method.init_method_state(initial)
     feats = {"train": (train, y_train), "validation": (val, y_val)}
-    state = {"params": params, "rest": {}}
+    state = TrainState(params=params, rest={}, opt_state=None, method_state=None, key=None, step=None,
+                       bad_step=None, bad_terms=None)
     ctx = EpochContext(epoch=3, steps_per_epoch=1, state=state, features_fn=lambda p, r, split: feats[split],
                        fresh_params_fn=lambda s: pytest.fail("the release re-initialises towards θ⁰"))
     new_ms = method.on_epoch_end(3, {}, state0, ctx)
@@ -112,9 +114,9 @@ def test_dnr_reinitialisation_matches_the_release(dnr_case):
         w = np.float32(want[m][2])
         jax.tree.map(lambda n, cur, ini, w=w: np.testing.assert_allclose(n, w * ini + (1 - w) * np.asarray(cur),
                                                                          rtol=1e-5, atol=1e-6),
-                     state["params"]["encoders"][m], params["encoders"][m], initial["encoders"][m])
+                     ctx.params["encoders"][m], params["encoders"][m], initial["encoders"][m])
     for part in ("fusion", "heads"):
-        jax.tree.map(np.testing.assert_array_equal, state["params"][part], params[part])
+        jax.tree.map(np.testing.assert_array_equal, ctx.params[part], params[part])
 
 
 # ---- ReconBoost: the release's boosting (reconcilement) stage ----------------------------------------

@@ -29,7 +29,7 @@ def _one_step(cfg, num_devices):
     run = train.setup(cfg, mesh=parallel.make_mesh(num_devices))
     batch = next(run.batches("train", run.batch_size, train=True, epoch=1))
     state, mets = run.train_step(run.state, batch)
-    return run, jax.device_get(state["params"]), jax.device_get(mets)
+    return run, jax.device_get(state.params), jax.device_get(mets)
 
 
 @pytest.mark.parametrize("method", ["joint", "mcr"])

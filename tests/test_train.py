@@ -172,7 +172,7 @@ def test_eval_mipd_uses_every_valid_row_and_ignores_padding():
     cfg = smoke_config()
     cfg.eval.batch_size = 48  # the 60 test rows: one full batch and one with 12 valid rows
     run = train.setup(cfg)
-    params, rest = run.state["params"], run.state["rest"]
+    params, rest = run.state.params, run.state.rest
     res, _ = train.evaluate(run, params, rest, "test")
     assert set(res["mipd"]) == {"x1", "x2"}
     # Recomputed batch by batch with the pure loss, weighted by the valid rows.
@@ -204,7 +204,7 @@ def test_eval_mipd_reported_when_the_eval_batch_exceeds_the_split():
     cfg = smoke_config()
     cfg.eval.batch_size = 256  # > 60 test rows
     run = train.setup(cfg)
-    res, _ = train.evaluate(run, run.state["params"], run.state["rest"], "test")
+    res, _ = train.evaluate(run, run.state.params, run.state.rest, "test")
     assert set(res["mipd"]) == {"x1", "x2"} and all(v > 0 for v in res["mipd"].values())
 
 

@@ -116,6 +116,7 @@ import optax
 from mcr_jax.game import path_keys
 from mcr_jax.methods.base import Method, masked_mean, model_inputs, task_loss
 from mcr_jax.methods.common import check_options, others_mean
+from mcr_jax.state import StepOutput
 
 DEFAULTS = dict(alpha=3.0, max_gap=10.0, start_epoch=1, end_epoch=20, after_window="hold", clip_norm=1.0)
 AFTER_WINDOW = ("hold", "off")
@@ -276,7 +277,7 @@ class AGM(Method):
         metrics = {"task": loss, "loss": loss, "clip_factor": clip,
                    **{f"score_{m}": scores[i] for i, m in enumerate(names)},
                    **{f"coeff_{m}": applied[i] for i, m in enumerate(names)}}
-        return grads, {}, new_rest, new_state, metrics
+        return StepOutput(grads, {}, new_rest, new_state, metrics)
 
     def on_epoch_end(self, epoch, val_metrics, method_state, ctx):
         """The epoch about to start (1-based): ``epoch`` (the one just finished) + 1."""

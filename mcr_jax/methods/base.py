@@ -3,8 +3,8 @@
 A method turns a model and a batch into gradients. The trainer (``mcr_jax.train``) owns the loop,
 the data, evaluation and checkpoints; it calls, per step and inside one ``jax.jit``::
 
-    grads, tx_kwargs, new_rest, new_method_state, metrics = method.gradients(handle, params, batch, key, method_state)
-    updates, opt_state = tx.update(grads, opt_state, params, **tx_kwargs)
+    out = method.gradients(handle, params, batch, key, method_state)   # a mcr_jax.state.StepOutput
+    updates, opt_state = tx.update(out.grads, opt_state, params, **out.tx_kwargs)
 
 Most methods only write :meth:`Method.loss`; methods that edit gradients (OGM-GE, the game's
 optax form, …) override :meth:`Method.gradients`. Host-side hooks (:meth:`on_epoch_end`) let a
@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 from mcr_jax.data.types import DatasetInfo
+from mcr_jax.state import StepOutput
 
 
 class ModelHandle:
@@ -76,7 +77,8 @@ class EpochContext:
     - ``epoch``: the epoch just finished (1-based); ``steps_per_epoch``;
     - ``params`` / ``rest``: current parameters and non-parameter state (pure pytrees);
     - ``replace_params(params)``: install new parameters (e.g. a partial re-initialisation); the
-      optimizer state is kept;
+      optimizer state is kept; the trainer reads the new :class:`~mcr_jax.state.TrainState` back
+      from ``state``;
     - ``features(split)``: ``({modality: [N, D_m]}, labels [N])`` — the encoders' latents (eval mode)
       over a whole split, padding removed;
     - ``fresh_params(seed)``: the parameters of a newly initialised model (same structure).
@@ -90,19 +92,23 @@ class EpochContext:
         self._fresh_params_fn = fresh_params_fn
 
     @property
+    def state(self):
+        return self._state
+
+    @property
     def params(self):
-        return self._state["params"]
+        return self._state.params
 
     @property
     def rest(self):
-        return self._state["rest"]
+        return self._state.rest
 
     def replace_params(self, params) -> None:
-        jax.tree.map(lambda a, b: None, self._state["params"], params)  # same structure, or an error
-        self._state["params"] = params
+        jax.tree.map(lambda a, b: None, self._state.params, params)  # same structure, or an error
+        self._state = self._state._replace(params=params)
 
     def features(self, split: str):
-        return self._features_fn(self._state["params"], self._state["rest"], split)
+        return self._features_fn(self._state.params, self._state.rest, split)
 
     def fresh_params(self, seed: int):
         return self._fresh_params_fn(seed)
@@ -168,8 +174,8 @@ class Method:
         loss = task_loss(out["logits"], batch["label"], batch.get("mask"), self.task)
         return loss, {"task": loss}, model
 
-    def gradients(self, handle: ModelHandle, params, batch, key, method_state):
-        """Returns ``(grads, tx_kwargs, new_rest, new_method_state, metrics)``."""
+    def gradients(self, handle: ModelHandle, params, batch, key, method_state) -> StepOutput:
+        """Returns a :class:`~mcr_jax.state.StepOutput` (grads, tx_kwargs, rest, method_state, metrics)."""
 
         def fn(p):
             loss, metrics, model = self.loss(handle, p, batch, key, method_state)
@@ -177,7 +183,7 @@ class Method:
 
         (loss, (metrics, new_rest)), grads = jax.value_and_grad(fn, has_aux=True)(params)
         metrics = dict(metrics, loss=loss)
-        return grads, {}, new_rest, method_state, metrics
+        return StepOutput(grads, {}, new_rest, method_state, metrics)
 
     def fuse(self, model, latents: Mapping[str, jax.Array]) -> jax.Array:
         """The method's fused prediction from latents (``{m: [N, D_m]}`` → ``[N, C]``); the trainer's

@@ -43,6 +43,7 @@ from mcr_jax.losses.mipd import perturb_latent
 from mcr_jax.methods.base import Method, model_inputs, task_loss, unimodal_losses
 from mcr_jax.methods.common import check_options
 from mcr_jax.models import LinearLateFusion
+from mcr_jax.state import StepOutput
 
 DEFAULTS = dict(
     strategy="greedy",
@@ -268,4 +269,4 @@ class MCR(Method):
         (_, (reg_total, terms, new_rest)), grads = jax.value_and_grad(rest_fn, has_aux=True)(params)
         per_term, d = jax.jacrev(terms_fn, has_aux=True)(params)
         metrics = {**terms, **self._jsd_metrics(self.modalities, d), "loss": reg_total - o["mipd_weight"] * jnp.sum(d)}
-        return grads, {"mipd_grads": per_term}, new_rest, method_state, metrics
+        return StepOutput(grads, {"mipd_grads": per_term}, new_rest, method_state, metrics)

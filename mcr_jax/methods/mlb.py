@@ -65,6 +65,7 @@ import jax.numpy as jnp
 
 from mcr_jax.methods.base import Method, masked_mean, task_loss, unimodal_losses
 from mcr_jax.methods.common import check_options, modality_owners, others_mean, scale_by_owner, true_class_prob
+from mcr_jax.state import StepOutput
 
 DEFAULTS = dict(alpha=0.5, beta=10.0, uni_weight=1.0)
 OWNED = ("encoders", "heads", "branches")
@@ -125,4 +126,4 @@ class MLB(Method):
         grads = scale_by_owner(grads, modality_owners(params, names, OWNED), coeffs)
         metrics = dict(terms, loss=loss, **{f"ratio_{m}": ratios[i] for i, m in enumerate(names)},
                        **{f"coeff_{m}": coeffs[i] for i, m in enumerate(names)})
-        return grads, {}, new_rest, method_state, metrics
+        return StepOutput(grads, {}, new_rest, method_state, metrics)

@@ -103,6 +103,7 @@ import jax.numpy as jnp
 from mcr_jax.game import path_keys
 from mcr_jax.methods.base import Method, task_loss, unimodal_losses
 from mcr_jax.methods.common import check_options
+from mcr_jax.state import StepOutput
 
 DEFAULTS = dict(scale=1.5, rescale_scope="tensor")
 SCOPES = ("tensor", "encoder")
@@ -206,4 +207,4 @@ class MMPareto(Method):
                 out[i] = g
             metrics[f"cos_{m}"] = mets["cos"]
             metrics[f"alpha_mm_{m}"] = mets["alpha_mm"]
-        return jax.tree.unflatten(treedef, out), {}, new_rest, method_state, metrics
+        return StepOutput(jax.tree.unflatten(treedef, out), {}, new_rest, method_state, metrics)

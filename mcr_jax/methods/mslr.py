@@ -98,6 +98,7 @@ import optax
 from mcr_jax.methods.base import Method, task_loss, unimodal_losses
 from mcr_jax.methods.common import check_options, modality_owners, scale_by_owner
 from mcr_jax.models import LinearLateFusion
+from mcr_jax.state import StepOutput
 
 DEFAULTS = dict(window=20, partial_window=False, scale="updates", scale_branch=True, metric="",
                 unimodal_source="auto", init_lr_multipliers={}, preset="")
@@ -247,8 +248,8 @@ class MSLR(Method):
         metrics = dict(metrics, **{f"lr_mult_{m}": mult[i] for i, m in enumerate(self.modalities)})
         if self.opts["scale"] == "gradients":
             grads = scale_by_owner(grads, modality_owners(params, self.modalities, self.owned), mult)
-            return grads, {}, new_rest, method_state, metrics
-        return grads, {"lr_multipliers": mult}, new_rest, method_state, metrics
+            return StepOutput(grads, {}, new_rest, method_state, metrics)
+        return StepOutput(grads, {"lr_multipliers": mult}, new_rest, method_state, metrics)
 
     def predict(self, model, batch):
         out = self.forward(model, batch)

@@ -101,6 +101,7 @@ from flax import nnx
 from mcr_jax.methods.base import Method, task_loss
 from mcr_jax.methods.common import check_options, modality_owners, others_mean, true_class_prob
 from mcr_jax.models import LinearLateFusion
+from mcr_jax.state import StepOutput
 
 DEFAULTS = dict(alpha=1.0, start_epoch=1, end_epoch=51, ge=True, modulate="auto")
 MODULATE = ("auto", "conv_kernels", "encoder", "encoder_and_branch")
@@ -233,7 +234,7 @@ class OGMGE(Method):
         rho = ogm_ratios(scores)
         metrics = {"task": loss, "loss": loss, **{f"ratio_{m}": rho[i] for i, m in enumerate(names)},
                    **{f"coeff_{m}": coeffs[i] for i, m in enumerate(names)}}
-        return new_grads, {}, new_rest, method_state, metrics
+        return StepOutput(new_grads, {}, new_rest, method_state, metrics)
 
     def on_epoch_end(self, epoch, val_metrics, method_state, ctx):
         """The epoch about to start (1-based): ``epoch`` (the one just finished) + 1."""

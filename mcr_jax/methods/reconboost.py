@@ -83,6 +83,7 @@ from mcr_jax import game
 from mcr_jax.methods.base import Method, masked_mean, model_inputs, task_loss
 from mcr_jax.methods.common import check_options
 from mcr_jax.models import LinearLateFusion
+from mcr_jax.state import StepOutput
 
 DEFAULTS = dict(stage_epochs=4, rectify_epochs=4, reconcile_weight=0.2)
 MASK_KWARG = "reconboost_update_mask"
@@ -202,7 +203,7 @@ class ReconBoost(Method):
             lambda o: (train_all | (onehot[o] > 0)) if o >= 0 else train_all, players)
         metrics = dict(terms, loss=loss, active=jnp.asarray(active, jnp.float32),
                        boosting=jnp.asarray(boosting, jnp.float32))
-        return grads, {MASK_KWARG: update_mask}, new_rest, method_state, metrics
+        return StepOutput(grads, {MASK_KWARG: update_mask}, new_rest, method_state, metrics)
 
     # ---- host hooks --------------------------------------------------------------------------
     def on_epoch_end(self, epoch, val_metrics, method_state, ctx):
