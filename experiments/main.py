@@ -10,10 +10,12 @@ interrupted run from its last finished epoch (or returns a finished run's result
 from absl import app, flags
 
 from experiments.flags import FLAGS, define_common_flags, int_list, start
-from mcr_jax.train import run_seeds, train_and_evaluate
+from mcr_jax.seeds import train_seeds
+from mcr_jax.train import train_and_evaluate
 
 define_common_flags("Where checkpoints, metrics.jsonl and results.json go.")
-flags.DEFINE_string("seeds", "", "Comma-separated seeds: run each in <workdir>/seed_<s> and report mean ± std.")
+flags.DEFINE_string("seeds", "", "Comma-separated seeds, trained as one vectorised program where possible; each "
+                    "seed's results in <workdir>/seed_<s>, mean ± std in <workdir>/summary.json.")
 
 
 def main(argv):
@@ -22,7 +24,7 @@ def main(argv):
     config = FLAGS.config
     seeds = int_list(FLAGS.seeds)
     if seeds:
-        summary = run_seeds(config, FLAGS.workdir, seeds)
+        summary = train_seeds(config, FLAGS.workdir, seeds)["summary"]
         print(f"test, mean ± sample std (ddof 1) [95 % t-interval for the mean] over seeds {seeds}:")
         for head, mets in summary["test"].items():
             print(head, "  ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f} [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}]"

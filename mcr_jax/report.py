@@ -25,6 +25,10 @@ METHOD_DEFAULTS = {
 }
 
 
+#: methods whose config differs per seed (they start from, or combine, that seed's unimodal runs).
+PER_SEED = ("ensemble", "uni_pre_frozen", "uni_pre_finetuned")
+
+
 def method_config(config, name: str, unimodal_dirs: dict[str, str]) -> ml_collections.ConfigDict:
     """The config of one method in a comparison: the config's own method section for the method it
     was built for (``mcr`` by default, with its dataset-specific settings), else the method's
@@ -42,25 +46,40 @@ def method_config(config, name: str, unimodal_dirs: dict[str, str]) -> ml_collec
 
 
 def run_comparison(config, workdir: str, methods=DEFAULT_METHODS, seeds=(0, 1, 2)) -> dict:
-    """Runs every method for every seed; returns ``{"runs": {label: [results per seed]}, "summary": ...}``."""
+    """Runs every method for every seed; returns ``{"runs": {label: [results per seed]}, "summary": ...}``.
+
+    A method's seeds train as one vectorised program where they can (:func:`mcr_jax.seeds.train_seeds`;
+    its stacked checkpoints go to ``<workdir>/vectorized/<method>``); each seed's results land in
+    ``<workdir>/seed_<s>/<method>`` either way. The ensemble and uni-pre build on each seed's
+    unimodal runs and run seed by seed."""
     from mcr_jax.inputs import load
+    from mcr_jax.seeds import train_seeds
 
     seeds = guards.check_seeds(seeds)
     modalities = load(config.data).info.modalities
     runs: dict[str, list[dict]] = {}
-    for seed in seeds:
-        base = ml_collections.ConfigDict(config.to_dict())
-        base.seed = int(seed)
-        seed_dir = os.path.join(workdir, f"seed_{seed}")
-        unimodal_dirs = {m: os.path.join(seed_dir, f"unimodal_{m}") for m in modalities}
-        for name in methods:
-            if name == "unimodal":
-                for m in modalities:
-                    res = train_and_evaluate(unimodal_config(base, m), unimodal_dirs[m])
-                    runs.setdefault(f"unimodal {m}", []).append(res)
-                continue
-            res = train_and_evaluate(method_config(base, name, unimodal_dirs), os.path.join(seed_dir, name))
-            runs.setdefault(name, []).append(res)
+
+    def seed_dir(s):
+        return os.path.join(workdir, f"seed_{s}")
+
+    def all_seeds(cfg, label, name):
+        out = train_seeds(cfg, os.path.join(workdir, "vectorized", name), seeds,
+                          seed_dirs={s: os.path.join(seed_dir(s), name) for s in seeds})
+        runs[label] = out["per_seed"]
+
+    for name in methods:
+        if name == "unimodal":
+            for m in modalities:
+                all_seeds(unimodal_config(config, m), f"unimodal {m}", f"unimodal_{m}")
+        elif name in PER_SEED:
+            for s in seeds:
+                base = ml_collections.ConfigDict(config.to_dict())
+                base.seed = int(s)
+                unimodal_dirs = {m: os.path.join(seed_dir(s), f"unimodal_{m}") for m in modalities}
+                res = train_and_evaluate(method_config(base, name, unimodal_dirs), os.path.join(seed_dir(s), name))
+                runs.setdefault(name, []).append(res)
+        else:
+            all_seeds(method_config(config, name, {}), name, name)
     summary = summarize(runs)
     out = {"dataset": config.data.name, "modalities": list(modalities), "seeds": list(seeds), "summary": summary,
            "runs": runs}

@@ -60,18 +60,28 @@ def _eval_batches(run, params, rest, split):
     """``[(host outputs, host batch)]`` over a split: one compiled call when the split is on the
     device, else one call per batch of the host pipeline (same batches, same results)."""
     if split in run.device_arrays:
-        out = parallel.to_host(run.eval_fn[split](params, rest, run.device_arrays[split]))
-        return [({k: (jax.tree.map(lambda a, i=i: a[i], v)) for k, v in out.items()},
-                 {"mask": out["mask"][i], "label": out["label"][i]}) for i in range(out["mask"].shape[0])]
+        return split_eval_output(parallel.to_host(run.eval_fn[split](params, rest, run.device_arrays[split])))
     return [parallel.to_host((run.eval_step(params, rest, batch, jnp.int32(index)), batch))
             for index, batch in enumerate(run.batches(split, run.eval_batch_size, train=False, epoch=0))]
 
 
 def evaluate(run, params, rest, split) -> tuple[dict, dict]:
     """Metrics of every head on a whole split (padding removed), plus the raw outputs."""
-    method = run.method
+    return summarize_eval(run.method, _eval_batches(run, params, rest, split))
+
+
+def split_eval_output(out: dict) -> list[tuple[dict, dict]]:
+    """A whole-split evaluation output (leading ``[num_batches]`` axis, with ``mask`` and ``label``)
+    as the ``[(outputs, batch)]`` list :func:`summarize_eval` reads."""
+    return [({k: jax.tree.map(lambda a, i=i: a[i], v) for k, v in out.items()},
+             {"mask": out["mask"][i], "label": out["label"][i]}) for i in range(out["mask"].shape[0])]
+
+
+def summarize_eval(method, batches) -> tuple[dict, dict]:
+    """Metrics of every head from per-batch evaluation outputs ``[(outputs, batch)]`` (host arrays;
+    padded rows removed by the batches' masks), plus the concatenated raw outputs."""
     logits, uni, labels, losses, mipd = [], {}, [], [], []
-    for out, host in _eval_batches(run, params, rest, split):
+    for out, host in batches:
         valid = np.asarray(host["mask"]) > 0
         logits.append(np.asarray(out["logits"])[valid])
         labels.append(np.asarray(host["label"])[valid])
@@ -182,6 +192,8 @@ class Run:
     graphdef_train: Any
     graphdef_eval: Any
     tx: Any
+    step_fn: Callable | None = None
+    eval_step_fn: Callable | None = None
     device_arrays: dict = dataclasses.field(default_factory=dict)
     epoch_fn: Callable | None = None
     eval_fn: dict = dataclasses.field(default_factory=dict)
@@ -249,7 +261,7 @@ def setup(config, *, mesh=None) -> Run:
     run = Run(config=config, data=data, info=info, method=method, mesh=mesh, seed=seed, state=state,
               train_step=train_step, eval_step=eval_step, metric_names=metric_names, steps_per_epoch=steps_per_epoch,
               batch_size=batch_size, eval_batch_size=eval_bs, graphdef_train=graphdef_train,
-              graphdef_eval=graphdef_eval, tx=tx)
+              graphdef_eval=graphdef_eval, tx=tx, step_fn=step, eval_step_fn=raw_eval)
     if compiled_epochs(config, data):
         for split in ("train", "validation", "test"):
             run.device_arrays[split] = parallel.replicate(data.arrays(split), mesh)
@@ -521,21 +533,5 @@ def train_ensemble(config, workdir: str) -> dict:
     return results
 
 
-def run_seeds(config, workdir: str, seeds) -> dict:
-    """Runs ``train_and_evaluate`` per seed in ``<workdir>/seed_<s>`` and aggregates mean ± std."""
-    per_seed = []
-    seeds = guards.check_seeds(seeds)
-    for s in seeds:
-        sub = ml_collections.ConfigDict(_config_dict(config))
-        sub.seed = int(s)
-        per_seed.append(train_and_evaluate(sub, os.path.join(workdir, f"seed_{s}")))
-    summary = {"method": config.method.name, "seeds": list(seeds), "test": {}}
-    for head, mets in per_seed[0]["test"]["heads"].items():
-        summary["test"][head] = {k: metrics.mean_std([r["test"]["heads"][head][k] for r in per_seed]) for k in mets}
-    if parallel.is_primary():
-        guards.write_json_atomic(os.path.join(workdir, "summary.json"), _jsonable(summary))
-    return summary
-
-
-__all__ = ["EVAL_PERMUTATION_SEED", "Run", "evaluate", "load_pretrained", "make_train_step", "run_seeds", "setup",
+__all__ = ["EVAL_PERMUTATION_SEED", "Run", "evaluate", "load_pretrained", "make_train_step", "setup",
            "train_and_evaluate", "train_ensemble", "train_epoch"]

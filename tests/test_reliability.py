@@ -206,7 +206,9 @@ def test_a_selection_metric_of_the_other_task_is_rejected(tmp_path):
 
 def test_repeated_seeds_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="distinct"):
-        train.run_seeds(smoke_config(), str(tmp_path), [0, 0])
+        from mcr_jax.seeds import train_seeds
+
+        train_seeds(smoke_config(), str(tmp_path), [0, 0])
     from mcr_jax import report
 
     with pytest.raises(ValueError, match="distinct"):

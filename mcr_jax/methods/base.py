@@ -129,6 +129,10 @@ class Method:
     #: leaves them at their initialisation, so their accuracy and the error groups would mislead.
     reports_unimodal_heads = False
 
+    #: whether several seeds may share one instance in a vectorised program (mcr_jax.seeds); False
+    #: for a method that keeps per-run state on the instance rather than in its method state.
+    vectorizable_seeds = True
+
     #: the device mesh of the run (set by the trainer; None outside it).
     mesh = None
 

@@ -153,6 +153,8 @@ class DnR(Method):
 
     name = "dnr"
     reports_unimodal_heads = True
+    #: θ⁰ lives on the instance, one run's: seeds are not vectorised (see mcr_jax.seeds).
+    vectorizable_seeds = False
 
     def __init__(self, config, info):
         super().__init__(config, info)

@@ -1,0 +1,251 @@
+"""Several seeds as one vectorised program: ``jax.vmap`` over the initial states and data orders.
+
+:func:`train_seeds` trains every seed of a config at once. The seeds' :class:`~mcr_jax.state.TrainState`
+are stacked on a leading ``[K]`` axis and one compiled epoch (``vmap`` of the trainer's
+``lax.scan`` epoch) advances all of them; each seed keeps its own data order (the host pipeline's,
+shuffled by that seed), its own PRNG stream, model selection on its own validation metric, its own
+early stopping (a seed that has stopped is still carried by the program, but nothing after its
+stop is selected or recorded) and its own host-side method hooks. Each seed's results are those of
+the same seed run alone with :func:`mcr_jax.train.train_and_evaluate` (to float tolerance; tested),
+written to the same places (``<workdir>/seed_<s>/results.json``, ``metrics.jsonl``,
+``predictions.npz`` and a checkpoint of its final state and selected weights, so that uni-pre can
+start from it), plus ``<workdir>/summary.json``.
+
+Where the vectorised program does not apply — streamed (TFDS) data, several processes, a method
+that keeps per-run state outside its method state (D&R), uni-pre initialisation, MCR's local
+permutation scope — :func:`train_seeds` falls back to running the seeds one after another (and
+says so).
+
+Checkpoints of the stacked state live in ``<workdir>/vectorized/`` (cadence
+``train.checkpoint_every``); an interrupted run resumes from there to the uninterrupted result.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mcr_jax import guards, metrics, parallel, train
+from mcr_jax.checkpoint import Checkpointer, from_saveable, host_copy, non_finite_leaves
+from mcr_jax.methods.base import EpochContext
+from mcr_jax.state import TrainState, init_state, split_model
+from mcr_jax.steps import make_epoch_fn, make_eval_fn
+
+
+def stack(trees):
+    """Stacks pytrees of the same structure on a new leading axis."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def take(tree, k: int):
+    """Entry ``k`` of a stacked pytree."""
+    return jax.tree.map(lambda x: x[k], tree)
+
+
+def put(tree, k: int, value):
+    """A stacked pytree with entry ``k`` replaced (device arrays: a new tree; NumPy: in place)."""
+    def one(x, v):
+        if isinstance(x, np.ndarray):
+            x[k] = v
+            return x
+        return x.at[k].set(v)
+
+    return jax.tree.map(one, tree, value)
+
+
+def _seed_config(config, seed: int) -> ml_collections.ConfigDict:
+    sub = ml_collections.ConfigDict(train._config_dict(config))
+    sub.seed = int(seed)
+    return sub
+
+
+def vectorizable(config, run) -> str | None:
+    """``None`` when the seeds of ``config`` can run as one program, else the reason they cannot."""
+    if run.epoch_fn is None:
+        return "the training data is streamed (or several processes run): epochs are not compiled"
+    if not getattr(run.method, "vectorizable_seeds", True):
+        return f"method {run.method.name!r} keeps per-run state outside its method state"
+    if config.method.get("pretrained", None) or config.get("init", {}).get("pretrained", None):
+        return "runs start from per-seed pretrained weights"
+    if config.method.get("permutation_scope", "global") == "local":
+        return "MCR's local permutation scope runs under shard_map"
+    return None
+
+
+def train_seeds(config, workdir: str, seeds, *, seed_dirs: dict | None = None) -> dict:
+    """Trains ``config`` for every seed in ``seeds`` as one vectorised program (see the module
+    docstring) and returns ``{"per_seed": [results], "summary": summary}``.
+
+    ``seed_dirs`` (``{seed: dir}``, default ``<workdir>/seed_<s>``) places each seed's results
+    where a single run of that seed would put them (the comparison runner's layout); the stacked
+    checkpoints and ``summary.json`` go to ``workdir``."""
+    seeds = guards.check_seeds(seeds)
+    guards.validate_config(config)
+    workdir = os.path.abspath(workdir)
+    dirs = {s: os.path.abspath((seed_dirs or {}).get(s) or os.path.join(workdir, f"seed_{s}")) for s in seeds}
+    configs = {s: _seed_config(config, s) for s in seeds}
+    done = {s: train._finished(dirs[s], configs[s]) for s in seeds}
+    if all(r is not None for r in done.values()):
+        return _summarize(config, workdir, seeds, [done[s] for s in seeds])
+    if parallel.is_primary():
+        guards.check_writable(workdir)
+    run = train.setup(configs[seeds[0]])
+    reason = vectorizable(config, run)
+    if reason is not None:
+        train._log(f"[{config.method.name}] seeds run one after another: {reason}.")
+        per_seed = [train.train_and_evaluate(configs[s], dirs[s]) for s in seeds]
+        return _summarize(config, workdir, seeds, per_seed)
+    return _train_vectorized(config, workdir, seeds, configs, dirs, run)
+
+
+def _initial_states(run, configs, seeds) -> TrainState:
+    states = []
+    for s in seeds:
+        model = train.inputs.build_model(configs[s].model, run.info, seed=s)
+        run.method.check_model(model)
+        _, _, params, rest = split_model(model)
+        states.append(init_state(params, rest, run.tx, run.method, s))
+    return stack(states)
+
+
+def _train_vectorized(config, workdir, seeds, configs, dirs, run) -> dict:
+    info, method, tc = run.info, run.method, config.train
+    k_seeds, epochs = len(seeds), int(tc.num_epochs)
+    shard = parallel.batch_sharded(run.mesh)
+    epoch_fn = jax.jit(jax.vmap(make_epoch_fn(run.step_fn, batch_sharding=shard), in_axes=(0, None, 0)),
+                       donate_argnums=0)
+    eval_fns = {split: jax.jit(jax.vmap(make_eval_fn(run.eval_step_fn, num_examples=run.data.size(split),
+                                                     batch_size=run.eval_batch_size, batch_sharding=shard),
+                                        in_axes=(0, 0, None)))
+                for split in ("validation", "test")}
+    states = parallel.replicate(_initial_states(run, configs, seeds), run.mesh)
+
+    ckpt = Checkpointer(os.path.join(workdir, "vectorized"), enabled=bool(tc.get("checkpoint", True)))
+    every = train.checkpoint_every(config, run)
+    config_json = train._jsonable(train._config_dict(config))
+    best = host_copy({"params": states.params, "rest": states.rest})
+    metas = [{"epoch": 0, "best_epoch": 0, "best_value": -float("inf"), "best_loss": float("inf"), "bad_epochs": 0,
+              "history": [], "stopped_early": False, "train_time_s": 0.0, "steps": 0} for _ in seeds]
+    meta = {"epoch": 0, "per_seed": metas, "seeds": list(seeds), "config": config_json}
+    restored = ckpt.restore_latest_good(states, best, log=train._log) if ckpt.enabled else None
+    if restored is not None:
+        guards.check_same_config(restored[2].get("config", {}), config_json, workdir, "an interrupted vectorised run")
+        states, best, meta = restored
+        metas = meta["per_seed"]
+        train._log(f"[{config.method.name}] resuming {workdir} (seeds {list(seeds)}) after epoch {meta['epoch']}.")
+
+    patience = int(tc.get("patience", 0) or 0)
+    earliest_stop = int(method.earliest_stop_epoch())
+    select = train.selection_metric(config, info.task)
+    start = meta["epoch"] + 1
+    for epoch in range(start, epochs + 1):
+        active = [i for i, m in enumerate(metas) if not m["stopped_early"]]
+        if not active:
+            break
+        t0 = time.perf_counter()
+        rows = np.stack([run.data.batch_layout("train", run.batch_size, train=True, seed=s, epoch=epoch)[0]
+                         for s in seeds]).astype(np.int32)
+        states, mets = epoch_fn(states, run.device_arrays["train"], rows)
+        mets = parallel.to_host(mets)
+        bad = np.asarray(parallel.to_host(states.bad_step))
+        val_out = parallel.to_host(eval_fns["validation"](states.params, states.rest,
+                                                          run.device_arrays["validation"]))
+        epoch_time = (time.perf_counter() - t0) / len(active)
+        for i in active:
+            s, m = seeds[i], metas[i]
+            if bad[i] >= 0:
+                terms = [n for j, n in enumerate(run.metric_names)
+                         if (int(np.asarray(states.bad_terms)[i]) >> j) & 1]
+                raise FloatingPointError(f"seed {s}: non-finite {', '.join(terms)} at step {int(bad[i])} "
+                                         f"(epoch {epoch}); the update was skipped and training stopped. Lower "
+                                         "optim.learning_rate (or check the method's own hyperparameters).")
+            val, _ = train.summarize_eval(method, train.split_eval_output(take(val_out, i)))
+            value = train.selection_value(val, select, info.task)
+            improved = train.improves(value, float(val["loss"]), m)
+            if improved:
+                best = put(best, i, host_copy({"params": take(states.params, i), "rest": take(states.rest, i)}))
+                m.update(best_epoch=epoch, best_value=value, best_loss=float(val["loss"]), bad_epochs=0)
+            else:
+                m["bad_epochs"] += 1
+            m["train_time_s"] += epoch_time
+            one = take(states, i)
+            ctx = EpochContext(epoch=epoch, steps_per_epoch=run.steps_per_epoch, state=one,
+                               features_fn=run.features_fn, fresh_params_fn=run.fresh_params)
+            new_ms = method.on_epoch_end(epoch, val, ctx.state.method_state, ctx)
+            one = ctx.state._replace(method_state=new_ms)
+            states = put(states, i, one)
+            m["steps"] = int(np.asarray(one.step))
+            record = {"epoch": epoch, "step": m["steps"], "train": {k: float(np.mean(v[i])) for k, v in mets.items()},
+                      "val": {"loss": val["loss"],
+                              **{f"{h}_{k}": v for h, d in val["heads"].items() for k, v in d.items()},
+                              **{f"mipd_{mm}": v for mm, v in val.get("mipd", {}).items()}},
+                      "time_s": epoch_time}
+            m["history"].append(train._jsonable(record))
+            m["epoch"] = epoch
+            if patience and m["bad_epochs"] >= patience and epoch >= earliest_stop and epoch < epochs:
+                m["stopped_early"] = True
+            os.makedirs(dirs[s], exist_ok=True)
+            train._write_history(dirs[s], m["history"])
+        meta["epoch"] = epoch
+        main = "mae" if info.task == "regression" else "accuracy"
+        train._log(f"[{config.method.name} × {k_seeds} seeds] epoch {epoch:3d}/{epochs}  best val {main} "
+                   + " ".join(f"{abs(m['best_value']):.4f}" for m in metas)
+                   + f"  {epoch_time * len(active):5.2f}s")
+        if epoch % every == 0 or epoch == epochs or all(m["stopped_early"] for m in metas):
+            ckpt.save(epoch, states, best, meta)
+    ckpt.close()
+    return _finish(config, workdir, seeds, configs, dirs, run, states, best, metas, eval_fns, select)
+
+
+def _finish(config, workdir, seeds, configs, dirs, run, states, best, metas, eval_fns, select) -> dict:
+    info, method = run.info, run.method
+    host_best = best
+    best = from_saveable(best, {"params": states.params, "rest": states.rest})
+    bad = non_finite_leaves(best)
+    if bad:
+        raise FloatingPointError(f"selected weights hold non-finite values in {bad[:5]}; refusing to publish.")
+    best = parallel.replicate(best, run.mesh)
+    outs = {split: parallel.to_host(fn(best["params"], best["rest"], run.device_arrays[split]))
+            for split, fn in eval_fns.items()}
+    per_seed = []
+    for i, s in enumerate(seeds):
+        m = metas[i]
+        val, val_out = train.summarize_eval(method, train.split_eval_output(take(outs["validation"], i)))
+        test, test_out = train.summarize_eval(method, train.split_eval_output(take(outs["test"], i)))
+        for name, res in (("validation", val), ("test", test)):
+            if not np.isfinite(res["loss"]):
+                raise FloatingPointError(f"seed {s}: the selected weights give a non-finite {name} loss.")
+        train._add_sample_type_accuracy(test, test_out["logits"], test_out["labels"], run.data, info)
+        train._save_predictions(dirs[s], {"validation": val_out, "test": test_out})
+        if bool(config.train.get("checkpoint", True)):  # the seed's own checkpoint, as a single run leaves
+            one = Checkpointer(dirs[s])
+            one.save(m["epoch"], take(states, i), take(host_best, i),
+                     dict(m, config=train._jsonable(train._config_dict(configs[s]))))
+            one.close()
+        results = {"config": train._jsonable(train._config_dict(configs[s])), "method": config.method.name,
+                   "seed": s, "dataset": info.name, "modalities": list(info.modalities), "task": info.task,
+                   "best_epoch": m["best_epoch"], "epochs_run": m["epoch"], "selection": f"val_{select}",
+                   "stopped_early": m["stopped_early"], "steps": m["steps"], "train_time_s": m["train_time_s"],
+                   "compiled_epochs": True, "vectorized_seeds": list(seeds), "validation": val, "test": test}
+        results = train._jsonable(results)
+        if parallel.is_primary():
+            guards.write_json_atomic(os.path.join(dirs[s], "results.json"), results)
+        per_seed.append(results)
+    return _summarize(config, workdir, seeds, per_seed)
+
+
+def _summarize(config, workdir, seeds, per_seed) -> dict:
+    summary = {"method": config.method.name, "seeds": list(seeds), "test": {}}
+    for head, mets in per_seed[0]["test"]["heads"].items():
+        summary["test"][head] = {k: metrics.mean_std([r["test"]["heads"][head][k] for r in per_seed]) for k in mets}
+    if parallel.is_primary():
+        guards.write_json_atomic(os.path.join(workdir, "summary.json"), train._jsonable(summary))
+    return {"per_seed": per_seed, "summary": summary}
+
+
+__all__ = ["put", "stack", "take", "train_seeds", "vectorizable"]

@@ -1,0 +1,61 @@
+"""Several seeds as one vectorised program == the same seeds run one by one."""
+
+import os
+
+import numpy as np
+import pytest
+
+from experiments.configs import synthetic
+from mcr_jax import seeds as seeds_mod
+from mcr_jax import train
+
+
+def smoke_config(method="mcr", **train_overrides):
+    cfg = synthetic.get_config(f"smoke,method={method}")
+    cfg.train.num_epochs = 4
+    cfg.train.patience = 0
+    cfg.parallel.num_devices = 1
+    for k, v in train_overrides.items():
+        cfg.train[k] = v
+    return cfg
+
+
+def _same(a, b, dir_a, dir_b):
+    assert a["best_epoch"] == b["best_epoch"] and a["steps"] == b["steps"] and a["epochs_run"] == b["epochs_run"]
+    pa, pb = np.load(os.path.join(dir_a, "predictions.npz")), np.load(os.path.join(dir_b, "predictions.npz"))
+    for k in pa.files:
+        np.testing.assert_allclose(pa[k], pb[k], rtol=1e-5, atol=1e-5)  # logits of O(1): float32 noise
+    for h in a["test"]["heads"]:
+        for k, v in a["test"]["heads"][h].items():
+            assert v == pytest.approx(b["test"]["heads"][h][k], rel=1e-5, abs=1e-6), (h, k)
+    assert a["test"]["loss"] == pytest.approx(b["test"]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["joint", "mcr"])
+def test_vectorised_seeds_equal_separate_runs(method, tmp_path):
+    cfg = smoke_config(method)
+    out = seeds_mod.train_seeds(cfg, str(tmp_path / "vec"), [0, 3])
+    assert [r["vectorized_seeds"] for r in out["per_seed"]] == [[0, 3], [0, 3]]
+    for s, res in zip([0, 3], out["per_seed"], strict=True):
+        one = cfg.copy_and_resolve_references()
+        one.seed = s
+        alone = train.train_and_evaluate(one, str(tmp_path / f"alone_{s}"))
+        _same(res, alone, tmp_path / "vec" / f"seed_{s}", tmp_path / f"alone_{s}")
+    assert os.path.exists(tmp_path / "vec" / "summary.json")
+
+
+def test_vectorised_seeds_stop_early_each_on_its_own(tmp_path):
+    """Learning rate 0 and patience 1: every seed stops after epoch 2, as alone."""
+    cfg = smoke_config("joint", num_epochs=5, patience=1)
+    cfg.optim.learning_rate = 0.0
+    out = seeds_mod.train_seeds(cfg, str(tmp_path), [1, 2])
+    for res in out["per_seed"]:
+        assert res["stopped_early"] and res["epochs_run"] == 2 and res["best_epoch"] == 1
+
+
+def test_methods_that_cannot_share_a_program_fall_back(tmp_path, capsys):
+    cfg = smoke_config("dnr", num_epochs=1)
+    out = seeds_mod.train_seeds(cfg, str(tmp_path), [0, 1])
+    assert "one after another" in capsys.readouterr().out
+    assert [r["seed"] for r in out["per_seed"]] == [0, 1]
+    assert "vectorized_seeds" not in out["per_seed"][0]
