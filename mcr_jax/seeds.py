@@ -16,8 +16,9 @@ that keeps per-run state outside its method state (D&R), uni-pre initialisation,
 permutation scope — :func:`train_seeds` falls back to running the seeds one after another (and
 says so).
 
-Checkpoints of the stacked state live in ``<workdir>/vectorized/`` (cadence
+Checkpoints of the stacked state live in ``<workdir>/vectorized/seeds_<s1-s2-…>/`` (cadence
 ``train.checkpoint_every``); an interrupted run resumes from there to the uninterrupted result.
+Seeds already finished (their ``results.json`` matches the config) are reused, not retrained.
 """
 
 from __future__ import annotations
@@ -90,17 +91,20 @@ def train_seeds(config, workdir: str, seeds, *, seed_dirs: dict | None = None) -
     dirs = {s: os.path.abspath((seed_dirs or {}).get(s) or os.path.join(workdir, f"seed_{s}")) for s in seeds}
     configs = {s: _seed_config(config, s) for s in seeds}
     done = {s: train._finished(dirs[s], configs[s]) for s in seeds}
-    if all(r is not None for r in done.values()):
-        return _summarize(config, workdir, seeds, [done[s] for s in seeds])
-    if parallel.is_primary():
-        guards.check_writable(workdir)
-    run = train.setup(configs[seeds[0]])
-    reason = vectorizable(config, run)
-    if reason is not None:
-        train._log(f"[{config.method.name}] seeds run one after another: {reason}.")
-        per_seed = [train.train_and_evaluate(configs[s], dirs[s]) for s in seeds]
-        return _summarize(config, workdir, seeds, per_seed)
-    return _train_vectorized(config, workdir, seeds, configs, dirs, run)
+    todo = [s for s in seeds if done[s] is None]  # finished seeds are reused, not retrained
+    if todo:
+        if parallel.is_primary():
+            guards.check_writable(workdir)
+        run = train.setup(configs[todo[0]])
+        reason = vectorizable(config, run) if len(todo) > 1 else "one seed"
+        if reason is not None:
+            if len(todo) > 1:
+                train._log(f"[{config.method.name}] seeds run one after another: {reason}.")
+            done.update({s: train.train_and_evaluate(configs[s], dirs[s]) for s in todo})
+        else:
+            state_dir = os.path.join(workdir, "vectorized", "seeds_" + "-".join(str(s) for s in todo))
+            done.update(zip(todo, _train_vectorized(config, state_dir, todo, configs, dirs, run), strict=True))
+    return _summarize(config, workdir, seeds, [done[s] for s in seeds])
 
 
 def _initial_states(run, configs, seeds) -> TrainState:
@@ -113,7 +117,7 @@ def _initial_states(run, configs, seeds) -> TrainState:
     return stack(states)
 
 
-def _train_vectorized(config, workdir, seeds, configs, dirs, run) -> dict:
+def _train_vectorized(config, workdir, seeds, configs, dirs, run) -> list[dict]:
     info, method, tc = run.info, run.method, config.train
     k_seeds, epochs = len(seeds), int(tc.num_epochs)
     shard = parallel.batch_sharded(run.mesh)
@@ -125,7 +129,7 @@ def _train_vectorized(config, workdir, seeds, configs, dirs, run) -> dict:
                 for split in ("validation", "test")}
     states = parallel.replicate(_initial_states(run, configs, seeds), run.mesh)
 
-    ckpt = Checkpointer(os.path.join(workdir, "vectorized"), enabled=bool(tc.get("checkpoint", True)))
+    ckpt = Checkpointer(workdir, enabled=bool(tc.get("checkpoint", True)))
     every = train.checkpoint_every(config, run)
     config_json = train._jsonable(train._config_dict(config))
     best = host_copy({"params": states.params, "rest": states.rest})
@@ -202,7 +206,7 @@ def _train_vectorized(config, workdir, seeds, configs, dirs, run) -> dict:
     return _finish(config, workdir, seeds, configs, dirs, run, states, best, metas, eval_fns, select)
 
 
-def _finish(config, workdir, seeds, configs, dirs, run, states, best, metas, eval_fns, select) -> dict:
+def _finish(config, workdir, seeds, configs, dirs, run, states, best, metas, eval_fns, select) -> list[dict]:
     info, method = run.info, run.method
     host_best = best
     best = from_saveable(best, {"params": states.params, "rest": states.rest})
@@ -236,7 +240,7 @@ def _finish(config, workdir, seeds, configs, dirs, run, states, best, metas, eva
         if parallel.is_primary():
             guards.write_json_atomic(os.path.join(dirs[s], "results.json"), results)
         per_seed.append(results)
-    return _summarize(config, workdir, seeds, per_seed)
+    return per_seed
 
 
 def _summarize(config, workdir, seeds, per_seed) -> dict:

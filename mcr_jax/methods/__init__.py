@@ -59,6 +59,17 @@ def method_defaults(name: str) -> dict:
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in DEFAULTS.items()}
 
 
+def method_grid(name: str) -> dict[str, list]:
+    """The tuning grid of method ``name`` (its module's ``GRID``: option → values; ``{}``: nothing
+    to tune), used by :mod:`mcr_jax.study`."""
+    import sys
+
+    if name == "ensemble":
+        return {}
+    cls = method_class(name)
+    return {k: list(v) for k, v in getattr(sys.modules[cls.__module__], "GRID", {}).items()}
+
+
 def register_method(name: str, cls: type[Method]) -> type[Method]:
     """Adds a method class to the registry (used by the baselines and by users' own methods)."""
     if name in METHODS and METHODS[name] is not cls:
@@ -72,5 +83,5 @@ def get_method(config, info) -> Method:
     return method_class(config.get("name", None))(config, info)
 
 
-__all__ = ["METHODS", "MCR", "method_class", "method_defaults", "Joint", "Method", "ModelHandle", "MultiLoss",
-           "UniPre", "Unimodal", "combine_logits", "get_method", "register_method", "task_loss"]
+__all__ = ["METHODS", "MCR", "method_class", "method_defaults", "method_grid", "Joint", "Method", "ModelHandle",
+           "MultiLoss", "UniPre", "Unimodal", "combine_logits", "get_method", "register_method", "task_loss"]

@@ -119,6 +119,8 @@ from mcr_jax.methods.common import check_options, others_mean
 from mcr_jax.state import StepOutput
 
 DEFAULTS = dict(alpha=3.0, max_gap=10.0, start_epoch=1, end_epoch=20, after_window="hold", clip_norm=1.0)
+#: the tuning grid of a study (mcr_jax.study).
+GRID = dict(alpha=[0.5, 1.0, 2.0, 3.0])
 AFTER_WINDOW = ("hold", "off")
 #: scores floor the true-class probability at 1e-8, as the original
 _MAX_SCORE = -math.log(1e-8)

@@ -88,6 +88,8 @@ from mcr_jax.methods.common import check_options
 
 DEFAULTS = dict(alpha=3.0, reinit_epochs=20, reinit_num=3, uni_weight=1.0, kmeans_n_init=10, kmeans_seed=0,
                 reinit_target="initial", reinit_seed=0)
+#: the tuning grid of a study (mcr_jax.study).
+GRID = dict(alpha=[1.0, 3.0, 5.0], reinit_epochs=[5, 10, 20])
 TARGETS = ("initial", "fresh")
 
 

@@ -45,6 +45,8 @@ from mcr_jax.methods.common import check_options
 from mcr_jax.models import LinearLateFusion
 from mcr_jax.state import StepOutput
 
+#: the tuning grid of a study (mcr_jax.study): values around the reference CREMA-D / AVE / UCF settings.
+GRID = dict(mipd_weight=[0.001, 0.01, 0.1, 1.0], uni_weight=[0.01, 0.1, 1.0], con_weight=[0.1, 1.0])
 DEFAULTS = dict(
     strategy="greedy",
     game_form="single_backward",

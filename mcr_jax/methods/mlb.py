@@ -68,6 +68,8 @@ from mcr_jax.methods.common import check_options, modality_owners, others_mean, 
 from mcr_jax.state import StepOutput
 
 DEFAULTS = dict(alpha=0.5, beta=10.0, uni_weight=1.0)
+#: the tuning grid of a study (mcr_jax.study): the released run.sh settings span these.
+GRID = dict(alpha=[0.5, 2.0, 5.0], beta=[0.5, 2.0, 10.0])
 OWNED = ("encoders", "heads", "branches")
 
 

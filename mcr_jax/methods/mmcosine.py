@@ -85,6 +85,8 @@ from mcr_jax.methods.common import check_options
 from mcr_jax.models import LinearLateFusion
 
 DEFAULTS = dict(scale=10.0, eval_logits="cosine")
+#: the tuning grid of a study (mcr_jax.study).
+GRID = dict(scale=[1.0, 5.0, 10.0, 20.0])
 EVAL_LOGITS = ("cosine", "linear")
 _EPS = 1e-12
 

@@ -106,6 +106,8 @@ from mcr_jax.methods.common import check_options
 from mcr_jax.state import StepOutput
 
 DEFAULTS = dict(scale=1.5, rescale_scope="tensor")
+#: the tuning grid of a study (mcr_jax.study): the MCR authors' values.
+GRID = dict(scale=[0.5, 1.5, 2.0, 3.0])
 SCOPES = ("tensor", "encoder")
 
 

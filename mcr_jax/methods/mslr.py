@@ -102,6 +102,8 @@ from mcr_jax.state import StepOutput
 
 DEFAULTS = dict(window=20, partial_window=False, scale="updates", scale_branch=True, metric="",
                 unimodal_source="auto", init_lr_multipliers={}, preset="")
+#: the tuning grid of a study (mcr_jax.study).
+GRID = dict(window=[2, 5, 10, 20])
 SOURCES = ("auto", "branch", "probe")
 SCALES = ("updates", "gradients")
 #: the released baselines' settings; options set explicitly in the config win.

@@ -4,6 +4,8 @@ from mcr_jax.methods.base import Method, task_loss, unimodal_losses
 from mcr_jax.methods.common import check_options
 
 DEFAULTS = dict(uni_weight=1.0)
+#: the tuning grid of a study (mcr_jax.study).
+GRID = dict(uni_weight=[0.1, 0.3, 1.0, 3.0])
 
 
 class MultiLoss(Method):

@@ -104,6 +104,8 @@ from mcr_jax.models import LinearLateFusion
 from mcr_jax.state import StepOutput
 
 DEFAULTS = dict(alpha=1.0, start_epoch=1, end_epoch=51, ge=True, modulate="auto")
+#: the tuning grid of a study (mcr_jax.study); 0.1 / 0.8 / 1.0 are the published values.
+GRID = dict(alpha=[0.1, 0.3, 0.8, 1.0])
 MODULATE = ("auto", "conv_kernels", "encoder", "encoder_and_branch")
 
 # ----------------------------------------------------------------------------------------------

@@ -86,6 +86,8 @@ from mcr_jax.models import LinearLateFusion
 from mcr_jax.state import StepOutput
 
 DEFAULTS = dict(stage_epochs=4, rectify_epochs=4, reconcile_weight=0.2)
+#: the tuning grid of a study (mcr_jax.study).
+GRID = dict(reconcile_weight=[0.1, 0.2, 0.25, 0.5])
 MASK_KWARG = "reconboost_update_mask"
 
 

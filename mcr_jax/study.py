@@ -1,0 +1,190 @@
+"""Tuned comparisons: methods × hyperparameter grids × seeds, with an equal budget per method.
+
+Protocol (what :func:`run_study` does, and what its table says it did):
+
+1. **Equal budget.** Each method's grid is declared next to its defaults (``GRID`` in its module,
+   :func:`mcr_jax.methods.method_grid`). A study tries ``budget`` configurations of every method
+   that has hyperparameters: the whole grid when it has at most ``budget`` points, else
+   ``budget`` points drawn without replacement (seeded by ``grid_seed``) from its product. Methods
+   without hyperparameters (unimodal, joint, ensemble, uni-pre) have one configuration.
+2. **Selection on validation only.** Every configuration is trained on the ``tune_seeds``; the one
+   with the best mean validation metric (the trainer's selection metric) is chosen. Test numbers
+   are never looked at to choose.
+3. **Report on test over ``eval_seeds``** (at least 5 by default) with the chosen configuration;
+   runs shared with tuning (same configuration and seed) are reused, not retrained.
+4. **Paired differences.** For every method, the per-seed difference of its test metric against
+   joint training and against the ensemble (same seed, so seed-level variation cancels), with the
+   mean and the 95 % Student-t interval.
+
+The seeds of one configuration train as one vectorised program (:mod:`mcr_jax.seeds`). Continuous
+hyperparameters are not yet traced inputs, so each grid point is its own program (one compile
+each). :func:`mcr_jax.report.run_comparison` is the untuned special case (a grid of one).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import ml_collections
+import numpy as np
+
+from mcr_jax import guards, metrics
+from mcr_jax.methods import method_grid
+from mcr_jax.report import PER_SEED, method_config, summarize
+from mcr_jax.train import selection_metric, train_and_evaluate, unimodal_config
+
+BASELINES = ("joint", "ensemble")
+
+
+def grid_points(name: str, budget: int, grid_seed: int = 0, grid: dict | None = None) -> list[dict]:
+    """The configurations a study tries for method ``name``: at most ``budget`` option dicts."""
+    grid = method_grid(name) if grid is None else grid
+    if not grid:
+        return [{}]
+    keys = sorted(grid)
+    points = [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
+    if len(points) <= budget:
+        return points
+    rng = np.random.default_rng(grid_seed)
+    chosen = sorted(rng.choice(len(points), size=budget, replace=False).tolist())
+    return [points[i] for i in chosen]
+
+
+def paired_difference(a: list[float], b: list[float]) -> dict:
+    """Mean and 95 % t-interval of the per-seed differences ``a - b`` (same seeds, same order)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired differences need the same seeds: {len(a)} vs {len(b)} values.")
+    return metrics.mean_std([x - y for x, y in zip(a, b, strict=True)])
+
+
+def _train_config(config, name: str, options: dict, seeds, root: str, modalities) -> list[dict]:
+    """Every seed of one configuration of one method, in ``<root>/seed_<s>`` (vectorised where possible)."""
+    from mcr_jax.seeds import train_seeds
+
+    if name == "unimodal":
+        raise ValueError("unimodal runs are made per modality by the study itself.")
+    if name in PER_SEED:
+        out = []
+        for s in seeds:
+            base = ml_collections.ConfigDict(config.to_dict())
+            base.seed = int(s)
+            uni = {m: os.path.join(os.path.dirname(root), f"unimodal_{m}", "config_0", f"seed_{s}")
+                   for m in modalities}
+            for m in modalities:  # the ensemble and uni-pre need this seed's unimodal runs
+                train_and_evaluate(unimodal_config(base, m), uni[m])
+            out.append(train_and_evaluate(method_config(base, name, uni), os.path.join(root, f"seed_{s}")))
+        return out
+    cfg = method_config(config, name, {})
+    for k, v in options.items():
+        cfg.method[k] = v
+    return train_seeds(cfg, root, seeds)["per_seed"]
+
+
+def run_study(config, workdir: str, methods, *, budget: int = 4, tune_seeds=(0, 1, 2),
+              eval_seeds=(0, 1, 2, 3, 4), grid_seed: int = 0, min_eval_seeds: int = 5) -> dict:
+    """Runs the study of the module docstring; returns (and writes to ``<workdir>/results.json``)
+    ``{"protocol", "tuning", "chosen", "summary", "paired", "runs"}``."""
+    from mcr_jax.inputs import load
+
+    tune_seeds, eval_seeds = guards.check_seeds(tune_seeds), guards.check_seeds(eval_seeds)
+    if len(eval_seeds) < min_eval_seeds:
+        raise ValueError(f"a study reports on test over at least {min_eval_seeds} seeds; got {eval_seeds}.")
+    if int(budget) < 1:
+        raise ValueError(f"budget must be >= 1 configuration per method; got {budget}.")
+    info = load(config.data).info
+    select = selection_metric(config, info.task)
+    key = "mae" if info.task == "regression" else "accuracy"
+    labels = []
+    for name in methods:
+        labels += [f"unimodal {m}" for m in info.modalities] if name == "unimodal" else [name]
+    tuning, chosen, runs = {}, {}, {}
+    for name in methods:
+        if name == "unimodal":
+            for m in info.modalities:
+                root = os.path.join(workdir, f"unimodal_{m}", "config_0")
+                from mcr_jax.seeds import train_seeds
+
+                runs[f"unimodal {m}"] = train_seeds(unimodal_config(config, m), root, eval_seeds)["per_seed"]
+                chosen[f"unimodal {m}"] = {}
+            continue
+        points = grid_points(name, int(budget), grid_seed)
+        scored = []
+        for i, options in enumerate(points):
+            root = os.path.join(workdir, name, f"config_{i}")
+            results = _train_config(config, name, options, tune_seeds if len(points) > 1 else eval_seeds, root,
+                                    info.modalities)
+            vals = [_val_value(r, select, info.task) for r in results]
+            scored.append({"options": options, "root": root, "val_mean": float(np.mean(vals)),
+                           "val_per_seed": vals})
+        best = max(range(len(scored)), key=lambda i: scored[i]["val_mean"])
+        tuning[name] = scored
+        chosen[name] = scored[best]["options"]
+        runs[name] = _train_config(config, name, scored[best]["options"], eval_seeds, scored[best]["root"],
+                                   info.modalities)
+    summary = summarize({label: runs[label] for label in labels})
+    test = {label: [r["test"]["heads"]["fused"][key] for r in runs[label]] for label in labels}
+    paired = {ref: {label: paired_difference(test[label], test[ref]) for label in labels if label != ref}
+              for ref in BASELINES if ref in test}
+    out = {"dataset": info.name, "modalities": list(info.modalities), "metric": key,
+           "protocol": {"budget": int(budget), "tune_seeds": list(tune_seeds), "eval_seeds": list(eval_seeds),
+                        "grid_seed": int(grid_seed), "selection": f"mean validation {select} over the tune seeds",
+                        "grids": {name: method_grid(name) for name in methods if name != "unimodal"}},
+           "tuning": tuning, "chosen": chosen, "summary": summary, "paired": paired, "runs": runs}
+    os.makedirs(workdir, exist_ok=True)
+    guards.write_json_atomic(os.path.join(workdir, "results.json"), out)
+    return out
+
+
+def _val_value(results: dict, select: str, task: str) -> float:
+    from mcr_jax.train import selection_value
+
+    return selection_value(results["validation"], select, task)
+
+
+def format_paired(out: dict) -> str:
+    """A Markdown table of the paired test differences (percentage points for accuracies)."""
+    scale = 1.0 if out["metric"] == "mae" else 100.0
+    refs = list(out["paired"])
+    lines = ["| method | " + " | ".join(f"− {r}: mean [95 % CI]" for r in refs) + " |",
+             "|---" * (1 + len(refs)) + "|"]
+    labels = sorted({label for d in out["paired"].values() for label in d} | set(refs), key=list(out["runs"]).index)
+    for label in labels:
+        cells = []
+        for r in refs:
+            d = out["paired"][r].get(label)
+            if d is None or d["n"] < 2:
+                cells.append("–")
+            else:
+                lo, hi = d["ci95"]
+                cells.append(f"{scale * d['mean']:+.1f} [{scale * lo:+.1f}, {scale * hi:+.1f}]")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_chart(out: dict, path: str) -> str:
+    """The paired differences against each baseline with their 95 % intervals; written as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scale = 1.0 if out["metric"] == "mae" else 100.0
+    refs = list(out["paired"])
+    fig, axes = plt.subplots(1, len(refs), figsize=(5.5 * len(refs), 3.8), squeeze=False)
+    for ax, ref in zip(axes[0], refs, strict=True):
+        items = [(k, v) for k, v in out["paired"][ref].items() if v["n"] >= 2]
+        means = [scale * v["mean"] for _, v in items]
+        errs = [scale * (v["ci95"][1] - v["ci95"][0]) / 2 for _, v in items]
+        ax.barh(np.arange(len(items)), means, xerr=errs, capsize=3,
+                color=["#c44e52" if k == "mcr" else "#4c72b0" for k, _ in items])
+        ax.axvline(0.0, color="black", lw=0.8)
+        ax.set_yticks(np.arange(len(items)), [k for k, _ in items])
+        ax.set_xlabel(f"test {out['metric']} − {ref} ({'points' if scale == 100 else 'MAE'}), 95 % CI")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["format_paired", "grid_points", "paired_chart", "paired_difference", "run_study"]
