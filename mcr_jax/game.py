@@ -198,6 +198,14 @@ def game_mipd_divergences(
 # The optax form.
 
 
+def _leaves_like(treedef, tree, message: str) -> list:
+    """``tree``'s leaves in ``treedef``'s order, or a ValueError naming both structures."""
+    try:
+        return treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{message}; got {treedef} and {jax.tree.structure(tree)}.") from err
+
+
 def combine_mipd_grads(
     mipd_grads: Any,
     players: Any,
@@ -235,22 +243,11 @@ def combine_mipd_grads(
     k = strategy_k(strategy)
     s = shared_weight(strategy)
     flat, treedef = jax.tree_util.tree_flatten_with_path(mipd_grads)
-    try:
-        owner_leaves = treedef.flatten_up_to(players)
-    except (ValueError, TypeError) as err:
-        raise ValueError(
-            "mipd_grads and players must have the parameters' tree structure; "
-            f"got {treedef} and {jax.tree.structure(players)}."
-        ) from err
+    owner_leaves = _leaves_like(treedef, players, "mipd_grads and players must have the parameters' tree structure")
     like_leaves = None
     if like is not None:
-        try:
-            like_leaves = treedef.flatten_up_to(like)
-        except (ValueError, TypeError) as err:
-            raise ValueError(
-                "mipd_grads must have the tree structure of the parameters (and of the gradients); "
-                f"got {treedef} and {jax.tree.structure(like)}."
-            ) from err
+        like_leaves = _leaves_like(
+            treedef, like, "mipd_grads must have the tree structure of the parameters (and of the gradients)")
     wheres = [_where(path) for path, _ in flat]
     grads = [g for _, g in flat]
     owners = [_static_owner(o, w) for o, w in zip(owner_leaves, wheres, strict=True)]

@@ -12,26 +12,13 @@ import pytest
 import mcr_jax.data as data
 from mcr_jax import inputs
 from mcr_jax.data import ArraySplit, Dataset, DatasetInfo, dataset, load, load_dataset, register_dataset
+from tests.fakes import ListSource
 
 SYNTHETIC = {"name": "synthetic", "raw_dim": 8, "projected_dim": 6, "num_train": 37, "num_validation": 13,
              "num_test": 21, "standardize": False}
 IN_MEMORY = {"synthetic", "mfeat"}
 TFDS = {"cremad", "ave", "mosi", "mosei", "ucf101"}
 NAME = "registry_test_toy"
-
-
-class ListSource:
-    """A random-access source that is not array-backed (as a grain/TFDS data source)."""
-
-    def __init__(self, arrays):
-        n = len(next(iter(arrays.values())))
-        self._examples = [{k: v[i] for k, v in arrays.items()} for i in range(n)]
-
-    def __len__(self):
-        return len(self._examples)
-
-    def __getitem__(self, i):
-        return dict(self._examples[i])
 
 
 def _toy_arrays(seed=0):

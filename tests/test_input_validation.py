@@ -13,6 +13,7 @@ import pytest
 import mcr_jax.data as data
 from mcr_jax import inputs
 from mcr_jax.data import ArraySplit, DatasetInfo
+from tests.fakes import ListSource
 
 SIZES = {"train": 12, "validation": 8, "test": 10}
 NAME = "validation_test_toy"
@@ -121,20 +122,6 @@ def test_missing_label_entry_is_named(register):
 
 
 # ----------------------------------------------------------------- streamed sources: checked per batch
-class ListSource:
-    """A random-access source that is not array-backed (as a grain/TFDS data source)."""
-
-    def __init__(self, arrays):
-        n = len(next(iter(arrays.values())))
-        self._examples = [{k: v[i] for k, v in arrays.items()} for i in range(n)]
-
-    def __len__(self):
-        return len(self._examples)
-
-    def __getitem__(self, i):
-        return dict(self._examples[i])
-
-
 def test_random_access_source_is_checked_as_batches_are_read(register):
     arrays = _splits()
     arrays["test"]["label"][9] = 7
