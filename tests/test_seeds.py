@@ -59,3 +59,15 @@ def test_methods_that_cannot_share_a_program_fall_back(tmp_path, capsys):
     assert "one after another" in capsys.readouterr().out
     assert [r["seed"] for r in out["per_seed"]] == [0, 1]
     assert "vectorized_seeds" not in out["per_seed"][0]
+
+
+def test_vectorised_seeds_compose_with_the_data_mesh(tmp_path):
+    """Seeds × data sharding: the 2 seeds on a mesh of 8 devices give the 1-device results."""
+    cfg1 = smoke_config("mcr", num_epochs=2)
+    cfg8 = smoke_config("mcr", num_epochs=2)
+    cfg8.parallel.num_devices = 8
+    one = seeds_mod.train_seeds(cfg1, str(tmp_path / "one"), [0, 1])["per_seed"]
+    eight = seeds_mod.train_seeds(cfg8, str(tmp_path / "eight"), [0, 1])["per_seed"]
+    for s, a, b in zip([0, 1], one, eight, strict=True):
+        assert b["vectorized_seeds"] == [0, 1]
+        _same(a, b, tmp_path / "one" / f"seed_{s}", tmp_path / "eight" / f"seed_{s}")
