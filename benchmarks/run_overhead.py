@@ -1,0 +1,381 @@
+"""What a whole run costs beyond its compile and its compiled steps, measured side by side in one run.
+
+    python -m benchmarks.run_overhead                  # everything (2–3 minutes on 2 CPU cores)
+    python -m benchmarks.run_overhead --skip-main-job  # items 1, 3 and 4 only (under a minute)
+    python -m benchmarks.run_overhead --epochs 10 --repeats 3
+
+1. One run (synthetic config, MCR, ``--epochs`` epochs, default the config's 40): the wall time of
+   ``train.train_and_evaluate`` ÷ (compile time + steps × step time). Compile time: lowering and
+   compiling the three functions a run compiles (the epoch, the validation and the test
+   evaluation) from a fresh ``train.setup``; step time: the compiled epoch alone, median over
+   ``--reps`` calls, per step; steps: those the run took. The run's own wall time is split by
+   the trainer's pieces (timers wrapped around them for this measurement only).
+2. The main job: ``report.run_comparison`` on the synthetic config, every default method, seeds
+   0, 1, 2, in a fresh Python process (so nothing compiled or imported by items 1 and 3 helps
+   it); both the in-process time of ``run_comparison`` and the process's wall time, and the time
+   per method.
+3. Five vectorised seeds ÷ one: ``seeds.train_seeds`` with seeds 0..4 against seed 0 alone (fresh
+   workdirs, checkpointing off), interleaved ``--repeats`` times, medians; and the vmapped
+   compiled epoch alone, 5 seeds ÷ 1 (and 1 seed under vmap ÷ the single run's own epoch),
+   interleaved rounds, medians.
+4. The tracker's K = 8 λ-grid ratio: not implemented (continuous hyperparameters are not traced).
+
+A smoke-config run first warms the process (imports, backend start), so item 1 is not charged for
+them; everything else is measured in this process after it, item 2 in its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+
+import jax
+import numpy as np
+from absl import logging
+
+from experiments.configs import synthetic
+from mcr_jax import checkpoint, guards, parallel, seeds, train
+from mcr_jax.steps import make_epoch_fn
+
+LAMBDA_GRID_ROW = "not implemented (continuous hyperparameters are not traced yet)"
+
+
+def quiet():
+    """The trainer's progress lines go to a buffer, not the table."""
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+def config(epochs: int | None = None, *, smoke: bool = False):
+    cfg = synthetic.get_config("smoke" if smoke else None)
+    if epochs:
+        cfg.train.num_epochs = int(epochs)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. One run: wall time against compile + steps × step time.
+
+
+class Breakdown:
+    """Top-level wall time of wrapped functions (a wrapped call inside another counts to the outer
+    one); the first call of each gets its own row, since it compiles."""
+
+    PIECES = [
+        (train, "_finished", "look for a finished run"),
+        (guards, "check_writable", "check the workdir"),
+        (train, "setup", "setup (data, model, optimizer, placement)"),
+        (train, "_start", "checkpointer start / restore"),
+        (train, "train_epoch", "training epochs"),
+        (train, "evaluate", "validation evaluations (incl. host metrics)"),
+        (train, "_select", "model selection (host copy of the best weights)"),
+        (train, "_write_history", "metrics.jsonl writes"),
+        (checkpoint.Checkpointer, "save", "checkpoint saves"),
+        (checkpoint.Checkpointer, "close", "checkpointer close"),
+        (train, "_finish", "finish (test evaluation, predictions, results.json)"),
+    ]
+
+    def __init__(self):
+        self.times, self.calls, self.first = defaultdict(float), Counter(), {}
+        self.depth = 0
+
+    def wrap(self, fn, label):
+        def timed(*args, **kwargs):
+            if self.depth:
+                return fn(*args, **kwargs)
+            self.depth += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t0
+                self.depth -= 1
+                if self.calls[label] == 0:
+                    self.first[label] = dt
+                self.calls[label] += 1
+                self.times[label] += dt
+
+        return timed
+
+    @contextlib.contextmanager
+    def installed(self):
+        saved = [(owner, name, getattr(owner, name)) for owner, name, _ in self.PIECES]
+        try:
+            for owner, name, label in self.PIECES:
+                setattr(owner, name, self.wrap(getattr(owner, name), label))
+            yield self
+        finally:
+            for owner, name, fn in saved:
+                setattr(owner, name, fn)
+
+
+def time_compile(run) -> dict[str, float]:
+    """Seconds to lower (trace) and compile each function a compiled-epoch run compiles; the
+    compiled epoch is returned for timing."""
+    rows = run.epoch_rows(1)
+    out = {}
+    t0 = time.perf_counter()
+    epoch = run.epoch_fn.lower(run.state, run.device_arrays["train"], rows).compile()
+    out["epoch"] = time.perf_counter() - t0
+    for split in ("validation", "test"):
+        t0 = time.perf_counter()
+        run.eval_fn[split].lower(run.state.params, run.state.rest, run.device_arrays[split]).compile()
+        out[f"eval {split}"] = time.perf_counter() - t0
+    return out, epoch
+
+
+def time_epoch(compiled, run, reps: int) -> tuple[float, float]:
+    """Median seconds of one compiled epoch call (the state threaded through, as in training) and
+    of one validation evaluation call."""
+    state, rows, arrays = run.state, run.epoch_rows(1), run.device_arrays["train"]
+    state, m = compiled(state, arrays, rows)  # warm-up
+    jax.block_until_ready(m)
+    epoch_s = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        state, m = compiled(state, arrays, rows)
+        jax.block_until_ready((state.params, m))
+        epoch_s.append(time.perf_counter() - t0)
+    val = run.eval_fn["validation"]
+    jax.block_until_ready(val(state.params, state.rest, run.device_arrays["validation"]))
+    eval_s = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(val(state.params, state.rest, run.device_arrays["validation"]))
+        eval_s.append(time.perf_counter() - t0)
+    return float(np.median(epoch_s)), float(np.median(eval_s))
+
+
+def one_run(epochs: int, reps: int) -> dict:
+    cfg = config(epochs)
+    bd = Breakdown()
+    with tempfile.TemporaryDirectory() as wd, quiet(), bd.installed():
+        t0 = time.perf_counter()
+        res = train.train_and_evaluate(cfg, wd)
+        wall = time.perf_counter() - t0
+    with quiet():
+        t0 = time.perf_counter()
+        run = train.setup(config(epochs))
+        setup_s = time.perf_counter() - t0
+        compile_s, compiled = time_compile(run)
+        epoch_s, eval_s = time_epoch(compiled, run, reps)
+    return dict(wall=wall, steps=int(res["steps"]), epochs_run=int(res["epochs_run"]), setup=setup_s,
+                compile=compile_s, epoch=epoch_s, step=epoch_s / run.steps_per_epoch,
+                steps_per_epoch=run.steps_per_epoch, eval=eval_s, breakdown=bd)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The main job, in its own process.
+
+
+def main_job_child(out_path: str) -> None:
+    """Runs ``report.run_comparison`` on the synthetic config (all default methods, seeds 0, 1, 2)
+    and writes its time and the time of each method to ``out_path``."""
+    logging.set_verbosity(logging.WARNING)
+    from mcr_jax import report
+
+    per_method = defaultdict(float)
+
+    def timed(fn, label_of):
+        def wrapped(cfg, workdir, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(cfg, workdir, *args, **kwargs)
+            finally:
+                per_method[label_of(workdir)] += time.perf_counter() - t0
+        return wrapped
+
+    seeds.train_seeds = timed(seeds.train_seeds, os.path.basename)
+    report.train_and_evaluate = timed(report.train_and_evaluate, os.path.basename)
+    with tempfile.TemporaryDirectory() as wd, quiet():
+        t0 = time.perf_counter()
+        report.run_comparison(synthetic.get_config(), wd, report.DEFAULT_METHODS, (0, 1, 2))
+        total = time.perf_counter() - t0
+    with open(out_path, "w") as f:
+        json.dump({"run_comparison": total, "per_method": per_method}, f)
+
+
+def main_job() -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "main_job.json")
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.run_overhead", "--main-job-child", out],
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"the main job failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+        with open(out) as f:
+            res = json.load(f)
+    return dict(res, process=wall)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Vectorised seeds: 5 against 1.
+
+
+def time_train_seeds(epochs: int, k: int) -> float:
+    cfg = config(epochs)
+    cfg.train.checkpoint = False
+    with tempfile.TemporaryDirectory() as wd, quiet():
+        t0 = time.perf_counter()
+        seeds.train_seeds(cfg, wd, list(range(k)))
+        return time.perf_counter() - t0
+
+
+def vmapped_epoch(run, k: int):
+    """The vectorised program's compiled epoch for seeds 0..k-1 (as ``seeds.train_seeds`` builds
+    it), with its initial states and the seeds' epoch-1 batch orders."""
+    cfgs = {s: seeds._seed_config(run.config, s) for s in range(k)}
+    shard = parallel.batch_sharded(run.mesh)
+    fn = jax.jit(jax.vmap(make_epoch_fn(run.step_fn, batch_sharding=shard), in_axes=(0, None, 0)),
+                 donate_argnums=0)
+    states = parallel.replicate(seeds._initial_states(run, cfgs, list(range(k))), run.mesh)
+    rows = np.stack([run.data.batch_layout("train", run.batch_size, train=True, seed=s, epoch=1)[0]
+                     for s in range(k)]).astype(np.int32)
+    compiled = fn.lower(states, run.device_arrays["train"], rows).compile()
+    return compiled, states, rows
+
+
+def time_vmapped_epochs(epochs: int, ks, rounds: int, iters: int) -> dict:
+    """Median seconds per call of the vmapped epoch for each seed count in ``ks``, and of the
+    single run's own (unvmapped) epoch, ``"plain"``, timed in interleaved rounds."""
+    with quiet():
+        run = train.setup(config(epochs))
+    progs = {k: vmapped_epoch(run, k) for k in ks}
+    rows = run.epoch_rows(1)
+    progs["plain"] = (run.epoch_fn.lower(run.state, run.device_arrays["train"], rows).compile(), run.state, rows)
+    arrays = run.device_arrays["train"]
+    states = {}
+    for k, (fn, st, rows) in progs.items():  # warm-up
+        states[k], m = fn(st, arrays, rows)
+        jax.block_until_ready(m)
+    samples = {k: [] for k in progs}
+    for _ in range(rounds):
+        for k, (fn, _, rows) in progs.items():
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                states[k], m = fn(states[k], arrays, rows)
+            jax.block_until_ready((states[k].params, m))
+            samples[k].append((time.perf_counter() - t0) / iters)
+    return {k: float(np.median(v)) for k, v in samples.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--epochs", type=int, default=0, help="epochs of items 1 and 3 (0: the config's, 40)")
+    p.add_argument("--reps", type=int, default=20, help="compiled-epoch calls timed for the step time")
+    p.add_argument("--repeats", type=int, default=2, help="train_seeds runs per seed count (interleaved)")
+    p.add_argument("--seeds", type=int, default=5, help="the vectorised seed count compared with one seed")
+    p.add_argument("--main-job", dest="main_job", action="store_true", default=True,
+                   help="run item 2, the main job (1½–2 minutes on 2 cores; the default)")
+    p.add_argument("--skip-main-job", dest="main_job", action="store_false")
+    p.add_argument("--main-job-child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.main_job_child:
+        return main_job_child(args.main_job_child)
+    logging.set_verbosity(logging.WARNING)
+    epochs = args.epochs or int(synthetic.get_config().train.num_epochs)
+    dev = jax.devices()[0]
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"# run_overhead on {dev.device_kind} ({jax.default_backend()}), "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__}, "
+          f"load average at start {load}", flush=True)
+
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory() as wd, quiet():  # warm-up: imports, backend, orbax
+        train.train_and_evaluate(config(smoke=True), wd)
+
+    r1 = one_run(epochs, args.reps)
+    compile_total = sum(r1["compile"].values())
+    compute = r1["steps"] * r1["step"]
+    ratio1 = r1["wall"] / (compile_total + compute)
+
+    k = args.seeds
+    walls = {1: [], k: []}
+    for _ in range(args.repeats):
+        for kk in (1, k):
+            walls[kk].append(time_train_seeds(epochs, kk))
+    wall1, wallk = float(np.median(walls[1])), float(np.median(walls[k]))
+    per_epoch = time_vmapped_epochs(epochs, (1, k), rounds=5, iters=5)
+
+    mj = main_job() if args.main_job else None
+
+    def met(ok):
+        return "yes" if ok else "**no**"
+
+    print(f"\nsynthetic config, MCR; items 1 and 3: {epochs} epochs × {r1['steps_per_epoch']} steps "
+          f"(batch 50, 500 training examples)\n")
+    print("| item | measurement | value | target | met |")
+    print("|---|---|---|---|---|")
+    print(f"| 1 | wall time of `train_and_evaluate` (one run, {r1['epochs_run']} epochs) | {r1['wall']:.2f} s | | |")
+    print(f"| 1 | compile (lower + compile: epoch {r1['compile']['epoch']:.2f} s, validation eval "
+          f"{r1['compile']['eval validation']:.2f} s, test eval {r1['compile']['eval test']:.2f} s) "
+          f"| {compile_total:.2f} s | | |")
+    print(f"| 1 | steps × step time ({r1['steps']} × {r1['step'] * 1e3:.3f} ms; compiled epoch alone, median of "
+          f"{args.reps}) | {compute:.2f} s | | |")
+    print(f"| 1 | wall ÷ (compile + steps × step) | {ratio1:.2f}× | ≤ 1.5× | {met(ratio1 <= 1.5)} |")
+    if mj:
+        print(f"| 2 | main job: `report.run_comparison`, 15 methods × seeds 0, 1, 2 (in-process) "
+              f"| {mj['run_comparison']:.1f} s | ≤ 60 s | {met(mj['run_comparison'] <= 60)} |")
+        print(f"| 2 | main job: its process (Python start, imports, `run_comparison`) | {mj['process']:.1f} s "
+              f"| ≤ 60 s | {met(mj['process'] <= 60)} |")
+    else:
+        print("| 2 | main job | skipped (--skip-main-job) | ≤ 60 s | |")
+    print(f"| 3 | `train_seeds`, seed 0 alone (median of {args.repeats}) | {wall1:.2f} s | | |")
+    print(f"| 3 | `train_seeds`, seeds 0..{k - 1} (median of {args.repeats}) | {wallk:.2f} s | | |")
+    print(f"| 3 | {k} seeds ÷ 1 seed, whole run | {wallk / wall1:.2f}× | | |")
+    print(f"| 3 | compiled epoch (vmap), {k} seeds ÷ 1 seed ({per_epoch[k] * 1e3:.1f} ms ÷ "
+          f"{per_epoch[1] * 1e3:.1f} ms) | {per_epoch[k] / per_epoch[1]:.2f}× | | |")
+    print(f"| 3 | compiled epoch, 1 seed under vmap ÷ the single run's own epoch ({per_epoch[1] * 1e3:.1f} ms ÷ "
+          f"{per_epoch['plain'] * 1e3:.1f} ms, same rounds) | {per_epoch[1] / per_epoch['plain']:.2f}× | | |")
+    print(f"| 4 | K = 8 λ-grid ÷ 1 | {LAMBDA_GRID_ROW} | | |")
+
+    bd = r1["breakdown"]
+    print(f"\nItem 1, where the run's {r1['wall']:.2f} s went (wall time of the trainer's pieces; "
+          "first call separate, it compiles):\n")
+    print("| piece | calls | first call s | other calls s | share of wall |")
+    print("|---|---|---|---|---|")
+    accounted = 0.0
+    for _, _, label in Breakdown.PIECES:
+        if not bd.calls[label]:
+            continue
+        total = bd.times[label]
+        accounted += total
+        rest = total - bd.first[label]
+        print(f"| {label} | {bd.calls[label]} | {bd.first[label]:.3f} | {rest:.3f} | {total / r1['wall']:.0%} |")
+    other = r1["wall"] - accounted
+    print(f"| other (logging, method hooks, records) | | | {other:.3f} | {other / r1['wall']:.0%} |")
+    def first_minus_later(label):
+        n = bd.calls[label]
+        return bd.first[label] - (bd.times[label] - bd.first[label]) / (n - 1) if n > 1 else float("nan")
+
+    print(f"\nThe compile seen from the run (first call minus the mean later call): training epoch "
+          f"{first_minus_later('training epochs'):.2f} s, validation evaluation "
+          f"{first_minus_later('validation evaluations (incl. host metrics)'):.2f} s. Measured apart, after the "
+          f"run: a second `setup` {r1['setup']:.2f} s (its eager initialisation ops already compiled), one "
+          f"compiled epoch {r1['epoch'] * 1e3:.1f} ms, one validation evaluation call {r1['eval'] * 1e3:.1f} ms "
+          f"(device call only, no host metrics).")
+
+    if mj:
+        print("\nItem 2, time per method of the main job (`train_seeds` for the vectorised ones, summed over the "
+              "per-seed runs of the others):\n")
+        print("| method | s | share |")
+        print("|---|---|---|")
+        for name, s in sorted(mj["per_method"].items(), key=lambda kv: -kv[1]):
+            print(f"| {name} | {s:.1f} | {s / mj['run_comparison']:.0%} |")
+    print(f"\n(total benchmark time {time.perf_counter() - t_all:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
