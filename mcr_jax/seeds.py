@@ -23,8 +23,12 @@ Seeds already finished (their ``results.json`` matches the config) are reused, n
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,10 +63,33 @@ def put(tree, k: int, value):
     return jax.tree.map(one, tree, value)
 
 
-def _seed_config(config, seed: int) -> ml_collections.ConfigDict:
+def with_options(config, options: dict | None) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with a grid point's options set: method options, and
+    ``learning_rate`` as ``optim.learning_rate``."""
     sub = ml_collections.ConfigDict(train._config_dict(config))
+    for k, v in (options or {}).items():
+        if k == "learning_rate":
+            sub.optim.learning_rate = v
+        else:
+            sub.method[k] = v
+    return sub
+
+
+def _seed_config(config, seed: int, options: dict | None = None) -> ml_collections.ConfigDict:
+    """``config`` for one run: its seed and, for a grid point, its options."""
+    sub = with_options(config, options)
     sub.seed = int(seed)
     return sub
+
+
+@dataclasses.dataclass
+class RunSpec:
+    """One run of a vectorised program: its seed, traced hyperparameters, config and directory."""
+
+    seed: int
+    hparams: dict
+    config: Any
+    dir: str
 
 
 def vectorizable(config, run) -> str | None:
@@ -90,48 +117,96 @@ def train_seeds(config, workdir: str, seeds, *, seed_dirs: dict | None = None) -
     workdir = os.path.abspath(workdir)
     dirs = {s: os.path.abspath((seed_dirs or {}).get(s) or os.path.join(workdir, f"seed_{s}")) for s in seeds}
     configs = {s: _seed_config(config, s) for s in seeds}
-    done = {s: train._finished(dirs[s], configs[s]) for s in seeds}
-    todo = [s for s in seeds if done[s] is None]  # finished seeds are reused, not retrained
-    if todo:
-        if parallel.is_primary():
-            guards.check_writable(workdir)
-        run = train.setup(configs[todo[0]])
-        reason = vectorizable(config, run) if len(todo) > 1 else "one seed"
-        if reason is not None:
-            if len(todo) > 1:
-                train._log(f"[{config.method.name}] seeds run one after another: {reason}.")
-            done.update({s: train.train_and_evaluate(configs[s], dirs[s]) for s in todo})
-        else:
-            state_dir = os.path.join(workdir, "vectorized", "seeds_" + "-".join(str(s) for s in todo))
-            done.update(zip(todo, _train_vectorized(config, state_dir, todo, configs, dirs, run), strict=True))
-    return _summarize(config, workdir, seeds, [done[s] for s in seeds])
+    specs = [RunSpec(s, {}, configs[s], dirs[s]) for s in seeds]
+    results = _train_runs(config, workdir, specs, traced=())
+    return _summarize(config, workdir, seeds, results)
 
 
-def _initial_states(run, configs, seeds) -> TrainState:
+def train_grid(config, workdir: str, seeds, points: list[dict]) -> list[dict]:
+    """Every grid point (``{option: value}``) of ``config``'s method for every seed, results in
+    ``<workdir>/config_<i>/seed_<s>``; returns ``[{"per_seed", "summary"}]`` per point.
+
+    When every option of the grid is one of the method's traceable continuous options (or the
+    learning rate), all points × seeds train as **one** vectorised program with the options as
+    traced inputs; otherwise each point is its own program (vectorised over the seeds)."""
+    seeds = guards.check_seeds(seeds)
+    guards.validate_config(config)
+    workdir = os.path.abspath(workdir)
+    keys = sorted({k for p in points for k in p})
+    if any(sorted(p) != keys for p in points):
+        raise ValueError(f"every grid point must set the same options; got {points}.")
+    specs = [RunSpec(s, dict(p), _seed_config(config, s, p), os.path.join(workdir, f"config_{i}", f"seed_{s}"))
+             for i, p in enumerate(points) for s in seeds]
+    results = _train_runs(config, workdir, specs, traced=tuple(keys))
+    out = []
+    for i in range(len(points)):
+        per = results[i * len(seeds):(i + 1) * len(seeds)]
+        out.append(_summarize(config, os.path.join(workdir, f"config_{i}"), seeds, per))
+    return out
+
+
+def _train_runs(config, workdir: str, specs: list[RunSpec], traced: tuple) -> list[dict]:
+    """The results of every run in ``specs`` (finished runs reused): one vectorised program when
+    possible, else one after another."""
+    done = [train._finished(sp.dir, sp.config) for sp in specs]
+    todo = [i for i, r in enumerate(done) if r is None]
+    if not todo:
+        return done
+    if parallel.is_primary():
+        guards.check_writable(workdir)
+    run = train.setup(specs[todo[0]].config)
+    reason = vectorizable(config, run) if len(todo) > 1 else "one run"
+    if reason is None and not set(traced) <= set(run.method.traceable) | {"learning_rate"}:
+        train._log(f"[{config.method.name}] options {sorted(set(traced) - set(run.method.traceable))} are not "
+                   "traceable: one program per grid point, vectorised over its seeds.")
+        groups: dict[str, list[int]] = {}
+        for i in todo:
+            groups.setdefault(json.dumps(specs[i].hparams, sort_keys=True), []).append(i)
+        for members in groups.values():
+            plain = [dataclasses.replace(specs[i], hparams={}) for i in members]
+            for i, r in zip(members, _train_runs(config, workdir, plain, traced=()), strict=True):
+                done[i] = r
+        return done
+    if reason is not None:
+        if len(todo) > 1:
+            train._log(f"[{config.method.name}] runs one after another: {reason}.")
+        for i in todo:
+            done[i] = train.train_and_evaluate(specs[i].config, specs[i].dir)
+        return done
+    tag = json.dumps([[specs[i].dir, specs[i].seed, specs[i].hparams] for i in todo], sort_keys=True)
+    state_dir = os.path.join(workdir, "vectorized", "runs_" + hashlib.sha1(tag.encode()).hexdigest()[:12])
+    new = _train_vectorized(config, state_dir, [specs[i] for i in todo], run)
+    for i, r in zip(todo, new, strict=True):
+        done[i] = r
+    return done
+
+
+def _initial_states(run, specs: list[RunSpec]) -> TrainState:
     states = []
-    for s in seeds:
-        model = train.inputs.build_model(configs[s].model, run.info, seed=s)
+    for sp in specs:
+        model = train.inputs.build_model(sp.config.model, run.info, seed=sp.seed)
         run.method.check_model(model)
         _, _, params, rest = split_model(model)
-        states.append(init_state(params, rest, run.tx, run.method, s))
+        states.append(init_state(params, rest, run.tx, run.method, sp.seed, hparams=sp.hparams))
     return stack(states)
 
 
-def _train_vectorized(config, workdir, seeds, configs, dirs, run) -> list[dict]:
+def _train_vectorized(config, workdir, specs: list[RunSpec], run) -> list[dict]:
     info, method, tc = run.info, run.method, config.train
-    k_seeds, epochs = len(seeds), int(tc.num_epochs)
+    seeds = [sp.seed for sp in specs]
+    k_seeds, epochs = len(specs), int(tc.num_epochs)
     shard = parallel.batch_sharded(run.mesh)
     epoch_fn = jax.jit(jax.vmap(make_epoch_fn(run.step_fn, batch_sharding=shard), in_axes=(0, None, 0)),
                        donate_argnums=0)
     eval_fns = {split: jax.jit(jax.vmap(make_eval_fn(run.eval_step_fn, num_examples=run.data.size(split),
                                                      batch_size=run.eval_batch_size, batch_sharding=shard),
-                                        in_axes=(0, 0, None)))
+                                        in_axes=(0, 0, None, 0)))
                 for split in ("validation", "test")}
-    states = parallel.replicate(_initial_states(run, configs, seeds), run.mesh)
+    states = parallel.replicate(_initial_states(run, specs), run.mesh)
 
     ckpt = Checkpointer(workdir, enabled=bool(tc.get("checkpoint", True)))
     every = train.checkpoint_every(config, run)
-    config_json = train._jsonable(train._config_dict(config))
+    config_json = train._jsonable({"runs": [[sp.dir, train._config_dict(sp.config), sp.hparams] for sp in specs]})
     best = host_copy({"params": states.params, "rest": states.rest})
     metas = [{"epoch": 0, "best_epoch": 0, "best_value": -float("inf"), "best_loss": float("inf"), "bad_epochs": 0,
               "history": [], "stopped_early": False, "train_time_s": 0.0, "steps": 0} for _ in seeds]
@@ -158,10 +233,10 @@ def _train_vectorized(config, workdir, seeds, configs, dirs, run) -> list[dict]:
         mets = parallel.to_host(mets)
         bad = np.asarray(parallel.to_host(states.bad_step))
         val_out = parallel.to_host(eval_fns["validation"](states.params, states.rest,
-                                                          run.device_arrays["validation"]))
+                                                          run.device_arrays["validation"], states.hparams))
         epoch_time = (time.perf_counter() - t0) / len(active)
         for i in active:
-            s, m = seeds[i], metas[i]
+            s, m, run_dir = seeds[i], metas[i], specs[i].dir
             if bad[i] >= 0:
                 terms = [n for j, n in enumerate(run.metric_names)
                          if (int(np.asarray(states.bad_terms)[i]) >> j) & 1]
@@ -193,20 +268,20 @@ def _train_vectorized(config, workdir, seeds, configs, dirs, run) -> list[dict]:
             m["epoch"] = epoch
             if patience and m["bad_epochs"] >= patience and epoch >= earliest_stop and epoch < epochs:
                 m["stopped_early"] = True
-            os.makedirs(dirs[s], exist_ok=True)
-            train._write_history(dirs[s], m["history"])
+            os.makedirs(run_dir, exist_ok=True)
+            train._write_history(run_dir, m["history"])
         meta["epoch"] = epoch
         main = "mae" if info.task == "regression" else "accuracy"
-        train._log(f"[{config.method.name} × {k_seeds} seeds] epoch {epoch:3d}/{epochs}  best val {main} "
+        train._log(f"[{config.method.name} × {k_seeds} runs] epoch {epoch:3d}/{epochs}  best val {main} "
                    + " ".join(f"{abs(m['best_value']):.4f}" for m in metas)
                    + f"  {epoch_time * len(active):5.2f}s")
         if epoch % every == 0 or epoch == epochs or all(m["stopped_early"] for m in metas):
             ckpt.save(epoch, states, best, meta)
     ckpt.close()
-    return _finish(config, workdir, seeds, configs, dirs, run, states, best, metas, eval_fns, select)
+    return _finish(config, specs, run, states, best, metas, eval_fns, select)
 
 
-def _finish(config, workdir, seeds, configs, dirs, run, states, best, metas, eval_fns, select) -> list[dict]:
+def _finish(config, specs: list[RunSpec], run, states, best, metas, eval_fns, select) -> list[dict]:
     info, method = run.info, run.method
     host_best = best
     best = from_saveable(best, {"params": states.params, "rest": states.rest})
@@ -214,31 +289,34 @@ def _finish(config, workdir, seeds, configs, dirs, run, states, best, metas, eva
     if bad:
         raise FloatingPointError(f"selected weights hold non-finite values in {bad[:5]}; refusing to publish.")
     best = parallel.replicate(best, run.mesh)
-    outs = {split: parallel.to_host(fn(best["params"], best["rest"], run.device_arrays[split]))
+    outs = {split: parallel.to_host(fn(best["params"], best["rest"], run.device_arrays[split], states.hparams))
             for split, fn in eval_fns.items()}
     per_seed = []
-    for i, s in enumerate(seeds):
-        m = metas[i]
+    seeds = [sp.seed for sp in specs]
+    for i, sp in enumerate(specs):
+        s, m, run_dir, run_config = sp.seed, metas[i], sp.dir, sp.config
         val, val_out = train.summarize_eval(method, train.split_eval_output(take(outs["validation"], i)))
         test, test_out = train.summarize_eval(method, train.split_eval_output(take(outs["test"], i)))
         for name, res in (("validation", val), ("test", test)):
             if not np.isfinite(res["loss"]):
                 raise FloatingPointError(f"seed {s}: the selected weights give a non-finite {name} loss.")
         train._add_sample_type_accuracy(test, test_out["logits"], test_out["labels"], run.data, info)
-        train._save_predictions(dirs[s], {"validation": val_out, "test": test_out})
-        if bool(config.train.get("checkpoint", True)):  # the seed's own checkpoint, as a single run leaves
-            one = Checkpointer(dirs[s])
-            one.save(m["epoch"], take(states, i), take(host_best, i),
-                     dict(m, config=train._jsonable(train._config_dict(configs[s]))))
+        os.makedirs(run_dir, exist_ok=True)
+        train._save_predictions(run_dir, {"validation": val_out, "test": test_out})
+        if bool(config.train.get("checkpoint", True)):  # the run's own checkpoint, as a single run leaves
+            one = Checkpointer(run_dir)
+            one.save(m["epoch"], take(states, i)._replace(hparams={}), take(host_best, i),
+                     dict(m, config=train._jsonable(train._config_dict(run_config))))
             one.close()
-        results = {"config": train._jsonable(train._config_dict(configs[s])), "method": config.method.name,
+        results = {"config": train._jsonable(train._config_dict(run_config)), "method": config.method.name,
                    "seed": s, "dataset": info.name, "modalities": list(info.modalities), "task": info.task,
                    "best_epoch": m["best_epoch"], "epochs_run": m["epoch"], "selection": f"val_{select}",
                    "stopped_early": m["stopped_early"], "steps": m["steps"], "train_time_s": m["train_time_s"],
-                   "compiled_epochs": True, "vectorized_seeds": list(seeds), "validation": val, "test": test}
+                   "compiled_epochs": True, "vectorized_seeds": list(seeds), "traced_hparams": dict(sp.hparams),
+                   "validation": val, "test": test}
         results = train._jsonable(results)
         if parallel.is_primary():
-            guards.write_json_atomic(os.path.join(dirs[s], "results.json"), results)
+            guards.write_json_atomic(os.path.join(run_dir, "results.json"), results)
         per_seed.append(results)
     return per_seed
 
@@ -252,4 +330,4 @@ def _summarize(config, workdir, seeds, per_seed) -> dict:
     return {"per_seed": per_seed, "summary": summary}
 
 
-__all__ = ["put", "stack", "take", "train_seeds", "vectorizable"]
+__all__ = ["RunSpec", "put", "stack", "take", "train_grid", "train_seeds", "vectorizable", "with_options"]

@@ -24,7 +24,9 @@ class TrainState(NamedTuple):
     - ``opt_state``: the optimizer's state; ``method_state``: the method's (running averages…);
     - ``key``: the PRNG key the next step splits; ``step``: steps done (int32);
     - ``bad_step`` / ``bad_terms``: the first step with a non-finite metric (-1: none) and a
-      bit mask of the offending metrics (the trainer reports them once per epoch).
+      bit mask of the offending metrics (the trainer reports them once per epoch);
+    - ``hparams``: traced hyperparameters ``{option: float32 scalar}`` (empty for an ordinary run;
+      in a vectorised grid each run carries its own values, see :mod:`mcr_jax.seeds`).
     """
 
     params: Any
@@ -35,6 +37,7 @@ class TrainState(NamedTuple):
     step: jax.Array
     bad_step: jax.Array
     bad_terms: jax.Array
+    hparams: dict = {}
 
 
 class StepOutput(NamedTuple):
@@ -72,12 +75,15 @@ def split_model(model: nnx.Module) -> ModelParts:
     return ModelParts(graphdef_train, graphdef_eval, nnx.as_pure(params), nnx.as_pure(rest))
 
 
-def init_state(params, rest, tx: optax.GradientTransformation, method, seed: int) -> TrainState:
-    """The state before the first step: fresh optimizer and method state, key from ``seed``."""
+def init_state(params, rest, tx: optax.GradientTransformation, method, seed: int,
+               hparams: dict | None = None) -> TrainState:
+    """The state before the first step: fresh optimizer and method state, key from ``seed``;
+    ``hparams`` (``{option: value}``) become traced float32 hyperparameters."""
     return TrainState(params=params, rest=rest, opt_state=tx.init(params),
                       method_state=method.init_method_state(params), key=jax.random.PRNGKey(int(seed)),
                       step=jnp.zeros((), jnp.int32), bad_step=-jnp.ones((), jnp.int32),
-                      bad_terms=jnp.zeros((), jnp.int32))
+                      bad_terms=jnp.zeros((), jnp.int32),
+                      hparams={k: jnp.asarray(v, jnp.float32) for k, v in (hparams or {}).items()})
 
 
 __all__ = ["ModelParts", "StepOutput", "TrainState", "init_state", "split_model"]

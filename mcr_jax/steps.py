@@ -37,15 +37,27 @@ def _is_key(x) -> bool:
     return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def make_train_step(method, tx, graphdef_train, graphdef_eval, metric_names):
-    """``(state, batch) -> (state, metrics)`` for one batch (see the module docstring)."""
+def make_train_step(method, tx, graphdef_train, graphdef_eval, metric_names, base_learning_rate: float = 0.0):
+    """``(state, batch) -> (state, metrics)`` for one batch (see the module docstring).
+
+    Traced hyperparameters (``state.hparams``) reach the method through :meth:`Method.tracing`; a
+    traced ``learning_rate`` scales the optimizer's updates by ``learning_rate / base_learning_rate``
+    (every optimizer here is linear in its learning rate, so this is training at that rate, the
+    whole schedule scaled)."""
 
     def step(state: TrainState, batch):
         key, sub = jax.random.split(state.key)
         handle = ModelHandle(graphdef_train, graphdef_eval, state.rest)
-        out = StepOutput(*method.gradients(handle, state.params, batch, sub, state.method_state))
+        traced = {k: v for k, v in state.hparams.items() if k != "learning_rate"}
+        with method.tracing(traced):
+            out = StepOutput(*method.gradients(handle, state.params, batch, sub, state.method_state))
         mets = dict(out.metrics, grad_norm=optax.tree.norm(out.grads))
         updates, new_opt = tx.update(out.grads, state.opt_state, state.params, **out.tx_kwargs)
+        if "learning_rate" in state.hparams:
+            if not base_learning_rate > 0:
+                raise ValueError("a traced learning rate needs optim.learning_rate > 0 (it scales the updates).")
+            ratio = state.hparams["learning_rate"] / base_learning_rate
+            updates = jax.tree.map(lambda u: u * ratio.astype(u.dtype), updates)
         new_params = optax.apply_updates(state.params, updates)
         bad = jnp.stack([~jnp.all(jnp.isfinite(mets[n])) for n in metric_names])
         ok = ~jnp.any(bad)
@@ -61,6 +73,7 @@ def make_train_step(method, tx, graphdef_train, graphdef_eval, metric_names):
             bad_step=jnp.where(first & ~ok, state.step, state.bad_step),
             bad_terms=jnp.where(first & ~ok, jnp.sum(bad.astype(jnp.int32) << jnp.arange(len(metric_names))),
                                 state.bad_terms),
+            hparams=state.hparams,
         )
         return new_state, mets
 
@@ -98,8 +111,12 @@ def make_eval_step(method, graphdef_eval, num_samples: int):
     fixed key folded with the batch's ``index`` in the split: deterministic (every model is scored
     with the same permutations), never the identity, and padded rows take no part."""
 
-    def step(params, rest, batch, index):
+    def step(params, rest, batch, index, hparams=None):
         model = nnx.merge(graphdef_eval, params, rest)
+        with method.tracing({k: v for k, v in (hparams or {}).items() if k != "learning_rate"}):
+            return _scored(model, batch, index)
+
+    def _scored(model, batch, index):
         out = method.predict(model, batch)
         res = {"logits": out["logits"], "unimodal": out["unimodal"],
                "loss": task_loss(out["logits"], batch["label"], batch["mask"], method.task)}
@@ -131,13 +148,13 @@ def make_eval_fn(eval_step, *, num_examples: int, batch_size: int, batch_shardin
     and ``label``): the whole split in one call, batch ``i`` scored as ``eval_step(..., i)``."""
     rows, mask = eval_layout(num_examples, batch_size)
 
-    def run(params, rest, arrays):
+    def run(params, rest, arrays, hparams=None):
         def body(_, xs):
             i, r, m = xs
             batch = gather_batch(arrays, r, m)
             if batch_sharding is not None:
                 batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-            out = eval_step(params, rest, batch, i)
+            out = eval_step(params, rest, batch, i, hparams)
             return None, dict(out, mask=batch["mask"], label=batch["label"])
 
         return jax.lax.scan(body, None, (jnp.arange(rows.shape[0], dtype=jnp.int32), rows, mask))[1]

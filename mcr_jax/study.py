@@ -16,9 +16,11 @@ Protocol (what :func:`run_study` does, and what its table says it did):
    joint training and against the ensemble (same seed, so seed-level variation cancels), with the
    mean and the 95 % Student-t interval.
 
-The seeds of one configuration train as one vectorised program (:mod:`mcr_jax.seeds`). Continuous
-hyperparameters are not yet traced inputs, so each grid point is its own program (one compile
-each). :func:`mcr_jax.report.run_comparison` is the untuned special case (a grid of one).
+The tuning runs of a method — every grid point × every tune seed — train as **one** vectorised
+program when the grid's options are the method's traceable continuous hyperparameters (λ's,
+coefficients, the learning rate: traced inputs, :func:`mcr_jax.seeds.train_grid`); otherwise each
+point is its own program, vectorised over the seeds. :func:`mcr_jax.report.run_comparison` is the
+untuned special case (a grid of one).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def paired_difference(a: list[float], b: list[float]) -> dict:
 
 def _train_config(config, name: str, options: dict, seeds, root: str, modalities) -> list[dict]:
     """Every seed of one configuration of one method, in ``<root>/seed_<s>`` (vectorised where possible)."""
-    from mcr_jax.seeds import train_seeds
+    from mcr_jax.seeds import train_seeds, with_options
 
     if name == "unimodal":
         raise ValueError("unimodal runs are made per modality by the study itself.")
@@ -75,10 +77,7 @@ def _train_config(config, name: str, options: dict, seeds, root: str, modalities
                 train_and_evaluate(unimodal_config(base, m), uni[m])
             out.append(train_and_evaluate(method_config(base, name, uni), os.path.join(root, f"seed_{s}")))
         return out
-    cfg = method_config(config, name, {})
-    for k, v in options.items():
-        cfg.method[k] = v
-    return train_seeds(cfg, root, seeds)["per_seed"]
+    return train_seeds(with_options(method_config(config, name, {}), options), root, seeds)["per_seed"]
 
 
 def run_study(config, workdir: str, methods, *, budget: int = 4, tune_seeds=(0, 1, 2),
@@ -109,14 +108,20 @@ def run_study(config, workdir: str, methods, *, budget: int = 4, tune_seeds=(0, 
                 chosen[f"unimodal {m}"] = {}
             continue
         points = grid_points(name, int(budget), grid_seed)
+        if len(points) > 1 and name not in PER_SEED:  # the whole grid × tune seeds: one program where traceable
+            from mcr_jax.seeds import train_grid
+
+            grid = train_grid(method_config(config, name, {}), os.path.join(workdir, name), tune_seeds, points)
+            per_point = [g["per_seed"] for g in grid]
+        else:
+            per_point = [_train_config(config, name, options, tune_seeds if len(points) > 1 else eval_seeds,
+                                       os.path.join(workdir, name, f"config_{i}"), info.modalities)
+                         for i, options in enumerate(points)]
         scored = []
-        for i, options in enumerate(points):
-            root = os.path.join(workdir, name, f"config_{i}")
-            results = _train_config(config, name, options, tune_seeds if len(points) > 1 else eval_seeds, root,
-                                    info.modalities)
+        for i, (options, results) in enumerate(zip(points, per_point, strict=True)):
             vals = [_val_value(r, select, info.task) for r in results]
-            scored.append({"options": options, "root": root, "val_mean": float(np.mean(vals)),
-                           "val_per_seed": vals})
+            scored.append({"options": options, "root": os.path.join(workdir, name, f"config_{i}"),
+                           "val_mean": float(np.mean(vals)), "val_per_seed": vals})
         best = max(range(len(scored)), key=lambda i: scored[i]["val_mean"])
         tuning[name] = scored
         chosen[name] = scored[best]["options"]

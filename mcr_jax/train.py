@@ -252,7 +252,8 @@ def setup(config, *, mesh=None) -> Run:
         params, rest, sample, state.key, state.method_state)
     metric_names = sorted(shapes) + ["grad_norm"]
     rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    step = make_train_step(method, tx, graphdef_train, graphdef_eval, metric_names)
+    step = make_train_step(method, tx, graphdef_train, graphdef_eval, metric_names,
+                           float(config.optim.get("learning_rate", 0.0)))
     train_step = jax.jit(step, in_shardings=(rep, shard), out_shardings=(rep, rep), donate_argnums=0)
     raw_eval = make_eval_step(method, graphdef_eval, int(config.get("eval", {}).get("mipd_samples", 8)))
     eval_step = jax.jit(raw_eval, in_shardings=(rep, rep, shard, rep))

@@ -92,3 +92,29 @@ def test_an_interrupted_vectorised_run_resumes_to_the_uninterrupted_result(tmp_p
         _same(a, b, tmp_path / "ref" / f"seed_{s}", tmp_path / "run" / f"seed_{s}")
         with open(tmp_path / "run" / f"seed_{s}" / "metrics.jsonl") as f:
             assert len(f.readlines()) == 4
+
+
+def test_a_traced_hyperparameter_grid_equals_separate_runs(tmp_path):
+    """λ_M and the learning rate as traced inputs: 2 grid points in one program give the results of
+    the 2 runs made with the values set statically."""
+    cfg = smoke_config("mcr", num_epochs=3)
+    points = [{"mipd_weight": 0.01, "learning_rate": 1e-3}, {"mipd_weight": 1.0, "learning_rate": 3e-3}]
+    out = seeds_mod.train_grid(cfg, str(tmp_path / "grid"), [2], points)
+    for i, p in enumerate(points):
+        for s, res in zip([2], out[i]["per_seed"], strict=True):
+            assert res["traced_hparams"] == p  # trained inside the one vectorised program
+            one = cfg.copy_and_resolve_references()
+            one.seed = s
+            one.method.mipd_weight = p["mipd_weight"]
+            one.optim.learning_rate = p["learning_rate"]
+            alone = train.train_and_evaluate(one, str(tmp_path / f"alone_{i}_{s}"))
+            assert res["config"] == alone["config"]
+            _same(res, alone, tmp_path / "grid" / f"config_{i}" / f"seed_{s}", tmp_path / f"alone_{i}_{s}")
+
+
+def test_a_grid_of_non_traceable_options_runs_point_by_point(tmp_path, capsys):
+    cfg = smoke_config("mcr", num_epochs=1)
+    out = seeds_mod.train_grid(cfg, str(tmp_path), [0, 1], [{"num_permutations": 2}, {"num_permutations": 4}])
+    assert "not traceable" in capsys.readouterr().out
+    assert [r["config"]["method"]["num_permutations"] for r in out[1]["per_seed"]] == [4, 4]
+    assert [r["vectorized_seeds"] for r in out[0]["per_seed"]] == [[0, 1], [0, 1]]  # each point: its seeds at once

@@ -231,6 +231,7 @@ class AGM(Method):
 
     name = "agm"
     reports_unimodal_heads = False
+    traceable = ("alpha",)
 
     def __init__(self, config, info):
         super().__init__(config, info)
@@ -266,7 +267,8 @@ class AGM(Method):
             outs = modality_outputs(ev.fuse, latents, zeros, names, full)
             outs = [outs[m] for m in names]
             scores = _scores(outs, labels, mask, self.task)
-            coeffs = agm_coefficients(scores, method_state["score_mean"], float(o["alpha"]), float(o["max_gap"]))
+            alpha = self.hp("alpha", float(o["alpha"]))
+            coeffs = agm_coefficients(scores, method_state["score_mean"], alpha, float(o["max_gap"]))
             applied = jnp.where(active, coeffs, idle)
             loss = task_loss(route_gradients(outs, applied), labels, mask, self.task)
             return loss, (scores, applied, handle.rest_of(model))

@@ -13,6 +13,7 @@ method adapt between epochs from validation metrics.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -133,6 +134,13 @@ class Method:
     #: for a method that keeps per-run state on the instance rather than in its method state.
     vectorizable_seeds = True
 
+    #: continuous options that may be *traced* hyperparameters (a grid of their values then trains
+    #: as one vectorised program, see mcr_jax.seeds); read them in traced code with :meth:`hp`.
+    traceable: tuple[str, ...] = ()
+
+    #: the traced values of this trace (set by the trainer around ``gradients``; empty otherwise).
+    _traced: dict = {}
+
     #: the device mesh of the run (set by the trainer; None outside it).
     mesh = None
 
@@ -141,6 +149,30 @@ class Method:
         self.info = info
         self.modalities = tuple(info.modalities)
         self.task = info.task
+
+    # ---- traced hyperparameters ---------------------------------------------------------------
+    def hp(self, name: str, static):
+        """Option ``name``'s value in traced code: the traced value when the run traces it (a study
+        axis), else ``static`` (the configured value, a Python number)."""
+        return self._traced.get(name, static)
+
+    def tuned(self, name: str) -> bool:
+        """Whether option ``name`` is traced in this trace (then a term must be computed even when
+        its configured weight is 0: another run of the program may weigh it)."""
+        return name in self._traced
+
+    @contextlib.contextmanager
+    def tracing(self, hparams):
+        """While tracing a step: :meth:`hp` returns ``hparams[name]`` for the traced options."""
+        unknown = set(hparams) - set(self.traceable) - {"learning_rate"}
+        if unknown:
+            raise ValueError(f"{self.name}: options {sorted(unknown)} cannot be traced; traceable: "
+                             f"{sorted(self.traceable)} and learning_rate.")
+        previous, self._traced = self._traced, dict(hparams)
+        try:
+            yield
+        finally:
+            self._traced = previous
 
     # ---- set-up (host) -----------------------------------------------------------------------
     def earliest_stop_epoch(self) -> int:

@@ -102,6 +102,9 @@ class MCR(Method):
         if int(o["num_permutations"]) < 1:
             raise ValueError(f"method.num_permutations (S) must be >= 1; got {o['num_permutations']}.")
         self.divergence = "mse" if self.task == "regression" else "jsd"
+        # λ's that may be traced (a grid as one program); the optax form's λ_M lives in its optimizer
+        self.traceable = (("mipd_weight",) if o["game_form"] == "single_backward" else ()) + (
+            "uni_weight", "con_weight", "ceb_weight")
 
     def check_model(self, model) -> None:
         o = self.opts
@@ -124,21 +127,21 @@ class MCR(Method):
         o, mask, labels = self.opts, batch.get("mask"), batch["label"]
         terms = {"task": task_loss(out["logits"], labels, mask, self.task)}
         total = terms["task"]
-        if o["uni_weight"]:
+        if o["uni_weight"] or self.tuned("uni_weight"):
             uni = unimodal_losses(out, batch, self.task, self.modalities)
             terms.update({f"uni_{m}": v for m, v in uni.items()})
-            total = total + o["uni_weight"] * sum(uni.values())
+            total = total + self.hp("uni_weight", o["uni_weight"]) * sum(uni.values())
         zs = [out["latents"][m] for m in self.modalities]
-        if o["con_weight"]:
+        if o["con_weight"] or self.tuned("con_weight"):
             con_labels = labels
             if self.task == "regression" and o["con_labels"] == "binary":
                 con_labels = binarize_regression_labels(labels)
             terms["con"] = CONTRASTIVE[o["con_form"]](zs, con_labels, temperature=o["temperature"], mask=mask)
-            total = total + o["con_weight"] * terms["con"]
-        if o["ceb_weight"]:
+            total = total + self.hp("con_weight", o["con_weight"]) * terms["con"]
+        if o["ceb_weight"] or self.tuned("ceb_weight"):
             terms["ceb"] = ceb_term(zs, model.ceb_decoder, condition=o["ceb_condition"], fused_logits=out["logits"],
                                     labels=labels, num_classes=self.info.num_classes, mask=mask)
-            total = total + o["ceb_weight"] * terms["ceb"]
+            total = total + self.hp("ceb_weight", o["ceb_weight"]) * terms["ceb"]
         return total, terms
 
     def _fast_path(self, model) -> bool:
@@ -241,7 +244,7 @@ class MCR(Method):
         parts, fuse, kw = self._mipd_parts(handle, params, model, batch, out, key, fusion)
         d = game.game_mipd_divergences(out["logits"], fuse, parts, strategy=self.opts["strategy"],
                                        divergence=self.divergence, **kw)
-        total = total - self.opts["mipd_weight"] * jnp.sum(d)
+        total = total - self.hp("mipd_weight", self.opts["mipd_weight"]) * jnp.sum(d)
         return total, {**terms, **self._jsd_metrics(self.modalities, d)}, model
 
     def gradients(self, handle, params, batch, key, method_state):

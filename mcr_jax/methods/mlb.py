@@ -95,6 +95,7 @@ class MLB(Method):
 
     name = "mlb"
     reports_unimodal_heads = True
+    traceable = ("alpha", "beta", "uni_weight")
 
     def __init__(self, config, info):
         super().__init__(config, info)
@@ -106,7 +107,7 @@ class MLB(Method):
 
     def gradients(self, handle, params, batch, key, method_state):
         names, labels, mask = self.modalities, batch["label"], batch.get("mask")
-        weight = float(self.opts["uni_weight"])
+        weight = self.hp("uni_weight", float(self.opts["uni_weight"]))
 
         def fn(p):
             model = handle.train_model(p)
@@ -124,7 +125,8 @@ class MLB(Method):
 
         (loss, (terms, scores, new_rest)), grads = jax.value_and_grad(fn, has_aux=True)(params)
         ratios = mlb_ratios(scores, higher_is_better=self.task != "regression")
-        coeffs = mlb_coefficients(ratios, float(self.opts["alpha"]), float(self.opts["beta"]))
+        coeffs = mlb_coefficients(ratios, self.hp("alpha", float(self.opts["alpha"])),
+                                  self.hp("beta", float(self.opts["beta"])))
         grads = scale_by_owner(grads, modality_owners(params, names, OWNED), coeffs)
         metrics = dict(terms, loss=loss, **{f"ratio_{m}": ratios[i] for i, m in enumerate(names)},
                        **{f"coeff_{m}": coeffs[i] for i, m in enumerate(names)})

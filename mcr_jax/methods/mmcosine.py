@@ -109,6 +109,7 @@ class MMCosine(Method):
 
     name = "mmcosine"
     reports_unimodal_heads = True
+    traceable = ("scale",)
 
     def __init__(self, config, info):
         super().__init__(config, info)
@@ -130,7 +131,8 @@ class MMCosine(Method):
 
     def branch_logits(self, model, latents):
         """``{m: s · cos(z_m, W_m) [B, C]}`` from the fusion head's branch kernels."""
-        return {m: cosine_logits(latents[m], model.fusion.branches[m].kernel[...], self.scale)
+        scale = self.hp("scale", self.scale)
+        return {m: cosine_logits(latents[m], model.fusion.branches[m].kernel[...], scale)
                 for m in self.modalities}
 
     def _cosine_sum(self, branches):

@@ -164,6 +164,7 @@ class MMPareto(Method):
 
     name = "mmpareto"
     reports_unimodal_heads = True
+    traceable = ("scale",)
 
     def __init__(self, config, info):
         super().__init__(config, info)
@@ -186,6 +187,7 @@ class MMPareto(Method):
 
     def gradients(self, handle, params, batch, key, method_state):
         mask = batch.get("mask")
+        scale = self.hp("scale", self.scale)
 
         def fn(p):
             model = handle.train_model(p)
@@ -203,7 +205,7 @@ class MMPareto(Method):
         out = [a + b for a, b in zip(leaves_mm, leaves_uni, strict=True)]
         metrics = {"task": fused, **{f"uni_{m}": v for m, v in uni.items()}, "loss": fused + sum(uni.values())}
         for m, ids in self._encoder_leaf_ids(params).items():
-            new, mets = integrate([leaves_mm[i] for i in ids], [leaves_uni[i] for i in ids], scale=self.scale,
+            new, mets = integrate([leaves_mm[i] for i in ids], [leaves_uni[i] for i in ids], scale=scale,
                                   scope=self.scope)
             for i, g in zip(ids, new, strict=True):
                 out[i] = g

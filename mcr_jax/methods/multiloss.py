@@ -13,6 +13,7 @@ class MultiLoss(Method):
 
     name = "multiloss"
     reports_unimodal_heads = True
+    traceable = ("uni_weight",)
 
     def __init__(self, config, info):
         super().__init__(config, info)
@@ -23,6 +24,6 @@ class MultiLoss(Method):
         out = self.forward(model, batch)
         fused = task_loss(out["logits"], batch["label"], batch.get("mask"), self.task)
         uni = unimodal_losses(out, batch, self.task, self.modalities)
-        weight = float(self.opts["uni_weight"])
+        weight = self.hp("uni_weight", float(self.opts["uni_weight"]))
         total = fused + weight * sum(uni.values())
         return total, {"task": fused, **{f"uni_{m}": v for m, v in uni.items()}}, model

@@ -172,6 +172,7 @@ class OGMGE(Method):
 
     name = "ogm_ge"
     reports_unimodal_heads = False
+    traceable = ("alpha",)
 
     def __init__(self, config, info):
         super().__init__(config, info)
@@ -219,7 +220,7 @@ class OGMGE(Method):
         o = self.opts
         epoch = method_state["epoch"]
         active = (epoch >= int(o["start_epoch"])) & (epoch <= int(o["end_epoch"]))
-        coeffs = jnp.where(active, ogm_coefficients(scores, float(o["alpha"])), 1.0)
+        coeffs = jnp.where(active, ogm_coefficients(scores, self.hp("alpha", float(o["alpha"]))), 1.0)
         owners = modulated_owners(params, names, o["modulate"])
         noise = ge_noise(key, grads, owners) if o["ge"] else None
 

@@ -133,6 +133,7 @@ class ReconBoost(Method):
 
     name = "reconboost"
     reports_unimodal_heads = True
+    traceable = ("reconcile_weight",)
 
     def __init__(self, config, info):
         super().__init__(config, info)
@@ -193,7 +194,7 @@ class ReconBoost(Method):
             f_active = sum(onehot[i] * f for i, f in enumerate(fs))
             # F_¬a: the other learners only, no constant (the release's DynamicNet.forward)
             others = sum((1.0 - onehot[i]) * jax.lax.stop_gradient(f) for i, f in enumerate(fs))
-            boost = reconcile_loss(f_active, others, labels, mask, weight=self.weight)
+            boost = reconcile_loss(f_active, others, labels, mask, weight=self.hp("reconcile_weight", self.weight))
             rectify = task_loss(model.fusion.combine(branches), labels, mask, self.task)
             loss = jnp.where(boosting, boost, rectify)
             return loss, ({"boost": boost, "rectify": rectify}, handle.rest_of(model))
