@@ -256,8 +256,9 @@ def _train_vectorized(config, workdir, specs: list[RunSpec], run) -> list[dict]:
             ctx = EpochContext(epoch=epoch, steps_per_epoch=run.steps_per_epoch, state=one,
                                features_fn=run.features_fn, fresh_params_fn=run.fresh_params)
             new_ms = method.on_epoch_end(epoch, val, ctx.state.method_state, ctx)
-            one = ctx.state._replace(method_state=new_ms)
-            states = put(states, i, one)
+            if ctx.state is not one or new_ms is not one.method_state:  # the hook changed something:
+                one = ctx.state._replace(method_state=new_ms)  # write this run's state back (a copy
+                states = put(states, i, one)  # of every leaf, so only then)
             m["steps"] = int(np.asarray(one.step))
             record = {"epoch": epoch, "step": m["steps"], "train": {k: float(np.mean(v[i])) for k, v in mets.items()},
                       "val": {"loss": val["loss"],
