@@ -55,7 +55,7 @@ def main(argv=None):
             t0 = time.perf_counter()
             for _ in range(args.iters):
                 states[n], m = runs[n].train_step(states[n], batches[n])
-            jax.block_until_ready(states[n]["params"])
+            jax.block_until_ready(states[n])
             samples[n].append((time.perf_counter() - t0) / args.iters)
     dev = jax.devices()[0]
     print(f"# scaling on {dev.device_kind} ({jax.default_backend()}{'' if args.real else ', fake CPU devices'}), "

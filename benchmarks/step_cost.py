@@ -98,7 +98,7 @@ def time_side_by_side(steps: dict, batch, *, rounds: int, iters: int) -> dict[st
             t0 = time.perf_counter()
             for _ in range(iters):
                 states[k], m = fn(states[k], batch)
-            jax.block_until_ready(states[k]["params"])
+            jax.block_until_ready(states[k])
             samples[k].append((time.perf_counter() - t0) / iters)
     return {k: float(np.median(v)) for k, v in samples.items()}
 

@@ -1,5 +1,5 @@
 """A tuned comparison: every method's grid under an equal budget, chosen on validation, reported
-on test over at least 5 seeds with paired differences against joint training and the ensemble.
+on test over at least 5 seeds with paired differences against joint training, the ensemble and MCR.
 
     python -m experiments.study --config experiments/configs/synthetic.py --workdir runs/study \
         --methods unimodal,ensemble,joint,multiloss,ogm_ge,mlb,mcr --budget 4 \

@@ -13,8 +13,8 @@ Protocol (what :func:`run_study` does, and what its table says it did):
 3. **Report on test over ``eval_seeds``** (at least 5 by default) with the chosen configuration;
    runs shared with tuning (same configuration and seed) are reused, not retrained.
 4. **Paired differences.** For every method, the per-seed difference of its test metric against
-   joint training and against the ensemble (same seed, so seed-level variation cancels), with the
-   mean and the 95 % Student-t interval.
+   joint training, the ensemble and MCR (those of them in the study; same seed, so seed-level
+   variation cancels), with the mean and the 95 % Student-t interval.
 
 The tuning runs of a method — every grid point × every tune seed — train as **one** vectorised
 program when the grid's options are the method's traceable continuous hyperparameters (λ's,
@@ -31,17 +31,23 @@ import os
 import ml_collections
 import numpy as np
 
-from mcr_jax import guards, metrics
+from mcr_jax import dynamics, guards, metrics
 from mcr_jax.methods import method_grid
-from mcr_jax.report import PER_SEED, method_config, summarize
+from mcr_jax.report import METHOD_DEFAULTS, PER_SEED, method_config, summarize
 from mcr_jax.train import selection_metric, train_and_evaluate, unimodal_config
 
-BASELINES = ("joint", "ensemble")
+#: the references of the paired differences: every method is compared with each that was run
+BASELINES = ("joint", "ensemble", "mcr")
+
+
+def study_grid(label: str) -> dict:
+    """The tuning grid of a study's method label (``uni_pre_frozen`` is ``uni_pre`` with options)."""
+    return method_grid(METHOD_DEFAULTS.get(label, {}).get("name", label))
 
 
 def grid_points(name: str, budget: int, grid_seed: int = 0, grid: dict | None = None) -> list[dict]:
     """The configurations a study tries for method ``name``: at most ``budget`` option dicts."""
-    grid = method_grid(name) if grid is None else grid
+    grid = study_grid(name) if grid is None else grid
     if not grid:
         return [{}]
     keys = sorted(grid)
@@ -71,7 +77,7 @@ def _train_config(config, name: str, options: dict, seeds, root: str, modalities
         for s in seeds:
             base = ml_collections.ConfigDict(config.to_dict())
             base.seed = int(s)
-            uni = {m: os.path.join(os.path.dirname(root), f"unimodal_{m}", "config_0", f"seed_{s}")
+            uni = {m: os.path.join(os.path.dirname(os.path.dirname(root)), f"unimodal_{m}", "config_0", f"seed_{s}")
                    for m in modalities}
             for m in modalities:  # the ensemble and uni-pre need this seed's unimodal runs
                 train_and_evaluate(unimodal_config(base, m), uni[m])
@@ -81,9 +87,15 @@ def _train_config(config, name: str, options: dict, seeds, root: str, modalities
 
 
 def run_study(config, workdir: str, methods, *, budget: int = 4, tune_seeds=(0, 1, 2),
-              eval_seeds=(0, 1, 2, 3, 4), grid_seed: int = 0, min_eval_seeds: int = 5) -> dict:
+              eval_seeds=(0, 1, 2, 3, 4), grid_seed: int = 0, min_eval_seeds: int = 5,
+              charts: bool = True, fixed: dict | None = None) -> dict:
     """Runs the study of the module docstring; returns (and writes to ``<workdir>/results.json``)
-    ``{"protocol", "tuning", "chosen", "summary", "paired", "runs"}``."""
+    ``{"protocol", "tuning", "chosen", "summary", "paired", "runs", "run_dirs"}``; with ``charts``
+    also the training-dynamics charts (:func:`write_dynamics`).
+
+    ``fixed`` (``{method: options}``) skips the tuning of those methods and reports the given
+    options (e.g. chosen by an earlier study's validation on another split of the same data);
+    ``protocol["fixed"]`` records them."""
     from mcr_jax.inputs import load
 
     tune_seeds, eval_seeds = guards.check_seeds(tune_seeds), guards.check_seeds(eval_seeds)
@@ -97,7 +109,7 @@ def run_study(config, workdir: str, methods, *, budget: int = 4, tune_seeds=(0, 
     labels = []
     for name in methods:
         labels += [f"unimodal {m}" for m in info.modalities] if name == "unimodal" else [name]
-    tuning, chosen, runs = {}, {}, {}
+    tuning, chosen, runs, chosen_root = {}, {}, {}, {}
     for name in methods:
         if name == "unimodal":
             for m in info.modalities:
@@ -107,7 +119,7 @@ def run_study(config, workdir: str, methods, *, budget: int = 4, tune_seeds=(0, 
                 runs[f"unimodal {m}"] = train_seeds(unimodal_config(config, m), root, eval_seeds)["per_seed"]
                 chosen[f"unimodal {m}"] = {}
             continue
-        points = grid_points(name, int(budget), grid_seed)
+        points = [dict(fixed[name])] if fixed and name in fixed else grid_points(name, int(budget), grid_seed)
         if len(points) > 1 and name not in PER_SEED:  # the whole grid × tune seeds: one program where traceable
             from mcr_jax.seeds import train_grid
 
@@ -115,18 +127,22 @@ def run_study(config, workdir: str, methods, *, budget: int = 4, tune_seeds=(0, 
             per_point = [g["per_seed"] for g in grid]
         else:
             per_point = [_train_config(config, name, options, tune_seeds if len(points) > 1 else eval_seeds,
-                                       os.path.join(workdir, name, f"config_{i}"), info.modalities)
+                                       _config_root(workdir, name, i, fixed), info.modalities)
                          for i, options in enumerate(points)]
         scored = []
         for i, (options, results) in enumerate(zip(points, per_point, strict=True)):
             vals = [_val_value(r, select, info.task) for r in results]
-            scored.append({"options": options, "root": os.path.join(workdir, name, f"config_{i}"),
+            scored.append({"options": options, "root": _config_root(workdir, name, i, fixed),
                            "val_mean": float(np.mean(vals)), "val_per_seed": vals})
         best = max(range(len(scored)), key=lambda i: scored[i]["val_mean"])
         tuning[name] = scored
         chosen[name] = scored[best]["options"]
+        chosen_root[name] = scored[best]["root"]
         runs[name] = _train_config(config, name, scored[best]["options"], eval_seeds, scored[best]["root"],
                                    info.modalities)
+    run_dirs = {f"unimodal {m}": os.path.join(workdir, f"unimodal_{m}", "config_0") for m in info.modalities}
+    run_dirs.update({name: chosen_root[name] for name in chosen_root})
+    run_dirs = {label: [os.path.join(run_dirs[label], f"seed_{s}") for s in eval_seeds] for label in labels}
     summary = summarize({label: runs[label] for label in labels})
     test = {label: [r["test"]["heads"]["fused"][key] for r in runs[label]] for label in labels}
     paired = {ref: {label: paired_difference(test[label], test[ref]) for label in labels if label != ref}
@@ -134,11 +150,38 @@ def run_study(config, workdir: str, methods, *, budget: int = 4, tune_seeds=(0, 
     out = {"dataset": info.name, "modalities": list(info.modalities), "metric": key,
            "protocol": {"budget": int(budget), "tune_seeds": list(tune_seeds), "eval_seeds": list(eval_seeds),
                         "grid_seed": int(grid_seed), "selection": f"mean validation {select} over the tune seeds",
-                        "grids": {name: method_grid(name) for name in methods if name != "unimodal"}},
-           "tuning": tuning, "chosen": chosen, "summary": summary, "paired": paired, "runs": runs}
+                        "grids": {name: study_grid(name) for name in methods if name != "unimodal"},
+                        "fixed": {k: v for k, v in (fixed or {}).items() if k in methods}},
+           "tuning": tuning, "chosen": chosen, "summary": summary, "paired": paired, "runs": runs,
+           "run_dirs": run_dirs}
     os.makedirs(workdir, exist_ok=True)
     guards.write_json_atomic(os.path.join(workdir, "results.json"), out)
+    if charts:
+        write_dynamics(out, os.path.join(workdir, "dynamics.png"))
     return out
+
+
+def write_dynamics(out: dict, path: str, *, per_run: bool = True, labels=None) -> str:
+    """The training-dynamics charts of a study (:mod:`mcr_jax.dynamics`): ``dynamics.png`` in every
+    reported run's folder (``per_run``) and, at ``path``, one panel per method averaged over its
+    seeds (``labels``: which methods; default all but the unimodal runs, whose curves the methods'
+    own unimodal heads show)."""
+    metric = out["metric"]
+    labels = labels or [k for k in out["run_dirs"] if not k.startswith("unimodal ")]
+    if per_run:
+        for label in out["run_dirs"]:
+            for d in out["run_dirs"][label]:
+                dynamics.run_chart(d, out["modalities"], metric=metric, title=f"{label}, {os.path.basename(d)}")
+    histories = {label: [dynamics.read_history(d) for d in out["run_dirs"][label]] for label in labels}
+    return dynamics.dynamics_chart(histories, path, out["modalities"], metric=metric,
+                                   title=f"{out['dataset']}: validation {metric} per head (top), MIPD per modality "
+                                         f"(bottom), mean over seeds {out['protocol']['eval_seeds']}")
+
+
+def _config_root(workdir: str, name: str, i: int, fixed: dict | None) -> str:
+    """Where configuration ``i`` of a method runs (``fixed`` options: their own folder, so a study
+    with fixed options never meets a tuned study's runs in the same workdir)."""
+    return os.path.join(workdir, name, "fixed" if fixed and name in fixed else f"config_{i}")
 
 
 def _val_value(results: dict, select: str, task: str) -> float:

@@ -29,6 +29,12 @@ Config (``method`` section; defaults are the reference's CREMA-D values):
 - ``branch_fast_path`` (True): with linear late fusion, permute branch logits ``z_m W_m``.
 - ``con_form`` (``"ntxent"`` | ``"cross_modal"``), ``temperature`` (0.5), ``con_labels``
   (``"binary"`` | ``"raw"``, regression only), ``ceb_condition`` (``"logits"`` | ``"label"``).
+- ``grad_norms`` (False): a diagnostic. Each step also reports, per loss term (``task``, ``uni``,
+  ``con``, ``ceb``, ``mipd``: each as weighted in the loss, MIPD after the game) and per player, the
+  L2 norm of that term's gradient on the player's parameters (encoder and own fusion branch), as
+  the training metrics ``gnorm_<term>_<modality>``; this shows whether the MIPD gradient reaches the
+  weak encoder and how it compares with the task gradient. It costs one backward pass per term;
+  single-backward form only.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ from mcr_jax.models import LinearLateFusion
 from mcr_jax.state import StepOutput
 
 #: the tuning grid of a study (mcr_jax.study): values around the reference CREMA-D / AVE / UCF settings.
+#: the weighted loss terms of the ``grad_norms`` diagnostic, in order
+GRAD_NORM_TERMS = ("task", "uni", "con", "ceb", "mipd")
 GRID = dict(mipd_weight=[0.001, 0.01, 0.1, 1.0], uni_weight=[0.01, 0.1, 1.0], con_weight=[0.1, 1.0])
 DEFAULTS = dict(
     strategy="greedy",
@@ -67,6 +75,7 @@ DEFAULTS = dict(
     temperature=0.5,
     con_labels="binary",
     ceb_condition="logits",
+    grad_norms=False,
 )
 
 
@@ -99,6 +108,9 @@ class MCR(Method):
                              "depend on the device count.")
         if not float(o["temperature"]) > 0:
             raise ValueError(f"method.temperature (the contrastive τ) must be > 0; got {o['temperature']!r}.")
+        if o["grad_norms"] and o["game_form"] != "single_backward":
+            raise ValueError("method.grad_norms (the per-term gradient-norm diagnostic) needs "
+                             "game_form='single_backward'.")
         if int(o["num_permutations"]) < 1:
             raise ValueError(f"method.num_permutations (S) must be >= 1; got {o['num_permutations']}.")
         self.divergence = "mse" if self.task == "regression" else "jsd"
@@ -247,9 +259,36 @@ class MCR(Method):
         total = total - self.hp("mipd_weight", self.opts["mipd_weight"]) * jnp.sum(d)
         return total, {**terms, **self._jsd_metrics(self.modalities, d)}, model
 
+    def _weighted_terms(self, handle, params, batch, key, method_state):
+        """The loss split into its weighted terms ``[task, uni, con, ceb, mipd]`` (they sum to it)."""
+        total, terms, _ = self.loss(handle, params, batch, key, method_state)
+        names = self.modalities
+        uni = sum((terms[f"uni_{m}"] for m in names if f"uni_{m}" in terms), jnp.zeros(()))
+        parts = [terms["task"], self.hp("uni_weight", self.opts["uni_weight"]) * uni,
+                 self.hp("con_weight", self.opts["con_weight"]) * terms.get("con", jnp.zeros(())),
+                 self.hp("ceb_weight", self.opts["ceb_weight"]) * terms.get("ceb", jnp.zeros(()))]
+        return jnp.stack(parts + [total - sum(parts)])
+
+    def _gradient_norms(self, handle, params, batch, key, method_state) -> dict:
+        """``{gnorm_<term>_<m>: ||∂ term / ∂ θ_m||}``: per weighted term, per player (its encoder
+        and own fusion branch), the norm of the gradient the step applies (MIPD: after the game)."""
+        jac = jax.jacrev(self._weighted_terms, argnums=1)(handle, params, batch, key, method_state)
+        players = game.assign_players(params, self.modalities, require_all=False)
+        out = {}
+        for i, m in enumerate(self.modalities):
+            sq = sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1)
+                     for g, owner in zip(jax.tree.leaves(jac), jax.tree.leaves(players), strict=True) if owner == i)
+            for t, term in enumerate(GRAD_NORM_TERMS):
+                out[f"gnorm_{term}_{m}"] = jnp.sqrt(sq[t])
+        return out
+
     def gradients(self, handle, params, batch, key, method_state):
         if self.opts["game_form"] != "optax":
-            return super().gradients(handle, params, batch, key, method_state)
+            step = super().gradients(handle, params, batch, key, method_state)
+            if not self.opts["grad_norms"]:
+                return step
+            norms = self._gradient_norms(handle, params, batch, key, method_state)
+            return step._replace(metrics={**step.metrics, **norms})
         o = self.opts
         s = game.shared_weight(o["strategy"])
 
