@@ -32,7 +32,8 @@ from experiments.diagnose import group_accuracy
 from mcr_jax import guards, metrics, study
 from mcr_jax.report import DEFAULT_METHODS, TABLE_STATISTICS, format_table
 
-STUDIES = ("synthetic", "sweep_ratio", "sweep_u2", "mfeat", "ablation", "perturbation", "sensitivity", "diagnosis")
+STUDIES = ("synthetic", "sweep_ratio", "sweep_u2", "mfeat", "ablation", "game", "perturbation", "perturbation_ref",
+           "balanced", "sensitivity", "diagnosis")
 #: the paper's Fig. 1 axis: unique-to-x1 : shared = 0, 1/3, 1, 3 with unique-to-x2 fixed at 0.2
 RATIO_SWEEP = ((0.8, 0.0, 0.2), (0.6, 0.2, 0.2), (0.4, 0.4, 0.2), (0.2, 0.6, 0.2))
 #: the weak modality's unique share u2 = 0.1 … 0.5, no unique-to-x1 examples
@@ -57,6 +58,15 @@ PERTURBATIONS = {
     "noise input": {"method.perturbation": "noise", "method.perturb_space": "input"},
     "zero input": {"method.perturbation": "zero", "method.perturb_space": "input"},
 }
+#: the game at λ_M where the MIPD term moves the model (the tuned λ_M may be too small for that)
+GAME = {f"{k}, λ_M = {lam:g}": {"method.strategy": k, "method.mipd_weight": lam}
+        for lam in (0.1, 1.0) for k in ("greedy", "independent", "collaborative")}
+#: the perturbations again at the reference λ_M = 0.1
+PERTURBATIONS_REF = {k.replace(" (tuned)", "") + ", λ_M = 0.1": {**v, "method.mipd_weight": 0.1}
+                     for k, v in PERTURBATIONS.items()}
+#: λ_M when neither modality is easier (class means of norm 5 in both; x2 still holds the unique examples)
+BALANCED = {f"λ_M = {lam:g}, scales (5, 5)": {"data.embedding_scale": (5.0, 5.0), "method.mipd_weight": lam}
+            for lam in (0.0, 0.01, 0.1, 1.0)}
 SENSITIVITY_MIPD = (0.0, 0.001, 0.01, 0.1, 1.0, 3.0)
 SENSITIVITY_S = (1, 4, 16, 32, 64)
 
@@ -174,6 +184,7 @@ def study_synthetic() -> None:
     text = (f"## The default synthetic point, proportions {tuple(FLAGS.config.data.proportions)} "
             f"(wall time {_minutes(wall)})\n\n{_protocol_line(out)}\n\n"
             + format_table(out["summary"], out["modalities"])
+            + "\n\nMCR against the best other method by mean validation accuracy: " + _versus_best(out)
             + "\n\nPaired test differences (same seeds), points, mean [95 % t-interval]:\n\n"
             + study.format_paired(out) + "\n\nChosen options (validation):\n\n" + _chosen_lines(out))
     _write("synthetic", text)
@@ -197,14 +208,23 @@ def study_sweep(name: str, points, axis_label: str, axis_values) -> None:
     type_names = {t: ("shared" if int(t) < 0 else f"unique-{modalities[int(t)]}") for t in types}
     lines = [f"## Sweep of {axis_label} (wall time {_minutes(sum(walls))}: "
              + ", ".join(_minutes(w) for w in walls) + ")", "", _protocol_line(outs[0]), "",
-             "Fused test accuracy %, mean [95 % t-interval] per point; the last column is the per-seed "
-             f"change from the first to the last point ({values[0]} → {values[-1]}), mean [95 % t-interval]:", "",
-             "| method | " + " | ".join(f"{axis_label} = {v}" for v in values) + " | change |",
-             "|---" * (len(values) + 2) + "|"]
+             "Fused test accuracy %, mean [95 % t-interval] per point; 'change': the per-seed change from the "
+             f"first to the last point ({values[0]} → {values[-1]}); 'MCR's change − this': MCR's change minus "
+             "the method's, per seed (> 0: MCR degrades less); means [95 % t-interval]:", "",
+             "| method | " + " | ".join(f"{axis_label} = {v}" for v in values) + " | change | MCR's change − this |",
+             "|---" * (len(values) + 3) + "|"]
+
+    def change(label):
+        return np.subtract(_fused(outs[-1], label), _fused(outs[0], label))
+
     for label in labels:
         cells = [_ci_abs(_fused(o, label)) for o in outs]
-        change = _ci(np.subtract(_fused(outs[-1], label), _fused(outs[0], label)))
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {change} |")
+        versus = _ci(change("mcr") - change(label)) if "mcr" in labels and label != "mcr" else "–"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_ci(change(label))} | {versus} |")
+    lines += ["", "MCR against the best other method by mean validation accuracy (unimodal runs excluded), "
+              "per point, paired test difference:", ""]
+    for v, o in zip(values, outs, strict=True):
+        lines.append(f"- {axis_label} = {v}: " + _versus_best(o))
     for t in types:
         lines += ["", f"Test accuracy % on the **{type_names[t]}** examples (mean over seeds; – where the point "
                   "has none):", "", "| method | " + " | ".join(f"{v}" for v in values) + " |",
@@ -223,6 +243,17 @@ def study_sweep(name: str, points, axis_label: str, axis_values) -> None:
         lines += ["", f"{axis_label} = {v}:", "", _chosen_lines(o)]
     _write(name, "\n".join(lines))
     _sweep_chart(outs, values, axis_label, type_names, os.path.join(FLAGS.out, f"{name}.png"))
+
+
+def _versus_best(out: dict) -> str:
+    """``best: MCR − best [CI]`` for the non-MCR method with the best mean validation accuracy."""
+    if "mcr" not in out["runs"]:
+        return "–"
+    val = {k: np.mean([r["validation"]["heads"]["fused"][out["metric"]] for r in rs]) for k, rs in out["runs"].items()
+           if k != "mcr" and not k.startswith("unimodal")}
+    best = max(val, key=val.get)
+    return f"{best} (validation {100 * val[best]:.2f} %): MCR − {best} = " + _ci(
+        np.subtract(_fused(out, "mcr"), _fused(out, best)))
 
 
 def _ci_abs(values) -> str:
@@ -305,8 +336,8 @@ def study_mfeat() -> None:
              "Test accuracy %: joint training and the ensemble (mean over seeds), their paired difference "
              "(ensemble − joint, mean [95 % t-interval]; > 0 means the jointly trained model loses to the "
              "unimodal ensemble: competition), then each method's paired difference to joint training (mean):", "",
-             "| views | joint | ensemble | ens − joint | " + " | ".join(others) + " |",
-             "|---" * (4 + len(others)) + "|"]
+             "| views | joint | ensemble | ens − joint | " + " | ".join(others) + " | MCR − best other by validation |",
+             "|---" * (5 + len(others)) + "|"]
     competition = []
     for views, o in zip(settings, outs, strict=True):
         gap = np.subtract(_fused(o, "ensemble"), _fused(o, "joint"))
@@ -315,15 +346,17 @@ def study_mfeat() -> None:
             competition.append((views, o))
         cells = [f"{100 * np.mean(np.subtract(_fused(o, k), _fused(o, 'joint'))):+.1f}" for k in others]
         lines.append(f"| {'+'.join(views)} | {100 * np.mean(_fused(o, 'joint')):.1f} | "
-                     f"{100 * np.mean(_fused(o, 'ensemble')):.1f} | {_ci(gap)} | " + " | ".join(cells) + " |")
+                     f"{100 * np.mean(_fused(o, 'ensemble')):.1f} | {_ci(gap)} | " + " | ".join(cells)
+                     + f" | {_versus_best(o)} |")
     lines += ["", f"Where competition exists (the ensemble beats joint training, interval above 0): "
               f"{len(competition)} of {len(settings)} view sets"
               + (": " + ", ".join("+".join(v) for v, _ in competition) if competition else "") + "."]
-    lines += _wins_table(outs, labels, "all view sets")
+    lines += _wins_table(outs, labels, "view sets")
     if competition:
         lines += _wins_table([o for _, o in competition], labels, "view sets with competition")
     _write("mfeat", "\n".join(lines))
     _mfeat_chart(settings, outs, others, os.path.join(FLAGS.out, "mfeat.png"))
+    study.write_dynamics(tuned, os.path.join(FLAGS.out, "mfeat_dynamics.png"), per_run=False)
 
 
 def _wins_table(outs, labels, where: str) -> list[str]:
@@ -404,7 +437,7 @@ def _variant_table(runs: dict, reference: str, modalities) -> str:
     ref = [r["test"]["heads"]["fused"]["accuracy"] for r in runs[reference]]
     types = sorted(runs[reference][0]["test"].get("by_sample_type", {}), key=int)
     names = {t: ("shared" if int(t) < 0 else f"unique-{modalities[int(t)]}") for t in types}
-    head = ("| variant | fused acc % | − tuned MCR (points) | " + " | ".join(f"{names[t]} acc %" for t in types)
+    head = (f"| variant | fused acc % | − {reference} (points) | " + " | ".join(f"{names[t]} acc %" for t in types)
             + " | " + " | ".join(f"MIPD {m} ×100" for m in modalities) + " |")
     lines = [head, "|---" * (3 + len(types) + len(modalities)) + "|"]
     for label, rs in runs.items():
@@ -443,9 +476,9 @@ def study_variants(name: str, variants: dict, title: str, extra=None) -> None:
     reference = next(iter(variants))
     runs, wall, chosen, seeds = run_variants(name, variants, reference)
     modalities = runs[reference][0]["modalities"]
-    text = (f"## {title} (wall time {_minutes(wall)})\n\nEvery variant changes one thing of MCR's tuned "
-            f"configuration {chosen} (chosen on validation on the default synthetic point); test over seeds "
-            f"{seeds}; differences are paired per seed, mean [95 % t-interval].\n\n"
+    text = (f"## {title} (wall time {_minutes(wall)})\n\nEvery variant changes MCR's tuned configuration "
+            f"{chosen} (chosen on validation on the default synthetic point) as its name says; test over seeds "
+            f"{seeds}; differences to the first row are paired per seed, mean [95 % t-interval].\n\n"
             + _variant_table(runs, reference, modalities))
     if extra is not None:
         text += "\n\n" + extra(runs)
@@ -558,8 +591,14 @@ def main(argv):
             study_mfeat()
         elif name == "ablation":
             study_variants(name, ABLATIONS, "Game strategy and loss-term ablation")
+        elif name == "game":
+            study_variants(name, GAME, "The game strategies at λ_M = 0.1 and 1")
         elif name == "perturbation":
             study_variants(name, PERTURBATIONS, "Perturbation ablation", extra=_perturbation_cost)
+        elif name == "perturbation_ref":
+            study_variants(name, PERTURBATIONS_REF, "Perturbation ablation at λ_M = 0.1")
+        elif name == "balanced":
+            study_variants(name, BALANCED, "λ_M when the two modalities are equally easy")
         elif name == "sensitivity":
             study_sensitivity()
         elif name == "diagnosis":
