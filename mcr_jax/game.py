@@ -37,8 +37,7 @@ Two equivalent implementations:
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -48,8 +47,8 @@ import numpy as np
 import optax
 
 from mcr_jax.losses.mipd import mipd_divergences
+from mcr_jax.players import SHARED, assign_players, path_keys  # noqa: F401 (part of this module's API)
 
-SHARED = -1
 STRATEGIES: dict[str, float] = {"greedy": -1.0, "independent": 0.0, "collaborative": 1.0}
 
 
@@ -361,109 +360,6 @@ def competition(
         return new_updates, CompetitionState(inner_state=inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-# --------------------------------------------------------------------------------------------
-# Players.
-
-
-def path_keys(path) -> list[str]:
-    """The keys of a pytree path as strings (``DictKey``/``GetAttrKey``/``SequenceKey`` alike)."""
-    keys = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                keys.append(str(getattr(entry, attr)))
-                break
-        else:
-            keys.append(str(entry))
-    return keys
-
-
-def assign_players(
-    params: Any,
-    modalities: Sequence[str],
-    *,
-    patterns: Mapping[str, Sequence[str]] | None = None,
-    require_all: bool = True,
-) -> Any:
-    """Labels every parameter leaf with its owning modality's index, or ``SHARED``.
-
-    By default a leaf belongs to modality ``m`` when ``modalities[m]`` is one of the keys on its
-    path (``encoders/audio/...``, ``fusion/branches/audio/kernel``; exact, case-sensitive match).
-    ``patterns`` maps a modality to regular expressions matched (``re.search``) against the
-    ``/``-joined path instead; modalities absent from ``patterns`` then own nothing, by choice.
-
-    Args:
-      params: a parameter pytree, or an ``nnx.Module`` (its ``nnx.Param`` state is used).
-      modalities: ordered modality names; the index is the player id.
-      patterns: optional ``{modality: [regex, ...]}``.
-      require_all: raise when a modality (every one of ``modalities``, or every one named in
-        ``patterns``) owns no leaf. A misspelt name would otherwise silently make that modality's
-        parameters shared, so that e.g. the greedy game zeroes their MIPD gradient. Pass
-        ``False`` for parameter subsets where a modality may legitimately own nothing (the
-        layers of a non-separable fusion head).
-
-    Returns:
-      a pytree like ``params`` with int leaves.
-    """
-    if len(modalities) < 2:
-        raise ValueError(f"the game needs at least 2 modalities; got {list(modalities)}.")
-    try:
-        from flax import nnx
-
-        if isinstance(params, nnx.Module):
-            params = nnx.as_pure(nnx.state(params, nnx.Param))
-    except ImportError:  # pragma: no cover - flax is a dependency
-        pass
-    compiled = None
-    if patterns is not None:
-        unknown = set(patterns) - set(modalities)
-        if unknown:
-            raise ValueError(f"patterns name unknown modalities {sorted(unknown)}; modalities are {list(modalities)}.")
-        compiled = {m: [re.compile(p) for p in patterns[m]] for m in patterns}
-
-    def owner(path, _leaf):
-        keys = path_keys(path)
-        joined = "/".join(keys)
-        if compiled is not None:
-            hits = [i for i, m in enumerate(modalities) if any(r.search(joined) for r in compiled.get(m, ()))]
-        else:
-            hits = [i for i, m in enumerate(modalities) if m in keys]
-        if len(hits) > 1:
-            raise ValueError(f"parameter {joined!r} matches several modalities {[modalities[i] for i in hits]}.")
-        return hits[0] if hits else SHARED
-
-    players = jax.tree_util.tree_map_with_path(owner, params)
-    if require_all:
-        required = list(modalities) if patterns is None else [m for m in modalities if m in patterns]
-        owned = {modalities[i] for i in jax.tree.leaves(players) if i != SHARED}
-        missing = [m for m in required if m not in owned]
-        if missing:
-            raise ValueError(_no_leaf_message(params, modalities, missing, patterns))
-    return players
-
-
-def _no_leaf_message(params: Any, modalities: Sequence[str], missing: list[str], patterns) -> str:
-    paths = [path_keys(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    top = sorted({keys[0] for keys in paths if keys})
-    second = sorted({keys[1] for keys in paths if len(keys) > 1})
-    all_keys = {key for keys in paths for key in keys}
-    lines = [
-        f"modalit{'y' if len(missing) == 1 else 'ies'} {missing} own{'s' if len(missing) == 1 else ''} no "
-        f"parameter leaf, so {'its' if len(missing) == 1 else 'their'} parameters would be treated as shared "
-        f"(modalities: {list(modalities)})."
-    ]
-    if patterns is not None:
-        lines.append(f"No path matched their patterns {({m: list(patterns[m]) for m in missing})}.")
-    else:
-        lines.append("A modality owns the leaves whose path holds its name as a key (exact, case-sensitive).")
-    lines.append(f"Top-level keys: {top}; keys one level below: {second}.")
-    close = {m: k for m in missing for k in sorted(all_keys) if k.lower() == m.lower() and k != m}
-    if close:
-        lines.append(f"Did you mean {close}?")
-    lines.append("Pass require_all=False if a modality legitimately owns no parameter here.")
-    return " ".join(lines)
 
 
 def per_term_grads(loss_terms_fn: Callable[[Any], jax.Array], params: Any) -> Any:

@@ -155,7 +155,7 @@ def test_ogm_refuses_what_it_cannot_do():
                         task="regression")
     with pytest.raises(ValueError, match="classification only"):
         get_method(ml_collections.ConfigDict({"name": "ogm_ge"}), rinfo)
-    with pytest.raises(ValueError, match="linear late fusion"):
+    with pytest.raises(ValueError, match="separable fusion head"):
         _setup({"name": "ogm_ge"}, fusion="concat_mlp")
     with pytest.raises(ValueError, match="unknown OGM-GE options"):
         get_method(ml_collections.ConfigDict({"name": "ogm_ge", "beta": 1.0}), info)
@@ -358,7 +358,7 @@ def test_mslr_unimodal_predictions():
             assert np.abs(g).sum() > 0, path
         else:
             np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7, err_msg=path)
-    with pytest.raises(ValueError, match="linear late fusion"):
+    with pytest.raises(ValueError, match="separable fusion head"):
         _setup({"name": "mslr", "unimodal_source": "branch"}, fusion="concat_mlp")
 
 

@@ -96,7 +96,7 @@ def test_mmcosine_logits_are_scaled_cosines_summed_over_modalities():
 
 def test_mmcosine_errors():
     _, info, _ = _data()
-    with pytest.raises(ValueError, match="linear late fusion"):
+    with pytest.raises(ValueError, match="separable fusion head"):
         _setup({"name": "mmcosine"}, fusion="concat_mlp")
     with pytest.raises(ValueError, match="classification only"):
         get_method(ml_collections.ConfigDict({"name": "mmcosine"}), _regression_info())
@@ -254,7 +254,7 @@ def test_reconboost_trains_only_the_active_learner_then_everything():
     assert int(method.on_epoch_end(5, {}, ms, None)["epochs_done"]) == 5
     out = method.predict(model, batch)
     np.testing.assert_allclose(out["unimodal"]["x1"], bias[None] + branch["x1"], rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="linear late fusion"):
+    with pytest.raises(ValueError, match="separable fusion head"):
         _setup({"name": "reconboost"}, fusion="gated")
 
 

@@ -113,9 +113,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mcr_jax.game import path_keys
 from mcr_jax.methods.base import Method, masked_mean, model_inputs, task_loss
 from mcr_jax.methods.common import check_options, others_mean
+from mcr_jax.players import path_keys
 from mcr_jax.state import StepOutput
 
 DEFAULTS = dict(alpha=3.0, max_gap=10.0, start_epoch=1, end_epoch=20, after_window="hold", clip_norm=1.0)

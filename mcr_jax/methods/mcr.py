@@ -48,7 +48,7 @@ from mcr_jax.losses import CONTRASTIVE, binarize_regression_labels, ceb_term, mi
 from mcr_jax.losses.mipd import perturb_latent
 from mcr_jax.methods.base import Method, model_inputs, task_loss, unimodal_losses
 from mcr_jax.methods.common import check_options
-from mcr_jax.models import LinearLateFusion
+from mcr_jax.models import is_separable
 from mcr_jax.state import StepOutput
 
 #: the tuning grid of a study (mcr_jax.study): values around the reference CREMA-D / AVE / UCF settings.
@@ -157,7 +157,7 @@ class MCR(Method):
         return total, terms
 
     def _fast_path(self, model) -> bool:
-        return (bool(self.opts["branch_fast_path"]) and isinstance(model.fusion, LinearLateFusion)
+        return (bool(self.opts["branch_fast_path"]) and is_separable(model.fusion)
                 and self.opts["perturb_space"] == "latent")
 
     def _mipd_parts(self, handle, params, model, batch, out, key, fusion):

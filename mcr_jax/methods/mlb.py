@@ -64,7 +64,8 @@ import jax
 import jax.numpy as jnp
 
 from mcr_jax.methods.base import Method, masked_mean, task_loss, unimodal_losses
-from mcr_jax.methods.common import check_options, modality_owners, others_mean, scale_by_owner, true_class_prob
+from mcr_jax.methods.common import check_options, others_mean, true_class_prob
+from mcr_jax.players import modality_owners, scale_by_owner
 from mcr_jax.state import StepOutput
 
 DEFAULTS = dict(alpha=0.5, beta=10.0, uni_weight=1.0)

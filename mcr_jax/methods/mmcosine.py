@@ -82,7 +82,7 @@ import jax.numpy as jnp
 
 from mcr_jax.methods.base import Method, model_inputs
 from mcr_jax.methods.common import check_options
-from mcr_jax.models import LinearLateFusion
+from mcr_jax.models import is_separable
 
 DEFAULTS = dict(scale=10.0, eval_logits="cosine")
 #: the tuning grid of a study (mcr_jax.study).
@@ -125,14 +125,15 @@ class MMCosine(Method):
             raise ValueError(f"method.eval_logits must be one of {list(EVAL_LOGITS)}; got {self.eval_logits!r}.")
 
     def check_model(self, model) -> None:
-        if not isinstance(model.fusion, LinearLateFusion):
-            raise ValueError("MMCosine normalises each modality's fusion weights W_m and needs linear late fusion "
-                             f"(model.fusion = 'linear'); got {type(model.fusion).__name__}.")
+        if not is_separable(model.fusion) or not callable(getattr(model.fusion, "branch_kernel", None)):
+            raise ValueError("MMCosine normalises each modality's fusion weights W_m and needs a separable fusion head "
+                             f"with linear branches (branch_kernel; e.g. model.fusion = 'linear'); got "
+                             f"{type(model.fusion).__name__}.")
 
     def branch_logits(self, model, latents):
         """``{m: s · cos(z_m, W_m) [B, C]}`` from the fusion head's branch kernels."""
         scale = self.hp("scale", self.scale)
-        return {m: cosine_logits(latents[m], model.fusion.branches[m].kernel[...], scale)
+        return {m: cosine_logits(latents[m], model.fusion.branch_kernel(m), scale)
                 for m in self.modalities}
 
     def _cosine_sum(self, branches):

@@ -100,9 +100,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mcr_jax.game import path_keys
 from mcr_jax.methods.base import Method, task_loss, unimodal_losses
 from mcr_jax.methods.common import check_options
+from mcr_jax.players import leaf_ids
 from mcr_jax.state import StepOutput
 
 DEFAULTS = dict(scale=1.5, rescale_scope="tensor")
@@ -176,15 +176,6 @@ class MMPareto(Method):
         if self.scale <= 0:
             raise ValueError(f"method.scale (γ) must be > 0; got {self.scale}.")
 
-    def _encoder_leaf_ids(self, params):
-        """``{modality: [leaf index, ...]}`` of the leaves under ``encoders/<m>`` in flatten order."""
-        paths = [path_keys(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-        ids = {m: [i for i, k in enumerate(paths) if k[:2] == ["encoders", m]] for m in self.modalities}
-        empty = [m for m, v in ids.items() if not v]
-        if empty:
-            raise ValueError(f"MMPareto found no encoder parameters under encoders/<m> for {empty}.")
-        return ids
-
     def gradients(self, handle, params, batch, key, method_state):
         mask = batch.get("mask")
         scale = self.hp("scale", self.scale)
@@ -204,7 +195,7 @@ class MMPareto(Method):
         leaves_uni = jax.tree.leaves(g_uni)
         out = [a + b for a, b in zip(leaves_mm, leaves_uni, strict=True)]
         metrics = {"task": fused, **{f"uni_{m}": v for m, v in uni.items()}, "loss": fused + sum(uni.values())}
-        for m, ids in self._encoder_leaf_ids(params).items():
+        for m, ids in leaf_ids(params, self.modalities).items():
             new, mets = integrate([leaves_mm[i] for i in ids], [leaves_uni[i] for i in ids], scale=scale,
                                   scope=self.scope)
             for i, g in zip(ids, new, strict=True):

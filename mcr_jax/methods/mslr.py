@@ -96,8 +96,9 @@ import numpy as np
 import optax
 
 from mcr_jax.methods.base import Method, task_loss, unimodal_losses
-from mcr_jax.methods.common import check_options, modality_owners, scale_by_owner
-from mcr_jax.models import LinearLateFusion
+from mcr_jax.methods.common import check_options
+from mcr_jax.models import is_separable
+from mcr_jax.players import modality_owners, scale_by_owner
 from mcr_jax.state import StepOutput
 
 DEFAULTS = dict(window=20, partial_window=False, scale="updates", scale_branch=True, metric="",
@@ -215,12 +216,13 @@ class MSLR(Method):
     def _source(self, model) -> str:
         src = self.opts["unimodal_source"]
         if src == "auto":
-            return "branch" if isinstance(model.fusion, LinearLateFusion) else "probe"
+            return "branch" if is_separable(model.fusion) else "probe"
         return src
 
     def check_model(self, model) -> None:
-        if self._source(model) == "branch" and not isinstance(model.fusion, LinearLateFusion):
-            raise ValueError("MSLR with unimodal_source='branch' needs linear late fusion (model.fusion = 'linear'); "
+        if self._source(model) == "branch" and not is_separable(model.fusion):
+            raise ValueError("MSLR with unimodal_source='branch' needs a separable fusion head (e.g. model.fusion = "
+                             "'linear'); "
                              f"got {type(model.fusion).__name__}. Use unimodal_source='probe' or 'auto'.")
 
     def make_optimizer(self, base, params):
@@ -258,7 +260,7 @@ class MSLR(Method):
         unimodal = out["unimodal"]
         if self._source(model) == "branch":
             branches = model.fusion.branch_logits(out["latents"])
-            shared = model.fusion.bias[...][None] / len(self.modalities)
+            shared = model.fusion.shared_offset()[None] / len(self.modalities)
             unimodal = {m: branches[m] + shared for m in self.modalities}
         return {"logits": out["logits"], "unimodal": unimodal, "latents": out["latents"]}
 

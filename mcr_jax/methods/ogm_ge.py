@@ -99,8 +99,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mcr_jax.methods.base import Method, task_loss
-from mcr_jax.methods.common import check_options, modality_owners, others_mean, true_class_prob
-from mcr_jax.models import LinearLateFusion
+from mcr_jax.methods.common import check_options, others_mean, true_class_prob
+from mcr_jax.models import is_separable
+from mcr_jax.players import modality_owners
 from mcr_jax.state import StepOutput
 
 DEFAULTS = dict(alpha=1.0, start_epoch=1, end_epoch=51, ge=True, modulate="auto")
@@ -186,9 +187,10 @@ class OGMGE(Method):
             raise ValueError(f"method.alpha must be >= 0; got {self.opts['alpha']}.")
 
     def check_model(self, model) -> None:
-        if not isinstance(model.fusion, LinearLateFusion):
-            raise ValueError("OGM-GE needs linear late fusion (model.fusion = 'linear'): its per-modality score is "
-                             f"the fused prediction's branch z_m W_m + b/M; got {type(model.fusion).__name__}.")
+        if not is_separable(model.fusion):
+            raise ValueError("OGM-GE needs a separable fusion head (e.g. model.fusion = 'linear'): its per-modality "
+                             f"score is the fused prediction's branch z_m W_m + b/M; got "
+                             f"{type(model.fusion).__name__}.")
         if self.opts["modulate"] == "conv_kernels":
             params = nnx.as_pure(nnx.state(model, nnx.Param))
             owners = modulated_owners(params, self.modalities, "conv_kernels")
@@ -211,7 +213,7 @@ class OGMGE(Method):
             out = self.forward(model, batch)
             loss = task_loss(out["logits"], labels, mask, self.task)
             branches = model.fusion.branch_logits(out["latents"])
-            shared = model.fusion.bias[...][None] / num
+            shared = model.fusion.shared_offset()[None] / num
             weights = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
             scores = jnp.stack([jnp.sum(true_class_prob(branches[m] + shared, labels) * weights) for m in names])
             return loss, (jax.lax.stop_gradient(scores), handle.rest_of(model))

@@ -82,7 +82,7 @@ import optax
 from mcr_jax import game
 from mcr_jax.methods.base import Method, masked_mean, model_inputs, task_loss
 from mcr_jax.methods.common import check_options
-from mcr_jax.models import LinearLateFusion
+from mcr_jax.models import is_separable
 from mcr_jax.state import StepOutput
 
 DEFAULTS = dict(stage_epochs=4, rectify_epochs=4, reconcile_weight=0.2)
@@ -155,9 +155,9 @@ class ReconBoost(Method):
         return (len(self.modalities) - 1) * (self.stage_epochs + self.rectify_epochs) + self.stage_epochs
 
     def check_model(self, model) -> None:
-        if not isinstance(model.fusion, LinearLateFusion):
+        if not is_separable(model.fusion):
             raise ValueError("ReconBoost reads the fusion head as an additive ensemble of per-modality learners "
-                             f"and needs linear late fusion (model.fusion = 'linear'); got "
+                             f"and needs a separable fusion head (e.g. model.fusion = 'linear'); got "
                              f"{type(model.fusion).__name__}.")
 
     def make_optimizer(self, base, params):
@@ -175,7 +175,7 @@ class ReconBoost(Method):
         inputs, masks = model_inputs(batch, self.modalities)
         latents = model.encode(inputs, masks)
         branches = model.fusion.branch_logits(latents)
-        return latents, branches, model.fusion.bias[...]
+        return latents, branches, model.fusion.shared_offset()
 
     def forward(self, model, batch):
         latents, branches, bias = self._parts(model, batch)

@@ -9,9 +9,9 @@ update (``optax.set_to_zero`` on their parameters), otherwise they are fine-tune
 import jax
 import optax
 
-from mcr_jax.game import path_keys
 from mcr_jax.methods.base import Method
 from mcr_jax.methods.common import check_options
+from mcr_jax.players import in_group
 
 DEFAULTS = dict(pretrained={}, freeze=False)
 
@@ -38,5 +38,5 @@ class UniPre(Method):
         if not self.freeze:
             return base
         labels = jax.tree_util.tree_map_with_path(
-            lambda path, _: "frozen" if path_keys(path)[:1] == ["encoders"] else "train", params)
+            lambda path, _: "frozen" if in_group(path, "encoders") else "train", params)
         return optax.multi_transform({"train": base, "frozen": optax.set_to_zero()}, labels)

@@ -18,7 +18,9 @@ from mcr_jax.models.fusion import (
     GatedFusion,
     LinearLateFusion,
     TransformerFusion,
+    is_separable,
     make_fusion,
+    register_fusion,
 )
 from mcr_jax.models.multimodal import MultimodalModel
 
@@ -38,6 +40,8 @@ __all__ = [
     "TransformerFusion",
     "build_model",
     "encoder_spec",
+    "is_separable",
     "make_encoder",
     "make_fusion",
+    "register_fusion",
 ]

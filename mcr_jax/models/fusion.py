@@ -31,7 +31,30 @@ class FusionHead(nnx.Module):
     """Base class: stores the modality layout, validates latents, flattens leading axes.
 
     Subclasses implement ``_fuse(flat: dict[name, [N, D_m]]) -> [N, C]``.
+
+    Capabilities a head declares (the methods read these, never the head's type):
+
+    - ``separable`` (class attribute, default False): the prediction is
+      ``combine(branch_logits(latents))``, where ``branch_logits`` maps ``{m: [..., D_m]}`` to
+      per-modality logits ``{m: [..., C]}`` that depend on ``z_m`` only, and ``combine`` adds them
+      and a shared offset (``shared_offset()``, ``[C]``). Each modality's own parameters live under
+      ``branches/<m>`` (so :mod:`mcr_jax.players` gives them to that modality). MCR's fast path
+      permutes branch logits instead of latents; OGM-GE, MSLR (``unimodal_source='branch'``) and
+      ReconBoost read each modality's branch as its unimodal prediction.
+    - ``branch_kernel(m)`` (optional): the ``[D_m, C]`` matrix with ``branch_logits[m] = z_m W_m``
+      (MMCosine normalises it).
     """
+
+    separable: bool = False
+
+    def branch_logits(self, latents: Latents) -> dict[str, jax.Array]:
+        raise NotImplementedError(f"{type(self).__name__} is not separable: it has no per-modality branch logits.")
+
+    def combine(self, branch_logits: Latents) -> jax.Array:
+        raise NotImplementedError(f"{type(self).__name__} is not separable: it cannot combine branch logits.")
+
+    def shared_offset(self) -> jax.Array:
+        raise NotImplementedError(f"{type(self).__name__} is not separable: it has no shared offset.")
 
     def _init_layout(self, modalities: Sequence[str], latent_dims: Mapping[str, int], num_classes: int) -> None:
         modalities = check_modality_names(modalities, "a fusion head")
@@ -116,6 +139,8 @@ class LinearLateFusion(FusionHead):
         self.branches = nnx.Dict(branches)
         self.bias = nnx.Param(jnp.zeros((self.num_classes,), jnp.float32))
 
+    separable = True
+
     def branch_logits(self, latents: Latents) -> dict[str, jax.Array]:
         """``{name: [..., D_m]}`` → ``{name: z_m W_m}``, each ``[..., C]`` (no bias)."""
         self._check(latents)
@@ -137,6 +162,14 @@ class LinearLateFusion(FusionHead):
             raise ValueError(f"branch logits have {out.shape[-1]} classes, expected {self.num_classes}")
         bias = self.bias[...]
         return out + bias.reshape((1,) * (out.ndim - 1) + (self.num_classes,))
+
+    def shared_offset(self) -> jax.Array:
+        """The shared bias ``b`` ``[C]``."""
+        return self.bias[...]
+
+    def branch_kernel(self, name: str) -> jax.Array:
+        """``W_m`` ``[D_m, C]``."""
+        return self.branches[name].kernel[...]
 
     def __call__(self, latents: Latents) -> jax.Array:
         """``{name: [..., D_m]}`` → ``[..., C]`` = ``combine(branch_logits(latents))``."""
@@ -310,6 +343,20 @@ FUSIONS: dict[str, type[FusionHead]] = {
 _ALIASES = {"late": "linear", "linear_late": "linear", "concat": "concat_mlp"}
 
 
+def register_fusion(name: str, cls: type[FusionHead], *, overwrite: bool = False) -> type[FusionHead]:
+    """Adds a fusion head class to :data:`FUSIONS` (``model.fusion = name`` then builds it); its
+    constructor takes ``(modalities, latent_dims, num_classes, *, rngs, **kwargs)``."""
+    if name in FUSIONS and FUSIONS[name] is not cls and not overwrite:
+        raise ValueError(f"a fusion head named {name!r} is already registered.")
+    FUSIONS[name] = cls
+    return cls
+
+
+def is_separable(fusion) -> bool:
+    """Whether a fusion head declares the separable capability (:class:`FusionHead`)."""
+    return bool(getattr(fusion, "separable", False))
+
+
 def make_fusion(
     kind: str,
     modalities: Sequence[str],
@@ -336,5 +383,7 @@ __all__ = [
     "GatedFusion",
     "LinearLateFusion",
     "TransformerFusion",
+    "is_separable",
     "make_fusion",
+    "register_fusion",
 ]
