@@ -76,9 +76,15 @@ def config_diff(old: dict, new: dict) -> list[str]:
     return lines
 
 
+#: config sections that change only what is written beside the results (not the results): a
+#: difference there, or their absence in an older run's config, never blocks a resume or a reuse
+OUTPUT_ONLY = ("log.",)
+
+
 def check_same_config(stored: dict, current: dict, workdir: str, what: str) -> None:
-    """Raises when ``workdir`` holds a run (``what``) made with another config."""
-    diff = config_diff(stored, current)
+    """Raises when ``workdir`` holds a run (``what``) made with another config (keys under
+    :data:`OUTPUT_ONLY` are not compared)."""
+    diff = [line for line in config_diff(stored, current) if not line.startswith(OUTPUT_ONLY)]
     if diff:
         raise ValueError(
             f"{workdir} holds {what} made with a different config; differing keys (stored -> now):\n  "

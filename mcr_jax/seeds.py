@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mcr_jax import guards, metrics, parallel, train
+from mcr_jax import guards, metrics, parallel, tensorboard, train
 from mcr_jax.checkpoint import Checkpointer, from_saveable, host_copy, non_finite_leaves
 from mcr_jax.methods.base import EpochContext
 from mcr_jax.state import TrainState, init_state, split_model
@@ -271,6 +271,8 @@ def _train_vectorized(config, workdir, specs: list[RunSpec], run) -> list[dict]:
                 m["stopped_early"] = True
             os.makedirs(run_dir, exist_ok=True)
             train._write_history(run_dir, m["history"])
+            if tensorboard.enabled(config) and parallel.is_primary():
+                tensorboard.log_epoch(run_dir, m["history"][-1])
         meta["epoch"] = epoch
         main = "mae" if info.task == "regression" else "accuracy"
         train._log(f"[{config.method.name} × {k_seeds} runs] epoch {epoch:3d}/{epochs}  best val {main} "
@@ -279,6 +281,8 @@ def _train_vectorized(config, workdir, specs: list[RunSpec], run) -> list[dict]:
         if epoch % every == 0 or epoch == epochs or all(m["stopped_early"] for m in metas):
             ckpt.save(epoch, states, best, meta)
     ckpt.close()
+    for sp in specs:
+        tensorboard.close(sp.dir)
     return _finish(config, specs, run, states, best, metas, eval_fns, select)
 
 

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mcr_jax import guards, inputs, metrics, parallel
+from mcr_jax import guards, inputs, metrics, parallel, tensorboard
 from mcr_jax.checkpoint import Checkpointer, from_saveable, host_copy, non_finite_leaves
 from mcr_jax.data.pipeline import num_batches
 from mcr_jax.methods import ModelHandle, combine_logits, get_method
@@ -437,6 +437,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                           **{f"mipd_{m}": v for m, v in val.get("mipd", {}).items()}},
                   "time_s": epoch_time}
         meta["history"].append(_jsonable(record))
+        if tensorboard.enabled(config) and parallel.is_primary():
+            tensorboard.log_epoch(workdir, meta["history"][-1])
         meta["epoch"] = epoch
         if patience and meta["bad_epochs"] >= patience and epoch >= earliest_stop and epoch < epochs:
             meta["stopped_early"] = True
@@ -450,6 +452,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if epoch % every == 0 or epoch == epochs or meta["stopped_early"]:
             ckpt.save(epoch, state, best, meta)
     ckpt.close()
+    tensorboard.close(workdir)
     return _finish(run, workdir, state, best, meta, select)
 
 

@@ -47,6 +47,8 @@ def base_config(arg=None) -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(batch_size=64, num_epochs=30, patience=10, select="",
                                              checkpoint=True))
     c.eval = ml_collections.ConfigDict(dict(batch_size=256, mipd_samples=8))
+    # What is written beside the results: TensorBoard event files per run (needs tensorboardX).
+    c.log = ml_collections.ConfigDict(dict(tensorboard=False))
     # Data parallelism: 0 = every visible device (all hosts); the global batch must divide evenly.
     c.parallel = ml_collections.ConfigDict({"num_devices": 0})
     # Start any method from unimodal runs' selected encoders and heads: {modality: workdir}.
