@@ -161,11 +161,11 @@ def run_study(config, workdir: str, methods, *, budget: int = 4, tune_seeds=(0, 
     return out
 
 
-def write_dynamics(out: dict, path: str, *, per_run: bool = True, labels=None) -> str:
+def write_dynamics(out: dict, path: str, *, per_run: bool = True, labels=None) -> str | None:
     """The training-dynamics charts of a study (:mod:`mcr_jax.dynamics`): ``dynamics.png`` in every
     reported run's folder (``per_run``) and, at ``path``, one panel per method averaged over its
     seeds (``labels``: which methods; default all but the unimodal runs, whose curves the methods'
-    own unimodal heads show)."""
+    own unimodal heads show). Returns the path, or None when no run has a history."""
     metric = out["metric"]
     labels = labels or [k for k in out["run_dirs"] if not k.startswith("unimodal ")]
     if per_run:
@@ -173,6 +173,8 @@ def write_dynamics(out: dict, path: str, *, per_run: bool = True, labels=None) -
             for d in out["run_dirs"][label]:
                 dynamics.run_chart(d, out["modalities"], metric=metric, title=f"{label}, {os.path.basename(d)}")
     histories = {label: [dynamics.read_history(d) for d in out["run_dirs"][label]] for label in labels}
+    if not any(h for hs in histories.values() for h in hs):  # e.g. only the ensemble: nothing trained here
+        return None
     return dynamics.dynamics_chart(histories, path, out["modalities"], metric=metric,
                                    title=f"{out['dataset']}: validation {metric} per head (top), MIPD per modality "
                                          f"(bottom), mean over seeds {out['protocol']['eval_seeds']}")

@@ -199,6 +199,22 @@ def test_mipd_mask_uses_valid_rows_only():
         losses.mipd_divergences(fuse(latents), fuse, latents, perms, mask=valid[:4])
 
 
+def test_mipd_is_its_copies_through_the_core_formula():
+    """perturbed_copies + divergences_of_copies (the split of mipd_divergences) against the float64
+    NumPy loops, for permuted copies and for copies given directly (noise from a known key)."""
+    latents, params, fuse, clean, perms = _mipd_case(3, batch=6)
+    copies = losses.perturbed_copies(latents, "permute", permutations=perms)
+    assert [c.shape for c in copies] == [(3,) + z.shape for z in latents]
+    got = losses.divergences_of_copies(clean, fuse, latents, copies)
+    np.testing.assert_allclose(got, ref.mipd(np.asarray(clean), numpy_mlp_fuse(params), latents, np.asarray(perms)),
+                               rtol=1e-4, atol=1e-6)
+    noisy = losses.perturbed_copies(latents, "noise", key=jax.random.key(1), num_samples=4)
+    direct = losses.mipd_divergences(clean, fuse, latents, perturbed_latents=noisy)
+    np.testing.assert_allclose(losses.divergences_of_copies(clean, fuse, latents, noisy), direct, rtol=1e-6)
+    via_key = losses.mipd_divergences(clean, fuse, latents, perturbation="noise", key=jax.random.key(1), num_samples=4)
+    np.testing.assert_allclose(via_key, direct, rtol=1e-6)
+
+
 # ---------------------------------------------------------------------------------- MIPD
 
 

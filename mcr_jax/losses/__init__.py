@@ -8,7 +8,15 @@ from mcr_jax.losses.contrastive import (
     supervised_ntxent,
 )
 from mcr_jax.losses.divergences import DIVERGENCES, LN2, jsd_from_logits, kl_from_logits, squared_difference
-from mcr_jax.losses.mipd import PERTURBATIONS, mipd_divergences, mipd_loss, perturb_latent, sample_permutations
+from mcr_jax.losses.mipd import (
+    PERTURBATIONS,
+    divergences_of_copies,
+    mipd_divergences,
+    mipd_loss,
+    perturb_latent,
+    perturbed_copies,
+    sample_permutations,
+)
 
 __all__ = [
     "CEB_CONDITIONS",
@@ -21,11 +29,13 @@ __all__ = [
     "ceb_loss",
     "ceb_term",
     "cross_modal_supcon",
+    "divergences_of_copies",
     "jsd_from_logits",
     "kl_from_logits",
     "mipd_divergences",
     "mipd_loss",
     "perturb_latent",
+    "perturbed_copies",
     "sample_permutations",
     "squared_difference",
     "supervised_ntxent",

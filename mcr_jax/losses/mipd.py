@@ -433,15 +433,6 @@ def mipd_divergences(
             bad = _first_bad_row(np.asarray(permutations))
             if bad is not None:
                 raise ValueError(bad)
-    keys = jax.random.split(key, num_modalities) if key is not None else [None] * num_modalities
-    transform = nonperturbed_transform or (lambda x: x)
-    fuse_fns = list(fuse_fn) if isinstance(fuse_fn, (list, tuple)) else [fuse_fn] * num_modalities
-    if len(fuse_fns) != num_modalities:
-        raise ValueError(f"got {len(fuse_fns)} fusion functions for {num_modalities} modalities.")
-    div = _jsd_against_clean(clean_logits) if divergence == "jsd" else _broadcast_divergence(
-        DIVERGENCES[divergence], clean_logits)
-    expected_shape = (num_samples * batch,) + shape_of(clean_logits)[1:]
-
     if perturbed_latents is not None:
         if len(perturbed_latents) != num_modalities:
             raise ValueError(
@@ -453,9 +444,70 @@ def mipd_divergences(
                     f"perturbed_latents[{m}] has shape {shape_of(zp)}; expected {(num_samples,) + shape_of(z)} "
                     f"([S, B, ...] for latents[{m}] of shape {shape_of(z)})."
                 )
+    if mask is not None and shape_of(mask) != (batch,):
+        raise ValueError(f"mask has shape {shape_of(mask)}; expected ({batch},) for latents of batch size {batch}.")
+    inverse = inverse_permutations(permutations) if uses_permutations else None  # shared by every modality
+    if perturbed_latents is not None:
+        copies = list(perturbed_latents)
+    else:
+        copies = perturbed_copies(latents if permuted_latents is None else permuted_latents, perturbation,
+                                  permutations=permutations, inverse=inverse, key=key, num_samples=num_samples,
+                                  noise_scale=noise_scale)
+    result = divergences_of_copies(clean_logits, fuse_fn, latents, copies, divergence=divergence,
+                                   nonperturbed_transform=nonperturbed_transform, stop_perturbed=stop_perturbed,
+                                   mask=mask)
+    if uses_permutations and check_permutations and isinstance(permutations, jax.core.Tracer):
+        # Traced: no raise without a host sync; NaN values and gradients instead of wrong ones.
+        result = result * jnp.where(_permutations_ok(permutations, inverse), 1.0, jnp.nan).astype(result.dtype)
+    return result
+
+
+def perturbed_copies(
+    sources: Sequence[jax.Array],
+    perturbation: str = "permute",
+    *,
+    permutations: jax.Array | None = None,
+    inverse: jax.Array | None = None,
+    key: jax.Array | None = None,
+    num_samples: int | None = None,
+    noise_scale: float = 1.0,
+) -> list[jax.Array]:
+    """The ``S`` perturbed copies ``[S, B, ...]`` of every modality's latent (:func:`perturb_latent`
+    per modality; a ``"noise"`` key is split once per modality, in modality order)."""
+    keys = jax.random.split(key, len(sources)) if key is not None else [None] * len(sources)
+    return [perturb_latent(z, kind=perturbation, permutations=permutations, key=k, num_samples=num_samples,
+                           noise_scale=noise_scale, inverse_permutations=inverse)
+            for z, k in zip(sources, keys, strict=True)]
+
+
+def divergences_of_copies(
+    clean_logits: jax.Array,
+    fuse_fn: Callable[[list[jax.Array]], jax.Array] | Sequence[Callable[[list[jax.Array]], jax.Array]],
+    latents: Sequence[jax.Array],
+    copies: Sequence[jax.Array],
+    *,
+    divergence: str = "jsd",
+    nonperturbed_transform: Callable[[jax.Array], jax.Array] | None = None,
+    stop_perturbed: bool = False,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    r"""The core of SPEC §3: ``D_m = mean over S·B rows of div(p(y | x), p(y | x with z_m → copy))``.
+
+    For each modality ``m`` the fusion head runs once on ``S·B`` stacked rows: ``copies[m]``
+    (``[S, B, ...]``) in place of ``z_m`` and every other latent tiled ``S`` times (through
+    ``nonperturbed_transform``). Arguments as in :func:`mipd_divergences`, which validates them;
+    returns ``[M]``.
+    """
+    num_modalities = len(latents)
+    num_samples, batch = shape_of(copies[0])[0], shape_of(latents[0])[0]
+    transform = nonperturbed_transform or (lambda x: x)
+    fuse_fns = list(fuse_fn) if isinstance(fuse_fn, (list, tuple)) else [fuse_fn] * num_modalities
+    if len(fuse_fns) != num_modalities:
+        raise ValueError(f"got {len(fuse_fns)} fusion functions for {num_modalities} modalities.")
+    div = _jsd_against_clean(clean_logits) if divergence == "jsd" else _broadcast_divergence(
+        DIVERGENCES[divergence], clean_logits)
+    expected_shape = (num_samples * batch,) + shape_of(clean_logits)[1:]
     if mask is not None:
-        if shape_of(mask) != (batch,):
-            raise ValueError(f"mask has shape {shape_of(mask)}; expected ({batch},) for latents of batch size {batch}.")
         weights = jnp.asarray(mask).astype(jnp.float32)
         weights = weights / (num_samples * jnp.maximum(jnp.sum(weights), 1.0))
 
@@ -463,30 +515,11 @@ def mipd_divergences(
             return jnp.sum(x * weights[None, :].astype(x.dtype))
     else:
         reduce = jnp.mean
-    inverse = None
-    if uses_permutations:
-        inverse = inverse_permutations(permutations)  # once for every modality's backward gather
     out = []
     for m in range(num_modalities):
-        if perturbed_latents is not None:
-            perturbed = perturbed_latents[m]
-        else:
-            source = latents[m] if permuted_latents is None else permuted_latents[m]
-            perturbed = perturb_latent(
-                source,
-                kind=perturbation,
-                permutations=permutations,
-                key=keys[m],
-                num_samples=num_samples,
-                noise_scale=noise_scale,
-                inverse_permutations=inverse,
-            )
         inputs = []
         for i, z in enumerate(latents):
-            if i == m:
-                zi = perturbed
-            else:
-                zi = jnp.broadcast_to(transform(z)[None], (num_samples,) + shape_of(z))
+            zi = copies[m] if i == m else jnp.broadcast_to(transform(z)[None], (num_samples,) + shape_of(z))
             inputs.append(zi.reshape((num_samples * batch,) + shape_of(z)[1:]))
         perturbed_logits = fuse_fns[m](inputs)
         if stop_perturbed:
@@ -497,11 +530,7 @@ def mipd_divergences(
                 f"expected {expected_shape} to match clean_logits {shape_of(clean_logits)}."
             )
         out.append(reduce(div(perturbed_logits.reshape((num_samples,) + shape_of(clean_logits)))))
-    result = jnp.stack(out)
-    if uses_permutations and check_permutations and isinstance(permutations, jax.core.Tracer):
-        # Traced: no raise without a host sync; NaN values and gradients instead of wrong ones.
-        result = result * jnp.where(_permutations_ok(permutations, inverse), 1.0, jnp.nan).astype(result.dtype)
-    return result
+    return jnp.stack(out)
 
 
 def _broadcast_divergence(div, clean_logits):
