@@ -3,17 +3,21 @@
     python -m experiments.reproduce --study synthetic --workdir runs/repro      # the default point
     python -m experiments.reproduce --study sweep_ratio,sweep_u2 --workdir runs/repro
     python -m experiments.reproduce --study mfeat --workdir runs/repro
-    python -m experiments.reproduce --study ablation,perturbation,sensitivity,diagnosis --workdir runs/repro
+    python -m experiments.reproduce --study ablation,game,perturbation,perturbation_ref --workdir runs/repro
+    python -m experiments.reproduce --study balanced,sensitivity,diagnosis --workdir runs/repro
+    python -m experiments.reproduce --study all --workdir runs/repro               # everything
 
 Every study writes ``<out>/<study>.md`` (its tables, with the protocol and wall time in the header)
 and ``<out>/<study>*.png`` (default ``--out docs/reproduction``); its runs go to
 ``<workdir>/<study or setting>/``. Reruns reuse finished runs, so a study interrupted half-way
-resumes; the wall time written is that of the run that produced the last missing result.
+resumes; the wall time kept is that of the run that did the work (a rerun that takes less than
+half of it, having reused finished runs, keeps the earlier time).
 
 Protocol (the same for every method, see mcr_jax.study): ``--budget`` configurations per method,
 chosen on mean validation accuracy over ``--tune_seeds``, reported on test over ``--eval_seeds``;
-MCR's ablations, perturbations and sensitivity start from the configuration MCR's tuning chose on
-the default synthetic point (validation only) and change one thing, over ``--variant_seeds``.
+MCR's variants (ablation, game, perturbations, balanced, sensitivity, diagnosis) start from the
+configuration MCR's tuning chose on the default synthetic point (validation only) and change what
+their names say, over ``--variant_seeds`` (sensitivity and diagnosis: ``--eval_seeds``).
 """
 
 from __future__ import annotations
