@@ -51,9 +51,9 @@ from mcr_jax.methods.common import check_options
 from mcr_jax.models import is_separable
 from mcr_jax.state import StepOutput
 
-#: the tuning grid of a study (mcr_jax.study): values around the reference CREMA-D / AVE / UCF settings.
 #: the weighted loss terms of the ``grad_norms`` diagnostic, in order
 GRAD_NORM_TERMS = ("task", "uni", "con", "ceb", "mipd")
+#: the tuning grid of a study (mcr_jax.study): values around the reference CREMA-D / AVE / UCF settings.
 GRID = dict(mipd_weight=[0.001, 0.01, 0.1, 1.0], uni_weight=[0.01, 0.1, 1.0], con_weight=[0.1, 1.0])
 DEFAULTS = dict(
     strategy="greedy",
