@@ -13,3 +13,18 @@ class ListSource:
 
     def __getitem__(self, i):
         return dict(self._examples[i])
+
+
+def kill_after_epoch(monkeypatch, epochs: int) -> None:
+    """Makes the trainer raise KeyboardInterrupt right after it wrote the history of epoch
+    ``epochs`` (a simulated kill); ``monkeypatch.undo()`` or a fresh monkeypatch restores it."""
+    from mcr_jax import train
+
+    real = train._write_history
+
+    def die(workdir, history):
+        real(workdir, history)
+        if len(history) == epochs:
+            raise KeyboardInterrupt(f"simulated kill after epoch {epochs}")
+
+    monkeypatch.setattr(train, "_write_history", die)

@@ -11,6 +11,7 @@ import pytest
 from experiments.configs import synthetic
 from mcr_jax import train
 from mcr_jax.state import TrainState
+from tests.fakes import kill_after_epoch
 
 
 def smoke_config(**train_overrides):
@@ -86,17 +87,10 @@ def test_checkpoint_cadence_and_resume(tmp_path, monkeypatch):
     cfg = smoke_config(num_epochs=6, checkpoint_every=3)
     ref = train.train_and_evaluate(cfg, str(tmp_path / "ref"))
     assert sorted(os.listdir(tmp_path / "ref" / "checkpoints")) == ["3", "6"]
-    real = train._write_history
-
-    def die_after_4(workdir, history):
-        real(workdir, history)
-        if len(history) == 4:
-            raise KeyboardInterrupt("simulated kill after epoch 4")
-
-    monkeypatch.setattr(train, "_write_history", die_after_4)
+    kill_after_epoch(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(cfg, str(tmp_path / "run"))
-    monkeypatch.setattr(train, "_write_history", real)
+    monkeypatch.undo()
     res = train.train_and_evaluate(cfg, str(tmp_path / "run"))
     assert res["test"] == ref["test"] and res["best_epoch"] == ref["best_epoch"] and res["steps"] == ref["steps"]
     a, b = np.load(tmp_path / "ref" / "predictions.npz"), np.load(tmp_path / "run" / "predictions.npz")

@@ -8,6 +8,7 @@ import pytest
 from experiments.configs import synthetic
 from mcr_jax import seeds as seeds_mod
 from mcr_jax import train
+from tests.fakes import kill_after_epoch
 
 
 def smoke_config(method="mcr", **train_overrides):
@@ -78,17 +79,10 @@ def test_vectorised_seeds_compose_with_the_data_mesh(tmp_path):
 def test_an_interrupted_vectorised_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     cfg = smoke_config("mcr", num_epochs=4, checkpoint_every=2)
     ref = seeds_mod.train_seeds(cfg, str(tmp_path / "ref"), [0, 1])["per_seed"]
-    real = train._write_history
-
-    def die_in_epoch_3(workdir, history):
-        real(workdir, history)
-        if len(history) == 3:
-            raise KeyboardInterrupt("simulated kill in epoch 3")
-
-    monkeypatch.setattr(train, "_write_history", die_in_epoch_3)
+    kill_after_epoch(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         seeds_mod.train_seeds(cfg, str(tmp_path / "run"), [0, 1])
-    monkeypatch.setattr(train, "_write_history", real)
+    monkeypatch.undo()
     again = seeds_mod.train_seeds(cfg, str(tmp_path / "run"), [0, 1])["per_seed"]
     for s, a, b in zip([0, 1], ref, again, strict=True):
         _same(a, b, tmp_path / "ref" / f"seed_{s}", tmp_path / "run" / f"seed_{s}")
