@@ -11,11 +11,7 @@ import os
 import tempfile
 from typing import Any
 
-#: validation metrics a run may select on, and whether larger is better.
-SELECTABLE = {
-    "classification": {"accuracy": True, "macro_f1": True, "loss": False, "ece": False, "top5": True},
-    "regression": {"loss": False, "mae": False, "binary_accuracy": True, "corr": True, "acc7": True},
-}
+from mcr_jax.tasks import TASKS, get_task
 
 
 def write_json_atomic(path: str, obj: Any, *, indent: int | None = 1) -> None:
@@ -109,7 +105,7 @@ def validate_config(config, task: str | None = None) -> None:
         raise ValueError(f"train.batch_size must be an integer >= 1; got {batch!r}.")
     select = tc.get("select", "") or ""
     if select:
-        allowed = sorted(SELECTABLE[task]) if task else sorted(set().union(*SELECTABLE.values()))
+        allowed = sorted(get_task(task).selectable if task else set().union(*(t.selectable for t in TASKS.values())))
         if select not in allowed:
             raise ValueError(f"train.select={select!r} is not a validation metric of this "
                              f"{task or 'run'}; use one of {allowed} (or '' for the default).")

@@ -88,12 +88,6 @@ def regression_metrics(pred: np.ndarray, labels: np.ndarray) -> dict[str, float]
     return {"binary_accuracy": binary, "mae": float(np.mean(np.abs(pred - labels))), "corr": corr, "acc7": acc7}
 
 
-def head_metrics(outputs: Mapping[str, np.ndarray], labels: np.ndarray, task: str) -> dict[str, dict[str, float]]:
-    """Metrics for every head: ``{"fused": {...}, "<modality>": {...}}``."""
-    fn = regression_metrics if task == "regression" else classification_metrics
-    return {name: fn(values, labels) for name, values in outputs.items()}
-
-
 def error_groups(fused_logits: np.ndarray, unimodal: Mapping[str, np.ndarray], labels: np.ndarray) -> list[dict]:
     """The error-group table: which unimodal heads are right, and the fused accuracy in each group.
 

@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 
 from mcr_jax import guards, metrics
+from mcr_jax.tasks import Task, get_task
 from mcr_jax.train import train_and_evaluate, unimodal_config
 
 DEFAULT_METHODS = ("unimodal", "ensemble", "joint", "multiloss", "uni_pre_frozen", "uni_pre_finetuned", "ogm_ge",
@@ -129,12 +130,11 @@ def _type_name(t: str, modalities) -> str:
     return "shared" if t < 0 else f"unique-{modalities[t]}"
 
 
-def format_table(summary: dict, modalities, *, task: str = "classification") -> str:
+def format_table(summary: dict, modalities, *, task: Task | str = "classification") -> str:
     """A Markdown table (test; :data:`TABLE_STATISTICS`): the fused metric, each unimodal head's (where the method
     trains them), the fused accuracy per synthetic sample type (where known), MIPD per modality."""
-    key = "mae" if task == "regression" else "accuracy"
-    scale = 1.0 if task == "regression" else 100.0
-    unit = "MAE" if task == "regression" else "acc %"
+    task = get_task(task)
+    key, scale, unit = task.headline, task.headline_scale, task.headline_unit
     types = sorted({t for e in summary.values() for t in e.get("by_sample_type", {})}, key=int)
     head_cols = [f"{m} head {unit}" for m in modalities]
     type_cols = [f"{_type_name(t, modalities)} acc %" for t in types]
@@ -155,15 +155,15 @@ def _half_width(ms: dict) -> float:
     return 0.0 if np.isnan(lo) else (hi - lo) / 2
 
 
-def bar_chart(summary: dict, path: str, *, task: str = "classification", title: str = "") -> str:
+def bar_chart(summary: dict, path: str, *, task: Task | str = "classification", title: str = "") -> str:
     """Fused test metric per method, error bars the 95 % t-interval for the mean; written as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = "mae" if task == "regression" else "accuracy"
-    scale = 1.0 if task == "regression" else 100.0
+    task = get_task(task)
+    key, scale = task.headline, task.headline_scale
     labels = list(summary)
     means = [scale * summary[k]["heads"]["fused"][key]["mean"] for k in labels]
     stds = [scale * _half_width(summary[k]["heads"]["fused"][key]) for k in labels]
@@ -171,7 +171,7 @@ def bar_chart(summary: dict, path: str, *, task: str = "classification", title: 
     colors = ["#c44e52" if k == "mcr" else "#4c72b0" for k in labels]
     ax.bar(np.arange(len(labels)), means, yerr=stds, capsize=4, color=colors)
     ax.set_xticks(np.arange(len(labels)), labels, rotation=25, ha="right")
-    ax.set_ylabel(("test MAE" if task == "regression" else "test accuracy (%)") + "\n(bars: 95 % t-interval)")
+    ax.set_ylabel(f"test {task.headline_name}\n(bars: 95 % t-interval)")
     lo = min(m - s for m, s in zip(means, stds, strict=True))
     ax.set_ylim(max(0.0, lo - 5 * scale / 100), None)
     ax.set_title(title)

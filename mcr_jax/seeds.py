@@ -40,6 +40,7 @@ from mcr_jax.checkpoint import Checkpointer, from_saveable, host_copy, non_finit
 from mcr_jax.methods.base import EpochContext
 from mcr_jax.state import TrainState, init_state, split_model
 from mcr_jax.steps import make_epoch_fn, make_eval_fn
+from mcr_jax.tasks import get_task
 
 
 def stack(trees):
@@ -274,7 +275,7 @@ def _train_vectorized(config, workdir, specs: list[RunSpec], run) -> list[dict]:
             if tensorboard.enabled(config) and parallel.is_primary():
                 tensorboard.log_epoch(run_dir, m["history"][-1])
         meta["epoch"] = epoch
-        main = "mae" if info.task == "regression" else "accuracy"
+        main = get_task(info.task).headline
         train._log(f"[{config.method.name} × {k_seeds} runs] epoch {epoch:3d}/{epochs}  best val {main} "
                    + " ".join(f"{abs(m['best_value']):.4f}" for m in metas)
                    + f"  {epoch_time * len(active):5.2f}s")

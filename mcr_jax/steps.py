@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 from mcr_jax.losses import mipd_divergences, sample_permutations
-from mcr_jax.methods import ModelHandle, task_loss
+from mcr_jax.methods import ModelHandle
 from mcr_jax.state import StepOutput, TrainState
 
 #: the key of the evaluation MIPD diagnostic's permutations (folded with the batch index).
@@ -119,7 +119,7 @@ def make_eval_step(method, graphdef_eval, num_samples: int):
     def _scored(model, batch, index):
         out = method.predict(model, batch)
         res = {"logits": out["logits"], "unimodal": out["unimodal"],
-               "loss": task_loss(out["logits"], batch["label"], batch["mask"], method.task)}
+               "loss": method.task.loss(out["logits"], batch["label"], batch["mask"])}
         if method.uses_fusion and num_samples > 0:
             names = method.modalities
             valid = batch["mask"] > 0
@@ -128,7 +128,7 @@ def make_eval_step(method, graphdef_eval, num_samples: int):
             res["mipd"] = mipd_divergences(
                 out["logits"], lambda xs: method.fuse(model, dict(zip(names, xs, strict=True))),
                 [out["latents"][m] for m in names], perms, mask=valid,
-                divergence="mse" if method.task == "regression" else "jsd")
+                divergence=method.task.divergence)
         return res
 
     return step

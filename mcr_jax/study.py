@@ -34,6 +34,7 @@ import numpy as np
 from mcr_jax import dynamics, guards, metrics
 from mcr_jax.methods import method_grid
 from mcr_jax.report import METHOD_DEFAULTS, PER_SEED, method_config, summarize
+from mcr_jax.tasks import get_task
 from mcr_jax.train import selection_metric, train_and_evaluate, unimodal_config
 
 #: the references of the paired differences: every method is compared with each that was run
@@ -105,7 +106,7 @@ def run_study(config, workdir: str, methods, *, budget: int = 4, tune_seeds=(0, 
         raise ValueError(f"budget must be >= 1 configuration per method; got {budget}.")
     info = load(config.data).info
     select = selection_metric(config, info.task)
-    key = "mae" if info.task == "regression" else "accuracy"
+    key = get_task(info.task).headline
     labels = []
     for name in methods:
         labels += [f"unimodal {m}" for m in info.modalities] if name == "unimodal" else [name]

@@ -33,6 +33,7 @@ from mcr_jax.methods.base import EpochContext, model_inputs
 from mcr_jax.optim import make_optimizer
 from mcr_jax.state import StepOutput, TrainState, init_state, split_model
 from mcr_jax.steps import EVAL_PERMUTATION_SEED, make_epoch_fn, make_eval_fn, make_eval_step, make_train_step
+from mcr_jax.tasks import Task, get_task
 
 
 def _log(msg: str) -> None:
@@ -94,9 +95,9 @@ def summarize_eval(method, batches) -> tuple[dict, dict]:
                "unimodal": {m: np.concatenate(v) for m, v in uni.items()}}
     report_uni = method.uses_fusion and method.reports_unimodal_heads
     heads = {"fused": outputs["logits"], **(outputs["unimodal"] if report_uni else {})}
-    res = {"heads": metrics.head_metrics(heads, outputs["labels"], method.task),
+    res = {"heads": method.task.head_metrics(heads, outputs["labels"]),
            "loss": sum(loss * n for loss, n in losses) / max(sum(n for _, n in losses), 1)}
-    if method.task == "classification" and report_uni:
+    if method.task.categorical and report_uni:
         res["error_groups"] = metrics.error_groups(outputs["logits"], outputs["unimodal"], outputs["labels"])
     if mipd:
         mean = np.average([d for d, _ in mipd], axis=0, weights=[n for _, n in mipd])
@@ -104,21 +105,16 @@ def summarize_eval(method, batches) -> tuple[dict, dict]:
     return res, outputs
 
 
-def selection_metric(config, task: str) -> str:
-    """The validation metric that selects the model: ``train.select``, else loss (regression) or accuracy."""
-    select = config.train.get("select", None) or ("loss" if task == "regression" else "accuracy")
-    if select not in guards.SELECTABLE[task]:
-        raise ValueError(f"train.select={select!r} is not a validation metric of a {task} task; use one of "
-                         f"{sorted(guards.SELECTABLE[task])} (or '' for the default).")
-    return select
+def selection_metric(config, task: Task | str) -> str:
+    """The validation metric that selects the model: ``train.select``, else the task's default
+    (accuracy for classification, the loss for regression); a clear error for another task's metric."""
+    return get_task(task).selection_metric(config.train.get("select", None) or "")
 
 
-def selection_value(val: dict, select: str, task: str = "classification") -> float:
+def selection_value(val: dict, select: str, task: Task | str = "classification") -> float:
     """The selection metric's value on validation, oriented so that larger is better."""
-    if select == "loss":
-        return -float(val["loss"])
-    value = float(val["heads"]["fused"][select])
-    return value if guards.SELECTABLE[task][select] else -value
+    value = val["loss"] if select == "loss" else val["heads"]["fused"][select]
+    return get_task(task).oriented(select, value)
 
 
 def improves(value: float, loss: float, meta: dict) -> bool:
@@ -445,7 +441,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         _write_history(workdir, meta["history"])
         session_time += epoch_time  # the ETA uses this session's epochs (not the time before a resume)
         eta = session_time / (epoch - start + 1) * (epochs - epoch) if not meta["stopped_early"] else 0
-        main_metric = "mae" if info.task == "regression" else "accuracy"
+        main_metric = get_task(info.task).headline
         _log(f"[{config.method.name}] epoch {epoch:3d}/{epochs}  loss {train_means['loss']:.4f}  "
              f"val {main_metric} {val['heads']['fused'][main_metric]:.4f}{' *' if improved else '  '}  "
              f"{epoch_time:5.2f}s  ETA {eta:5.0f}s" + ("  (early stop)" if meta["stopped_early"] else ""))
@@ -459,7 +455,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _add_sample_type_accuracy(res: dict, logits, labels, data, info) -> None:
     """Synthetic data: the fused accuracy per sample type (-1 shared, m unique to modality m)."""
     sample_type = data.split_arrays("test", "sample_type")
-    if sample_type is not None and info.task == "classification":
+    if sample_type is not None and get_task(info.task).categorical:
         correct = np.argmax(logits, -1) == labels
         res["by_sample_type"] = {int(t): float(correct[sample_type == t].mean()) for t in np.unique(sample_type)}
 
@@ -504,6 +500,7 @@ def train_ensemble(config, workdir: str) -> dict:
         guards.check_writable(workdir)
     data = inputs.load(config.data)
     info = data.info
+    task = get_task(info.task)
     from mcr_jax.methods.common import check_options
     from mcr_jax.methods.ensemble import DEFAULTS as ENSEMBLE_DEFAULTS
 
@@ -520,14 +517,14 @@ def train_ensemble(config, workdir: str) -> dict:
     for split in ("validation", "test"):
         labels = preds[info.modalities[0]][f"{split}_labels"]
         uni = {m: preds[m][f"{split}_logits"] for m in info.modalities}
-        if info.task == "regression":
+        if not task.categorical:
             fused = np.mean([uni[m] for m in info.modalities], axis=0)
         else:
             per_batch = int(config.method.get("batch_size", 0) or config.get("eval", {}).get("batch_size", 0)
                             or config.train.batch_size)
             fused = combine_logits([uni[m] for m in info.modalities], mode, batch_size=per_batch)
-        res = {"heads": metrics.head_metrics({"fused": fused, **uni}, labels, info.task)}
-        if info.task == "classification":
+        res = {"heads": task.head_metrics({"fused": fused, **uni}, labels)}
+        if task.categorical:
             res["error_groups"] = metrics.error_groups(fused, uni, labels)
         if split == "test":
             _add_sample_type_accuracy(res, fused, labels, data, info)

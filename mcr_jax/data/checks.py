@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from mcr_jax.data.types import LABEL_KEY
+from mcr_jax.data.types import LABEL_KEY, TASKS
 
 __all__ = ["check_split"]
 
@@ -123,14 +123,19 @@ _HINTS = {
 
 
 def _check_labels(y: np.ndarray, where: _Rows, *, task: str, num_classes: int) -> None:
-    if task == "regression":
-        if not (np.issubdtype(y.dtype, np.number) and not np.issubdtype(y.dtype, np.bool_)):
-            raise ValueError(f"{where.prefix()}: regression labels must be numbers, got dtype {y.dtype}.")
-        if np.issubdtype(y.dtype, np.inexact):
-            _check_finite(y, where, what="label")
-        return
-    if task != "classification":
-        raise ValueError(f"check_split: task must be 'classification' or 'regression', got {task!r}.")
+    if task not in LABEL_CHECKS:
+        raise ValueError(f"check_split: task must be one of {sorted(LABEL_CHECKS)}, got {task!r}.")
+    LABEL_CHECKS[task](y, where, num_classes)
+
+
+def _check_real_labels(y: np.ndarray, where: _Rows, num_classes: int) -> None:
+    if not (np.issubdtype(y.dtype, np.number) and not np.issubdtype(y.dtype, np.bool_)):
+        raise ValueError(f"{where.prefix()}: regression labels must be numbers, got dtype {y.dtype}.")
+    if np.issubdtype(y.dtype, np.inexact):
+        _check_finite(y, where, what="label")
+
+
+def _check_class_labels(y: np.ndarray, where: _Rows, num_classes: int) -> None:
     if not np.issubdtype(y.dtype, np.integer):
         if np.issubdtype(y.dtype, np.floating):
             whole = np.isfinite(y) & (y == np.round(y))
@@ -165,3 +170,10 @@ def _check_labels(y: np.ndarray, where: _Rows, *, task: str, num_classes: int) -
             "A label >= num_classes makes the loss NaN and a negative one (e.g. -1 for 'unlabelled') "
             "trains silently against nothing: drop or remap these examples, or fix num_classes."
         )
+
+
+#: the label check of each task (``DatasetInfo.task``): ``fn(labels, rows, num_classes)`` raises
+#: ``ValueError`` at the first bad label. ``mcr_jax.tasks`` has one task per entry.
+LABEL_CHECKS = {"classification": _check_class_labels, "regression": _check_real_labels}
+assert set(LABEL_CHECKS) == set(TASKS), "every task in mcr_jax.data.types.TASKS needs a label check"
+

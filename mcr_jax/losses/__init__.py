@@ -5,6 +5,7 @@ from mcr_jax.losses.contrastive import (
     CONTRASTIVE,
     binarize_regression_labels,
     cross_modal_supcon,
+    l2_normalize,
     supervised_ntxent,
 )
 from mcr_jax.losses.divergences import DIVERGENCES, LN2, jsd_from_logits, kl_from_logits, squared_difference
@@ -17,6 +18,7 @@ from mcr_jax.losses.mipd import (
     perturbed_copies,
     sample_permutations,
 )
+from mcr_jax.losses.reduce import masked_mean
 
 __all__ = [
     "CEB_CONDITIONS",
@@ -32,6 +34,8 @@ __all__ = [
     "divergences_of_copies",
     "jsd_from_logits",
     "kl_from_logits",
+    "l2_normalize",
+    "masked_mean",
     "mipd_divergences",
     "mipd_loss",
     "perturb_latent",

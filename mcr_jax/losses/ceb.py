@@ -25,6 +25,7 @@ from mcr_jax.losses._checks import (
     require_same_batch,
     shape_of,
 )
+from mcr_jax.losses.reduce import masked_mean
 
 CEB_CONDITIONS = ("logits", "label")
 
@@ -87,8 +88,7 @@ def ceb_loss(latents: Sequence[jax.Array], decoded: jax.Array, *, mask: jax.Arra
     require_rank(mask, 1, "mask", "[B]")
     if shape_of(mask)[0] != batch:
         raise ValueError(f"mask has shape {shape_of(mask)} but the latents have batch size {batch}.")
-    w = jnp.asarray(mask, per_row.dtype)
-    return jnp.sum(per_row * w) / jnp.maximum(jnp.sum(w), 1.0)
+    return masked_mean(per_row, mask)
 
 
 def ceb_term(

@@ -44,8 +44,10 @@ from mcr_jax.losses._checks import (
 _NEG = -1e30  # stands in for -inf in masked log-sum-exps (keeps gradients finite)
 
 
-def _normalize(z: jax.Array, eps: float = 1e-12) -> jax.Array:
-    return z * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(z), axis=-1, keepdims=True), eps * eps))
+def l2_normalize(z: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+    """``z / max(||z||_2, eps)`` along ``axis`` (PyTorch's ``F.normalize``), with a finite gradient
+    at ``z = 0``."""
+    return z * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(z), axis=axis, keepdims=True), eps * eps))
 
 
 def _prepare(latents, labels, mask):
@@ -95,7 +97,7 @@ def supervised_ntxent(
       scalar loss; 0 when the batch has no positive pair.
     """
     num_modalities, _, mask = _prepare(latents, labels, mask)
-    u = jnp.concatenate([_normalize(z) for z in latents], axis=0)  # [MB, D]
+    u = jnp.concatenate([l2_normalize(z) for z in latents], axis=0)  # [MB, D]
     lab = jnp.tile(labels, num_modalities)
     valid = jnp.tile(mask, num_modalities)
     sim = (u @ u.T) / temperature
@@ -136,7 +138,7 @@ def cross_modal_supcon(
       scalar loss averaged over anchors with a positive and over the ``M(M-1)`` ordered pairs.
     """
     num_modalities, _, mask = _prepare(latents, labels, mask)
-    normed = [_normalize(z) for z in latents]
+    normed = [l2_normalize(z) for z in latents]
     same = (labels[:, None] == labels[None, :]) & mask[:, None] & mask[None, :]
     candidates = mask[None, :]
     losses = []

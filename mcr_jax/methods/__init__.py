@@ -4,7 +4,7 @@
 combines their predictions (:mod:`mcr_jax.methods.ensemble`).
 """
 
-from mcr_jax.methods.base import Method, ModelHandle, task_loss
+from mcr_jax.methods.base import Method, ModelHandle
 from mcr_jax.methods.ensemble import combine_logits
 from mcr_jax.methods.joint import Joint
 from mcr_jax.methods.mcr import MCR
@@ -84,4 +84,4 @@ def get_method(config, info) -> Method:
 
 
 __all__ = ["METHODS", "MCR", "method_class", "method_defaults", "method_grid", "Joint", "Method", "ModelHandle",
-           "MultiLoss", "UniPre", "Unimodal", "combine_logits", "get_method", "register_method", "task_loss"]
+           "MultiLoss", "UniPre", "Unimodal", "combine_logits", "get_method", "register_method"]

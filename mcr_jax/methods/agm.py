@@ -113,10 +113,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mcr_jax.methods.base import Method, masked_mean, model_inputs, task_loss
+from mcr_jax.losses import masked_mean
+from mcr_jax.methods.base import Method, model_inputs
 from mcr_jax.methods.common import check_options, others_mean
 from mcr_jax.players import path_keys
 from mcr_jax.state import StepOutput
+from mcr_jax.tasks import Task
 
 DEFAULTS = dict(alpha=3.0, max_gap=10.0, start_epoch=1, end_epoch=20, after_window="hold", clip_norm=1.0)
 #: the tuning grid of a study (mcr_jax.study).
@@ -217,9 +219,9 @@ def clip_if_fusion_gradient_large(grads, clip_norm: float) -> tuple[object, jax.
     return jax.tree.map(lambda g: g * factor.astype(g.dtype), grads), factor
 
 
-def _scores(outputs: Sequence[jax.Array], labels, mask, task: str) -> jax.Array:
-    if task == "regression":
-        s = [task_loss(out, labels, mask, task) for out in outputs]
+def _scores(outputs: Sequence[jax.Array], labels, mask, task: Task) -> jax.Array:
+    if not task.categorical:
+        s = [task.loss(out, labels, mask) for out in outputs]
     else:
         s = [masked_mean(jnp.minimum(optax.softmax_cross_entropy_with_integer_labels(out, labels), _MAX_SCORE), mask)
              for out in outputs]
@@ -270,7 +272,7 @@ class AGM(Method):
             alpha = self.hp("alpha", float(o["alpha"]))
             coeffs = agm_coefficients(scores, method_state["score_mean"], alpha, float(o["max_gap"]))
             applied = jnp.where(active, coeffs, idle)
-            loss = task_loss(route_gradients(outs, applied), labels, mask, self.task)
+            loss = self.task.loss(route_gradients(outs, applied), labels, mask)
             return loss, (scores, applied, handle.rest_of(model))
 
         (loss, (scores, applied, new_rest)), grads = jax.value_and_grad(fn, has_aux=True)(params)

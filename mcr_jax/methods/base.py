@@ -18,12 +18,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 
 from mcr_jax.data.types import DatasetInfo
 from mcr_jax.state import StepOutput
+from mcr_jax.tasks import Task, get_task
 
 
 class ModelHandle:
@@ -56,20 +56,6 @@ def model_inputs(batch: Mapping[str, jax.Array], modalities) -> tuple[dict, dict
     inputs = {m: batch[m] for m in modalities}
     masks = {m: batch[f"{m}_mask"] for m in modalities if f"{m}_mask" in batch}
     return inputs, (masks or None)
-
-
-def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
-    if mask is None:
-        return jnp.mean(values)
-    w = mask.astype(values.dtype)
-    return jnp.sum(values * w) / jnp.maximum(jnp.sum(w), 1.0)
-
-
-def task_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array | None, task: str) -> jax.Array:
-    """Cross-entropy for classification (``[B, C]`` logits, int labels); L1 for regression (``[B, 1]``)."""
-    if task == "regression":
-        return masked_mean(jnp.abs(logits[:, 0] - labels.astype(logits.dtype)), mask)
-    return masked_mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels), mask)
 
 
 class EpochContext:
@@ -148,7 +134,14 @@ class Method:
         self.config = config
         self.info = info
         self.modalities = tuple(info.modalities)
-        self.task = info.task
+        #: the :class:`~mcr_jax.tasks.Task` (loss, divergence, metrics) of the dataset.
+        self.task = get_task(info.task)
+
+    def require_classes(self, why: str) -> None:
+        """A clear ``ValueError`` unless the task is classification (``why``: what needs classes)."""
+        if not self.task.categorical:
+            raise ValueError(f"{self.name} is defined for classification only ({why}); dataset "
+                             f"{self.info.name!r} is a {self.task.name} task.")
 
     # ---- traced hyperparameters ---------------------------------------------------------------
     def hp(self, name: str, static):
@@ -207,7 +200,7 @@ class Method:
         """
         model = handle.train_model(params)
         out = self.forward(model, batch)
-        loss = task_loss(out["logits"], batch["label"], batch.get("mask"), self.task)
+        loss = self.task.loss(out["logits"], batch["label"], batch.get("mask"))
         return loss, {"task": loss}, model
 
     def gradients(self, handle: ModelHandle, params, batch, key, method_state) -> StepOutput:
@@ -242,5 +235,6 @@ class Method:
         return method_state
 
 
-def unimodal_losses(out, batch, task: str, modalities) -> dict[str, jax.Array]:
-    return {m: task_loss(out["unimodal"][m], batch["label"], batch.get("mask"), task) for m in modalities}
+def unimodal_losses(out, batch, task: Task, modalities) -> dict[str, jax.Array]:
+    """``{m: task loss of unimodal head m}`` over the batch's valid rows."""
+    return {m: task.loss(out["unimodal"][m], batch["label"], batch.get("mask")) for m in modalities}

@@ -83,7 +83,7 @@ from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.preprocessing import MinMaxScaler
 
-from mcr_jax.methods.base import Method, task_loss, unimodal_losses
+from mcr_jax.methods.base import Method, unimodal_losses
 from mcr_jax.methods.common import check_options
 
 DEFAULTS = dict(alpha=3.0, reinit_epochs=20, reinit_num=3, uni_weight=1.0, kmeans_n_init=10, kmeans_seed=0,
@@ -161,9 +161,7 @@ class DnR(Method):
     def __init__(self, config, info):
         super().__init__(config, info)
         check_options(config, DEFAULTS, "D&R")
-        if self.task != "classification":
-            raise ValueError("Diagnosing & Re-learning measures clustering purity against classes and is defined "
-                             f"for classification only; dataset {info.name!r} is a {self.task} task.")
+        self.require_classes("it measures clustering purity against classes")
         o = {k: config.get(k, v) for k, v in DEFAULTS.items()}
         if o["reinit_target"] not in TARGETS:
             raise ValueError(f"method.reinit_target must be one of {TARGETS}; got {o['reinit_target']!r}.")
@@ -181,7 +179,7 @@ class DnR(Method):
     def loss(self, handle, params, batch, key, method_state):
         model = handle.train_model(params)
         out = self.forward(model, batch)
-        fused = task_loss(out["logits"], batch["label"], batch.get("mask"), self.task)
+        fused = self.task.loss(out["logits"], batch["label"], batch.get("mask"))
         uni = unimodal_losses(out, batch, self.task, self.modalities)
         total = fused + float(self.opts["uni_weight"]) * sum(uni.values())
         return total, {"task": fused, **{f"uni_{m}": v for m, v in uni.items()}}, model

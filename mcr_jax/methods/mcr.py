@@ -46,7 +46,7 @@ from flax import nnx
 from mcr_jax import game, parallel
 from mcr_jax.losses import CONTRASTIVE, binarize_regression_labels, ceb_term, mipd_divergences, sample_permutations
 from mcr_jax.losses.mipd import perturb_latent
-from mcr_jax.methods.base import Method, model_inputs, task_loss, unimodal_losses
+from mcr_jax.methods.base import Method, model_inputs, unimodal_losses
 from mcr_jax.methods.common import check_options
 from mcr_jax.models import is_separable
 from mcr_jax.state import StepOutput
@@ -113,7 +113,7 @@ class MCR(Method):
                              "game_form='single_backward'.")
         if int(o["num_permutations"]) < 1:
             raise ValueError(f"method.num_permutations (S) must be >= 1; got {o['num_permutations']}.")
-        self.divergence = "mse" if self.task == "regression" else "jsd"
+        self.divergence = self.task.divergence
         # λ's that may be traced (a grid as one program); the optax form's λ_M lives in its optimizer
         self.traceable = (("mipd_weight",) if o["game_form"] == "single_backward" else ()) + (
             "uni_weight", "con_weight", "ceb_weight")
@@ -137,7 +137,7 @@ class MCR(Method):
     def _regularisers(self, model, out, batch):
         """Task + unimodal + contrastive + CEB terms (everything but MIPD)."""
         o, mask, labels = self.opts, batch.get("mask"), batch["label"]
-        terms = {"task": task_loss(out["logits"], labels, mask, self.task)}
+        terms = {"task": self.task.loss(out["logits"], labels, mask)}
         total = terms["task"]
         if o["uni_weight"] or self.tuned("uni_weight"):
             uni = unimodal_losses(out, batch, self.task, self.modalities)
@@ -146,7 +146,7 @@ class MCR(Method):
         zs = [out["latents"][m] for m in self.modalities]
         if o["con_weight"] or self.tuned("con_weight"):
             con_labels = labels
-            if self.task == "regression" and o["con_labels"] == "binary":
+            if not self.task.categorical and o["con_labels"] == "binary":
                 con_labels = binarize_regression_labels(labels)
             terms["con"] = CONTRASTIVE[o["con_form"]](zs, con_labels, temperature=o["temperature"], mask=mask)
             total = total + self.hp("con_weight", o["con_weight"]) * terms["con"]

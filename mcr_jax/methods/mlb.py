@@ -63,7 +63,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mcr_jax.methods.base import Method, masked_mean, task_loss, unimodal_losses
+from mcr_jax.losses import masked_mean
+from mcr_jax.methods.base import Method, unimodal_losses
 from mcr_jax.methods.common import check_options, others_mean, true_class_prob
 from mcr_jax.players import modality_owners, scale_by_owner
 from mcr_jax.state import StepOutput
@@ -113,9 +114,9 @@ class MLB(Method):
         def fn(p):
             model = handle.train_model(p)
             out = self.forward(model, batch)
-            fused = task_loss(out["logits"], labels, mask, self.task)
+            fused = self.task.loss(out["logits"], labels, mask)
             uni = unimodal_losses(out, batch, self.task, names)
-            if self.task == "regression":  # the unimodal MSE (the training loss above is L1)
+            if not self.task.categorical:  # the unimodal MSE (the training loss above is L1)
                 u = {m: out["unimodal"][m][:, 0] for m in names}
                 scores = jnp.stack([masked_mean(jnp.square(u[m] - labels.astype(u[m].dtype)), mask) for m in names])
             else:
@@ -125,7 +126,7 @@ class MLB(Method):
             return total, (terms, jax.lax.stop_gradient(scores), handle.rest_of(model))
 
         (loss, (terms, scores, new_rest)), grads = jax.value_and_grad(fn, has_aux=True)(params)
-        ratios = mlb_ratios(scores, higher_is_better=self.task != "regression")
+        ratios = mlb_ratios(scores, higher_is_better=self.task.categorical)
         coeffs = mlb_coefficients(ratios, self.hp("alpha", float(self.opts["alpha"])),
                                   self.hp("beta", float(self.opts["beta"])))
         grads = scale_by_owner(grads, modality_owners(params, names, OWNED), coeffs)

@@ -78,8 +78,7 @@ no meaning for a scalar regression output).
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
+from mcr_jax.losses import l2_normalize
 from mcr_jax.methods.base import Method, model_inputs
 from mcr_jax.methods.common import check_options
 from mcr_jax.models import is_separable
@@ -88,13 +87,6 @@ DEFAULTS = dict(scale=10.0, eval_logits="cosine")
 #: the tuning grid of a study (mcr_jax.study).
 GRID = dict(scale=[1.0, 5.0, 10.0, 20.0])
 EVAL_LOGITS = ("cosine", "linear")
-_EPS = 1e-12
-
-
-def l2_normalize(x, axis: int):
-    """``x / max(||x||_2, 1e-12)`` along ``axis`` (PyTorch's ``F.normalize``)."""
-    norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, _EPS)
 
 
 def cosine_logits(z, kernel, scale: float):
@@ -114,9 +106,7 @@ class MMCosine(Method):
     def __init__(self, config, info):
         super().__init__(config, info)
         opts = check_options(config, DEFAULTS, "MMCosine")
-        if self.task != "classification":
-            raise ValueError("MMCosine is defined for classification only (cosine class logits); "
-                             f"dataset {info.name!r} is a {self.task} task.")
+        self.require_classes("cosine class logits")
         self.scale = float(opts["scale"])
         if self.scale <= 0:
             raise ValueError(f"method.scale (s) must be > 0; got {self.scale}.")

@@ -100,7 +100,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mcr_jax.methods.base import Method, task_loss, unimodal_losses
+from mcr_jax.methods.base import Method, unimodal_losses
 from mcr_jax.methods.common import check_options
 from mcr_jax.players import leaf_ids
 from mcr_jax.state import StepOutput
@@ -183,7 +183,7 @@ class MMPareto(Method):
         def fn(p):
             model = handle.train_model(p)
             out = self.forward(model, batch)
-            fused = task_loss(out["logits"], batch["label"], mask, self.task)
+            fused = self.task.loss(out["logits"], batch["label"], mask)
             uni = unimodal_losses(out, batch, self.task, self.modalities)
             total_uni = sum(uni.values())
             return jnp.stack([fused, total_uni]), (fused, uni, handle.rest_of(model))

@@ -95,7 +95,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mcr_jax.methods.base import Method, task_loss, unimodal_losses
+from mcr_jax.methods.base import Method, unimodal_losses
 from mcr_jax.methods.common import check_options
 from mcr_jax.models import is_separable
 from mcr_jax.players import modality_owners, scale_by_owner
@@ -211,7 +211,7 @@ class MSLR(Method):
                 raise ValueError(f"method.{flag} must be True or False; got {o[flag]!r}.")
         self.base = _initial_multipliers(o["init_lr_multipliers"] or {}, self.modalities)
         self.owned = ("encoders", "heads", "branches") if o["scale_branch"] else ("encoders", "heads")
-        self.metric = o["metric"] or ("binary_accuracy" if self.task == "regression" else "accuracy")
+        self.metric = o["metric"] or self.task.balance_metric
 
     def _source(self, model) -> str:
         src = self.opts["unimodal_source"]
@@ -239,7 +239,7 @@ class MSLR(Method):
     def loss(self, handle, params, batch, key, method_state):
         model = handle.train_model(params)
         out = self.forward(model, batch)
-        fused = task_loss(out["logits"], batch["label"], batch.get("mask"), self.task)
+        fused = self.task.loss(out["logits"], batch["label"], batch.get("mask"))
         if self._source(model) == "branch":
             return fused, {"task": fused}, model
         probe = {"unimodal": model.unimodal_logits(jax.lax.stop_gradient(out["latents"]))}

@@ -1,6 +1,6 @@
 """Multi-loss: the fused task loss plus a weighted task loss on every unimodal head."""
 
-from mcr_jax.methods.base import Method, task_loss, unimodal_losses
+from mcr_jax.methods.base import Method, unimodal_losses
 from mcr_jax.methods.common import check_options
 
 DEFAULTS = dict(uni_weight=1.0)
@@ -22,7 +22,7 @@ class MultiLoss(Method):
     def loss(self, handle, params, batch, key, method_state):
         model = handle.train_model(params)
         out = self.forward(model, batch)
-        fused = task_loss(out["logits"], batch["label"], batch.get("mask"), self.task)
+        fused = self.task.loss(out["logits"], batch["label"], batch.get("mask"))
         uni = unimodal_losses(out, batch, self.task, self.modalities)
         weight = self.hp("uni_weight", float(self.opts["uni_weight"]))
         total = fused + weight * sum(uni.values())

@@ -98,7 +98,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mcr_jax.methods.base import Method, task_loss
+from mcr_jax.methods.base import Method
 from mcr_jax.methods.common import check_options, others_mean, true_class_prob
 from mcr_jax.models import is_separable
 from mcr_jax.players import modality_owners
@@ -178,9 +178,7 @@ class OGMGE(Method):
     def __init__(self, config, info):
         super().__init__(config, info)
         self.opts = check_options(config, DEFAULTS, "OGM-GE")
-        if self.task != "classification":
-            raise ValueError("OGM-GE is defined for classification only (its score is the softmax probability of "
-                             f"the true class); the dataset's task is {self.task!r}.")
+        self.require_classes("its score is the softmax probability of the true class")
         if self.opts["modulate"] not in MODULATE:
             raise ValueError(f"method.modulate must be one of {list(MODULATE)}; got {self.opts['modulate']!r}.")
         if float(self.opts["alpha"]) < 0:
@@ -211,7 +209,7 @@ class OGMGE(Method):
         def fn(p):
             model = handle.train_model(p)
             out = self.forward(model, batch)
-            loss = task_loss(out["logits"], labels, mask, self.task)
+            loss = self.task.loss(out["logits"], labels, mask)
             branches = model.fusion.branch_logits(out["latents"])
             shared = model.fusion.shared_offset()[None] / num
             weights = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)

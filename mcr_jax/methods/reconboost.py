@@ -80,7 +80,8 @@ import jax.numpy as jnp
 import optax
 
 from mcr_jax import game
-from mcr_jax.methods.base import Method, masked_mean, model_inputs, task_loss
+from mcr_jax.losses import masked_mean
+from mcr_jax.methods.base import Method, model_inputs
 from mcr_jax.methods.common import check_options
 from mcr_jax.models import is_separable
 from mcr_jax.state import StepOutput
@@ -138,9 +139,7 @@ class ReconBoost(Method):
     def __init__(self, config, info):
         super().__init__(config, info)
         check_options(config, DEFAULTS, "ReconBoost")
-        if self.task != "classification":
-            raise ValueError("ReconBoost's reconcilement loss is defined for classification only; "
-                             f"dataset {info.name!r} is a {self.task} task.")
+        self.require_classes("the reconcilement loss weighs the true class's probability")
         self.stage_epochs = int(config.get("stage_epochs", DEFAULTS["stage_epochs"]))
         self.rectify_epochs = int(config.get("rectify_epochs", DEFAULTS["rectify_epochs"]))
         self.weight = float(config.get("reconcile_weight", DEFAULTS["reconcile_weight"]))
@@ -195,7 +194,7 @@ class ReconBoost(Method):
             # F_¬a: the other learners only, no constant (the release's DynamicNet.forward)
             others = sum((1.0 - onehot[i]) * jax.lax.stop_gradient(f) for i, f in enumerate(fs))
             boost = reconcile_loss(f_active, others, labels, mask, weight=self.hp("reconcile_weight", self.weight))
-            rectify = task_loss(model.fusion.combine(branches), labels, mask, self.task)
+            rectify = self.task.loss(model.fusion.combine(branches), labels, mask)
             loss = jnp.where(boosting, boost, rectify)
             return loss, ({"boost": boost, "rectify": rectify}, handle.rest_of(model))
 

@@ -5,7 +5,7 @@ and can initialise "uni-pre" runs); only ``encoders[m]`` and ``heads[m]`` receiv
 method's prediction is that head's output.
 """
 
-from mcr_jax.methods.base import Method, model_inputs, task_loss
+from mcr_jax.methods.base import Method, model_inputs
 from mcr_jax.methods.common import check_options
 
 DEFAULTS = dict(modality="")
@@ -35,7 +35,7 @@ class Unimodal(Method):
     def loss(self, handle, params, batch, key, method_state):
         model = handle.train_model(params)
         _, logits = self._logits(model, batch)
-        loss = task_loss(logits, batch["label"], batch.get("mask"), self.task)
+        loss = self.task.loss(logits, batch["label"], batch.get("mask"))
         return loss, {"task": loss}, model
 
     def predict(self, model, batch):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mcr_jax.models.layers import MLP, TransformerBlock, make_dropout, masked_mean
+from mcr_jax.models.layers import MLP, TransformerBlock, make_dropout, mean_over_steps
 from mcr_jax.models.resnet import ResNet18Encoder
 
 
@@ -102,7 +102,7 @@ class TransformerEncoder(nnx.Module):
         attn_mask = nnx.make_attention_mask(jnp.ones((b, t), dtype=bool), mask)
         for block in self.blocks:
             h = block(h, mask=attn_mask)
-        return masked_mean(self.norm(h), mask)
+        return mean_over_steps(self.norm(h), mask)
 
 
 ENCODERS: dict[str, type[nnx.Module]] = {

@@ -106,7 +106,7 @@ class TransformerBlock(nnx.Module):
         return x + self.dropout(self.fc2(h))
 
 
-def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+def mean_over_steps(x: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean of ``x`` ``[B, T, D]`` over the steps where ``mask`` ``[B, T]`` is True → ``[B, D]``.
 
     Masked steps contribute exactly nothing (they are selected away, not multiplied by 0, so even
