@@ -11,28 +11,30 @@ from mcr_jax import losses
 from mcr_jax.game import (
     SHARED,
     STRATEGIES,
-    CompetitionState,
+    Strategy,
+    add_game_gradients,
     assign_players,
     combine_mipd_grads,
     competition,
     game_mipd_divergences,
     path_keys,
     per_term_grads,
+    resolve_strategy,
     scale_gradient,
     scale_params_for_term,
     scale_shared_params,
-    shared_weight,
-    strategy_k,
 )
 from mcr_jax.losses import *  # noqa: F403
 from mcr_jax.losses import __all__ as _losses_all
+from mcr_jax.players import scale_by_player
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SHARED",
     "STRATEGIES",
-    "CompetitionState",
+    "Strategy",
+    "add_game_gradients",
     "assign_players",
     "combine_mipd_grads",
     "competition",
@@ -42,8 +44,8 @@ __all__ = [
     "per_term_grads",
     "scale_gradient",
     "scale_params_for_term",
+    "resolve_strategy",
+    "scale_by_player",
     "scale_shared_params",
-    "shared_weight",
-    "strategy_k",
     *_losses_all,
 ]

@@ -24,11 +24,13 @@ There is no adaptive weighting: :math:`\lambda_M` is constant; the balancing is 
 
 Two equivalent implementations:
 
-1. :func:`competition`, an optax gradient transformation. Its ``update`` takes the per-term
-   gradients ``mipd_grads`` (leaves with a leading axis ``M``: the gradient of each ``L_j`` through
-   the perturbed prediction, the clean prediction under ``stop_gradient``), combines them with
-   :func:`combine_mipd_grads` and adds ``weight ×`` the result to the incoming gradient before the
-   inner optimizer. The clean-prediction path (``s = 1`` strategies) belongs to the rest of the loss.
+1. The optax form. :func:`add_game_gradients` is a stateless gradient transformation whose
+   ``update`` takes the per-term gradients ``mipd_grads`` (leaves with a leading axis ``M``: the
+   gradient of each ``L_j`` through the perturbed prediction, the clean prediction under
+   ``stop_gradient``), combines them with :func:`combine_mipd_grads` and adds ``weight ×`` the
+   result to the incoming gradient; :func:`competition` chains it before the inner optimizer
+   (``optax.chain`` forwards ``mipd_grads=``). The clean-prediction path (``s = 1`` strategies)
+   belongs to the rest of the loss.
 2. The single-backward form: :func:`scale_gradient` (identity forward, cotangent × ``k``) on every
    non-perturbed latent inside the perturbed predictions, × ``s`` on the clean prediction and on the
    shared parameters used by the perturbed predictions. One ordinary backward pass of
@@ -52,21 +54,30 @@ from mcr_jax.players import SHARED, assign_players, path_keys  # noqa: F401 (par
 STRATEGIES: dict[str, float] = {"greedy": -1.0, "independent": 0.0, "collaborative": 1.0}
 
 
-def strategy_k(strategy: str | float) -> float:
-    """The game coefficient ``k`` of a strategy name (or of ``k`` itself: -1, 0 or +1)."""
+class Strategy(NamedTuple):
+    """A strategy resolved once: ``k`` (the weight of the other players' terms) and ``s(k)`` (the
+    weight of the clean-prediction path and of unowned parameters: 0 greedy, else 1)."""
+
+    k: float
+    s: float
+
+
+def resolve_strategy(strategy: str | float | Strategy) -> Strategy:
+    """The :class:`Strategy` of a name (``"greedy"``, ``"independent"``, ``"collaborative"``), of
+    ``k`` itself (-1, 0 or +1), or of a :class:`Strategy` (returned as is). Every function of this
+    module takes any of the three and resolves it here, once."""
+    if isinstance(strategy, Strategy):
+        return strategy
     if isinstance(strategy, str):
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown game strategy {strategy!r}; use one of {tuple(STRATEGIES)} or k in (-1, 0, 1).")
-        return STRATEGIES[strategy]
-    k = float(strategy)
-    if k not in (-1.0, 0.0, 1.0):
-        raise ValueError(f"the game coefficient k must be -1 (greedy), 0 (independent) or +1 (collaborative); got {k}.")
-    return k
-
-
-def shared_weight(strategy: str | float) -> float:
-    """``s(k)``: the weight of the clean-prediction path and of unowned parameters (0 greedy, else 1)."""
-    return 0.0 if strategy_k(strategy) < 0 else 1.0
+        k = STRATEGIES[strategy]
+    else:
+        k = float(strategy)
+        if k not in (-1.0, 0.0, 1.0):
+            raise ValueError(
+                f"the game coefficient k must be -1 (greedy), 0 (independent) or +1 (collaborative); got {k}.")
+    return Strategy(k=k, s=0.0 if k < 0 else 1.0)
 
 
 def _where(path) -> str:
@@ -142,7 +153,7 @@ def scale_shared_params(params: Any, players: Any, strategy: str | float) -> Any
 
     Apply to the parameters that the perturbed predictions use (e.g. a shared fusion bias).
     """
-    s = shared_weight(strategy)
+    s = resolve_strategy(strategy).s
     return jax.tree.map(lambda p, owner: scale_gradient(p, s) if owner == SHARED else p, params,
                         _static_players(players))
 
@@ -155,7 +166,7 @@ def scale_params_for_term(params: Any, players: Any, term: int, strategy: str | 
     players' get ``k``, unowned ones ``s(k)``. Pass one fuse function per term to
     :func:`game_mipd_divergences`.
     """
-    k, s = strategy_k(strategy), shared_weight(strategy)
+    k, s = resolve_strategy(strategy)
 
     def scale(p, owner):
         if owner == SHARED:
@@ -181,8 +192,7 @@ def game_mipd_divergences(
     :func:`scale_shared_params`. The returned values equal the plain divergences ``[M]``; only
     the gradient of ``-weight * sum(D)`` is shaped by the game.
     """
-    k = strategy_k(strategy)
-    s = shared_weight(strategy)
+    k, s = resolve_strategy(strategy)
     return mipd_divergences(
         scale_gradient(clean_logits, s),
         fuse_fn,
@@ -239,8 +249,7 @@ def combine_mipd_grads(
         player index is out of range. Shapes are static, so the checks cost nothing under jit.
       TypeError: when a player label is not a static int (e.g. traced under jit).
     """
-    k = strategy_k(strategy)
-    s = shared_weight(strategy)
+    k, s = resolve_strategy(strategy)
     flat, treedef = jax.tree_util.tree_flatten_with_path(mipd_grads)
     owner_leaves = _leaves_like(treedef, players, "mipd_grads and players must have the parameters' tree structure")
     like_leaves = None
@@ -306,21 +315,49 @@ def _num_terms(grads: list, owners: list[int], wheres: list[str], num_players: A
     return shape[0], f"the leading axis of leaf {wheres[0]!r}; every parameter is shared"
 
 
-class CompetitionState(NamedTuple):
-    """State of :func:`competition`: the inner optimizer's state only (the game is stateless)."""
+def add_game_gradients(
+    *,
+    players: Any,
+    strategy: str | float | Strategy = "greedy",
+    weight: float | jax.Array = 0.1,
+    num_players: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Adds the game's combination of the per-term MIPD gradients to the incoming gradient.
 
-    inner_state: optax.OptState
+    ``update(grads, state, params=None, *, mipd_grads, **extra)`` returns
+    ``grads + weight * combine_mipd_grads(mipd_grads, players, strategy)``; stateless. Put it first
+    in an ``optax.chain`` (which forwards ``mipd_grads=`` to every link); :func:`competition` is that
+    chain. ``weight`` can be injected (``optax.inject_hyperparams``).
+
+    ``update`` checks (at trace time, so at no cost under jit) that every ``mipd_grads`` leaf has
+    shape ``(M,) + param.shape`` and raises a ``ValueError`` naming the leaf otherwise, instead of
+    broadcasting a gradient without the ``M`` axis or with the wrong ``M``.
+    """
+    rule = resolve_strategy(strategy)
+    players = _static_players(players)
+
+    def update_fn(updates, state, params=None, *, mipd_grads=None, **extra_args):
+        del params, extra_args
+        if mipd_grads is None:
+            raise ValueError(
+                "the competition update needs mipd_grads=: the per-term MIPD gradients (leaves with a leading axis M)."
+            )
+        combined = combine_mipd_grads(mipd_grads, players, rule, num_players=num_players, like=updates)
+        return jax.tree.map(lambda g, c: g + jnp.asarray(weight, g.dtype) * c.astype(g.dtype), updates, combined), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
 
 
 def competition(
     inner: optax.GradientTransformation,
     *,
     players: Any,
-    strategy: str | float = "greedy",
+    strategy: str | float | Strategy = "greedy",
     weight: float | jax.Array = 0.1,
     num_players: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Wraps an optimizer so that MIPD gradients are combined by the competition game first.
+    """An optimizer whose MIPD gradients are combined by the competition game first:
+    ``optax.chain(add_game_gradients(...), inner)``.
 
     ``update(grads, state, params, *, mipd_grads, **extra)`` returns the inner optimizer's update
     of ``grads + weight * combine_mipd_grads(mipd_grads, players, strategy)``, where ``grads`` is
@@ -334,32 +371,12 @@ def competition(
       inner: the optimizer that receives the combined gradient.
       players: pytree like the parameters with int leaves (see :func:`assign_players`). Must be
         static: Python ints, not arrays traced by ``jit`` (a ``TypeError`` says so).
-      strategy: ``"greedy"`` (default), ``"independent"``, ``"collaborative"`` or ``k``.
+      strategy: ``"greedy"`` (default), ``"independent"``, ``"collaborative"``, ``k`` or a :class:`Strategy`.
       weight: ``lambda_M``.
       num_players: ``M``; by default the highest player index + 1 (see :func:`combine_mipd_grads`).
-
-    ``update`` checks (at trace time, so at no cost under jit) that every ``mipd_grads`` leaf has
-    shape ``(M,) + param.shape`` and raises a ``ValueError`` naming the leaf otherwise, instead of
-    broadcasting a gradient without the ``M`` axis or with the wrong ``M``.
     """
-    strategy_k(strategy)  # validate early
-    players = _static_players(players)
-    inner = optax.with_extra_args_support(inner)
-
-    def init_fn(params):
-        return CompetitionState(inner_state=inner.init(params))
-
-    def update_fn(updates, state, params=None, *, mipd_grads=None, **extra_args):
-        if mipd_grads is None:
-            raise ValueError(
-                "competition.update needs mipd_grads=: the per-term MIPD gradients (leaves with a leading axis M)."
-            )
-        combined = combine_mipd_grads(mipd_grads, players, strategy, num_players=num_players, like=updates)
-        updates = jax.tree.map(lambda g, c: g + jnp.asarray(weight, g.dtype) * c.astype(g.dtype), updates, combined)
-        new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-        return new_updates, CompetitionState(inner_state=inner_state)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.chain(add_game_gradients(players=players, strategy=strategy, weight=weight,
+                                          num_players=num_players), inner)
 
 
 def per_term_grads(loss_terms_fn: Callable[[Any], jax.Array], params: Any) -> Any:

@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import optax
 
 SHARED = -1
 
@@ -146,9 +148,37 @@ def modality_owners(params, modalities: Sequence[str], parts: Sequence[str] = ("
     return jax.tree_util.tree_map_with_path(owner, params)
 
 
-def scale_by_owner(grads, owners, coeffs: jax.Array):
-    """Multiplies every leaf owned by modality ``i`` by ``coeffs[i]`` (``[M]``); others unchanged."""
-    return jax.tree.map(lambda g, o: g * coeffs[o].astype(g.dtype) if o >= 0 else g, grads, owners)
+def scale_by_owner(grads, owners, coeffs: jax.Array, shared: float | jax.Array = 1.0):
+    """Multiplies every leaf owned by modality ``i`` by ``coeffs[i]`` (``[M]``) and every leaf owned by
+    none (label ``SHARED``) by ``shared`` (default: unchanged)."""
+    coeffs = jnp.asarray(coeffs)
+
+    def scale(g, o):
+        if o >= 0:
+            return g * coeffs[o].astype(g.dtype)
+        return g if isinstance(shared, (int, float)) and shared == 1.0 else g * jnp.asarray(shared, g.dtype)
+
+    return jax.tree.map(scale, grads, owners)
+
+
+def scale_by_player(owners) -> optax.GradientTransformationExtraArgs:
+    """A stateless optax transformation: the updates of modality ``i``'s leaves times
+    ``player_scales[i]``, the others' times ``shared_scale``.
+
+    ``update(updates, state, params=None, *, player_scales, shared_scale=1.0, **extra)``; ``owners`` is
+    a static pytree like the parameters with int leaves (a modality index, or ``SHARED`` = -1; e.g.
+    from :func:`modality_owners` or :func:`assign_players`). Chain it after an optimizer for
+    per-modality learning rates (MSLR), or use 0/1 scales to freeze players (ReconBoost's stages);
+    ``optax.chain`` forwards the keywords.
+    """
+
+    def update_fn(updates, state, params=None, *, player_scales=None, shared_scale=1.0, **extra):
+        del params, extra
+        if player_scales is None:
+            raise ValueError("scale_by_player's update needs player_scales=: one scale per modality ([M]).")
+        return scale_by_owner(updates, owners, player_scales, shared_scale), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
 
 
 def in_group(path, group: str) -> bool:
@@ -170,4 +200,5 @@ def leaf_ids(params, modalities: Sequence[str], group: str = "encoders") -> dict
     return ids
 
 
-__all__ = ["SHARED", "assign_players", "in_group", "leaf_ids", "modality_owners", "path_keys", "scale_by_owner"]
+__all__ = ["SHARED", "assign_players", "in_group", "leaf_ids", "modality_owners", "path_keys", "scale_by_owner",
+           "scale_by_player"]

@@ -87,7 +87,7 @@ def optax_form_update(params, x, labels, perms, names, fusion, strategy, players
 
     per_term = game.per_term_grads(lambda p: losses.mipd_loss(divergences(p, True, False)), params)
     grads = jax.grad(rest_loss)(params, x, labels, names, fusion)
-    s = game.shared_weight(strategy)
+    s = game.resolve_strategy(strategy).s
     if s:
         clean_path = jax.grad(lambda p: -WEIGHT * s * jnp.sum(divergences(p, False, True)))(params)
         grads = jax.tree.map(jnp.add, grads, clean_path)
@@ -217,11 +217,15 @@ def test_scale_gradient():
 
 
 def test_strategy_validation():
-    assert game.strategy_k("greedy") == -1.0 and game.strategy_k(1) == 1.0
+    assert game.resolve_strategy("greedy") == game.Strategy(k=-1.0, s=0.0)
+    assert game.resolve_strategy(1) == game.Strategy(k=1.0, s=1.0)
+    assert game.resolve_strategy("independent") == (0.0, 1.0)
+    rule = game.resolve_strategy("collaborative")
+    assert game.resolve_strategy(rule) is rule
     with pytest.raises(ValueError, match="unknown game strategy"):
-        game.strategy_k("selfish")
+        game.resolve_strategy("selfish")
     with pytest.raises(ValueError, match="k must be"):
-        game.strategy_k(0.5)
+        game.resolve_strategy(0.5)
 
 
 def test_assign_players_paths_and_errors():

@@ -87,7 +87,8 @@ class MCR(Method):
         super().__init__(config, info)
         self.opts = check_options(config, DEFAULTS, "MCR")
         o = self.opts
-        game.strategy_k(o["strategy"])
+        #: the strategy resolved once to its (k, s) pair
+        self.game = game.resolve_strategy(o["strategy"])
         if o["game_form"] not in ("single_backward", "optax"):
             raise ValueError(f"method.game_form must be 'single_backward' or 'optax'; got {o['game_form']!r}.")
         if o["permuted_source"] not in ("same_pass", "eval_pass"):
@@ -130,7 +131,7 @@ class MCR(Method):
         if self.opts["game_form"] != "optax":
             return base
         players = game.assign_players(params, self.modalities)
-        return game.competition(base, players=players, strategy=self.opts["strategy"],
+        return game.competition(base, players=players, strategy=self.game,
                                 weight=float(self.opts["mipd_weight"]))
 
     # ---- pieces ------------------------------------------------------------------------------
@@ -233,7 +234,7 @@ class MCR(Method):
         """Fusion head(s) for the single-backward form: the shared bias scaled by s(k) on the fast
         path (branch logits already carry W_m); otherwise one copy per term with player-owned fusion
         parameters scaled by k (W_m follows θ_m) and unowned ones by s(k)."""
-        strategy = self.opts["strategy"]
+        strategy = self.game
         graphdef, fparams, frest = nnx.split(model.fusion, nnx.Param, ...)
         fparams = nnx.as_pure(fparams)
         players = game.assign_players(fparams, self.modalities, require_all=False)
@@ -254,7 +255,7 @@ class MCR(Method):
         total, terms = self._regularisers(model, out, batch)
         fusion = self._game_fusions(model, self._fast_path(model))
         parts, fuse, kw = self._mipd_parts(handle, params, model, batch, out, key, fusion)
-        d = game.game_mipd_divergences(out["logits"], fuse, parts, strategy=self.opts["strategy"],
+        d = game.game_mipd_divergences(out["logits"], fuse, parts, strategy=self.game,
                                        divergence=self.divergence, **kw)
         total = total - self.hp("mipd_weight", self.opts["mipd_weight"]) * jnp.sum(d)
         return total, {**terms, **self._jsd_metrics(self.modalities, d)}, model
@@ -290,7 +291,7 @@ class MCR(Method):
             norms = self._gradient_norms(handle, params, batch, key, method_state)
             return step._replace(metrics={**step.metrics, **norms})
         o = self.opts
-        s = game.shared_weight(o["strategy"])
+        s = self.game.s
 
         def rest_fn(p):
             model = handle.train_model(p)

@@ -25,8 +25,8 @@ two-epoch history can jump by ×1.3–2.
 Where the multipliers act (``scale``):
 
 - ``"updates"`` (default) — true learning rates: the optimizer's *updates* of modality m's parameters
-  are multiplied by :math:`\mu_m` after the configured optimizer (:func:`modality_lr`, fed through
-  ``tx_kwargs["lr_multipliers"]``);
+  are multiplied by :math:`\mu_m` after the configured optimizer (``optax.chain(optimizer,
+  players.scale_by_player(owners))``, fed through ``tx_kwargs["player_scales"]``);
 - ``"gradients"`` — the released code's ``param.grad *= coeff`` before the optimizer step. Under
   Adam this is mostly normalised away (what remains acts through the coupled L2 term, added after
   the scaling, and through ``eps``).
@@ -88,7 +88,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -98,7 +97,7 @@ import optax
 from mcr_jax.methods.base import Method, unimodal_losses
 from mcr_jax.methods.common import check_options
 from mcr_jax.models import is_separable
-from mcr_jax.players import modality_owners, scale_by_owner
+from mcr_jax.players import modality_owners, scale_by_owner, scale_by_player
 from mcr_jax.state import StepOutput
 
 DEFAULTS = dict(window=20, partial_window=False, scale="updates", scale_branch=True, metric="",
@@ -109,35 +108,6 @@ SOURCES = ("auto", "branch", "probe")
 SCALES = ("updates", "gradients")
 #: the released baselines' settings; options set explicitly in the config win.
 PRESETS = {"mcr_authors": dict(init_lr_multipliers=(0.7, 1.3), scale="gradients", scale_branch=False)}
-
-
-class ModalityLRState(NamedTuple):
-    """State of :func:`modality_lr`: the inner optimizer's state only."""
-
-    inner_state: optax.OptState
-
-
-def modality_lr(inner: optax.GradientTransformation, owners: Any) -> optax.GradientTransformationExtraArgs:
-    """Per-modality learning rates: the inner optimizer's updates of modality ``i``'s leaves times
-    ``lr_multipliers[i]``.
-
-    ``update(grads, state, params, *, lr_multipliers, **extra)``; ``owners`` is a pytree like the
-    parameters with int leaves (the modality index, -1 for shared leaves, which are not scaled).
-    """
-    inner = optax.with_extra_args_support(inner)
-
-    def init_fn(params):
-        return ModalityLRState(inner_state=inner.init(params))
-
-    def update_fn(updates, state, params=None, *, lr_multipliers=None, **extra_args):
-        if lr_multipliers is None:
-            raise ValueError("modality_lr.update needs lr_multipliers=: one learning-rate multiplier per modality.")
-        new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-        mult = jnp.asarray(lr_multipliers)
-        new_updates = jax.tree.map(lambda u, o: u * mult[o].astype(u.dtype) if o >= 0 else u, new_updates, owners)
-        return new_updates, ModalityLRState(inner_state=inner_state)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def mslr_multipliers(acc, history, count: int, window: int, base, *, partial: bool = False) -> np.ndarray:
@@ -228,7 +198,7 @@ class MSLR(Method):
     def make_optimizer(self, base, params):
         if self.opts["scale"] == "gradients":
             return base
-        return modality_lr(base, modality_owners(params, self.modalities, self.owned))
+        return optax.chain(base, scale_by_player(modality_owners(params, self.modalities, self.owned)))
 
     def init_method_state(self, params):
         m, w = len(self.modalities), int(self.opts["window"])
@@ -253,7 +223,7 @@ class MSLR(Method):
         if self.opts["scale"] == "gradients":
             grads = scale_by_owner(grads, modality_owners(params, self.modalities, self.owned), mult)
             return StepOutput(grads, {}, new_rest, method_state, metrics)
-        return StepOutput(grads, {"lr_multipliers": mult}, new_rest, method_state, metrics)
+        return StepOutput(grads, {"player_scales": mult}, new_rest, method_state, metrics)
 
     def predict(self, model, batch):
         out = self.forward(model, batch)
@@ -276,4 +246,4 @@ class MSLR(Method):
                 "count": jnp.asarray(count + 1, jnp.int32)}
 
 
-__all__ = ["MSLR", "PRESETS", "modality_lr", "mslr_multipliers"]
+__all__ = ["MSLR", "PRESETS", "mslr_multipliers"]

@@ -79,17 +79,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mcr_jax import game
 from mcr_jax.losses import masked_mean
 from mcr_jax.methods.base import Method, model_inputs
 from mcr_jax.methods.common import check_options
 from mcr_jax.models import is_separable
+from mcr_jax.players import assign_players, scale_by_player
 from mcr_jax.state import StepOutput
 
 DEFAULTS = dict(stage_epochs=4, rectify_epochs=4, reconcile_weight=0.2)
 #: the tuning grid of a study (mcr_jax.study).
 GRID = dict(reconcile_weight=[0.1, 0.2, 0.25, 0.5])
-MASK_KWARG = "reconboost_update_mask"
 
 
 def schedule(epochs_done, *, stage_epochs: int, rectify_epochs: int, num_modalities: int):
@@ -111,21 +110,6 @@ def reconcile_loss(active_logits, others_logits, labels, mask, *, weight: float)
     q_y = jnp.take_along_axis(q, labels[:, None], axis=-1)[:, 0]
     logp_y = jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
     return masked_mean(-(1.0 - weight * q_y) * logp_y, mask)
-
-
-def masked_updates(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
-    """Wraps an optimizer: ``update(..., reconboost_update_mask=tree)`` multiplies its updates by
-    the per-leaf 0/1 scalars of ``tree`` (no mask: unchanged)."""
-    inner = optax.with_extra_args_support(inner)
-
-    def update_fn(updates, state, params=None, **extra):
-        mask = extra.pop(MASK_KWARG, None)
-        new_updates, new_state = inner.update(updates, state, params, **extra)
-        if mask is not None:
-            new_updates = jax.tree.map(lambda u, k: u * jnp.asarray(k, u.dtype), new_updates, mask)
-        return new_updates, new_state
-
-    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
 class ReconBoost(Method):
@@ -160,7 +144,9 @@ class ReconBoost(Method):
                              f"{type(model.fusion).__name__}.")
 
     def make_optimizer(self, base, params):
-        return masked_updates(base)
+        """The run's optimizer, then 0/1 scales that freeze every parameter but the active learner's
+        while boosting (:func:`~mcr_jax.players.scale_by_player`)."""
+        return optax.chain(base, scale_by_player(assign_players(params, self.modalities)))
 
     def init_method_state(self, params):
         return {"epochs_done": jnp.zeros((), jnp.int32)}
@@ -199,13 +185,13 @@ class ReconBoost(Method):
             return loss, ({"boost": boost, "rectify": rectify}, handle.rest_of(model))
 
         (loss, (terms, new_rest)), grads = jax.value_and_grad(fn, has_aux=True)(params)
-        players = game.assign_players(params, self.modalities)
-        train_all = jnp.logical_not(boosting)
-        update_mask = jax.tree.map(
-            lambda o: (train_all | (onehot[o] > 0)) if o >= 0 else train_all, players)
+        # while boosting only the active learner moves; in rectification everything does
+        train_all = 1.0 - jnp.asarray(boosting, jnp.float32)
+        player_scales = jnp.where(boosting, onehot, 1.0)
         metrics = dict(terms, loss=loss, active=jnp.asarray(active, jnp.float32),
                        boosting=jnp.asarray(boosting, jnp.float32))
-        return StepOutput(grads, {MASK_KWARG: update_mask}, new_rest, method_state, metrics)
+        return StepOutput(grads, {"player_scales": player_scales, "shared_scale": train_all}, new_rest,
+                          method_state, metrics)
 
     # ---- host hooks --------------------------------------------------------------------------
     def on_epoch_end(self, epoch, val_metrics, method_state, ctx):
