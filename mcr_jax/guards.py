@@ -79,8 +79,14 @@ OUTPUT_ONLY = ("log.",)
 
 def check_same_config(stored: dict, current: dict, workdir: str, what: str) -> None:
     """Raises when ``workdir`` holds a run (``what``) made with another config (keys under
-    :data:`OUTPUT_ONLY` are not compared)."""
-    diff = [line for line in config_diff(stored, current) if not line.startswith(OUTPUT_ONLY)]
+    :data:`OUTPUT_ONLY` are not compared). A section option missing from the stored config that
+    is now at its default (an option added since that run, whose behaviour it had) is no difference."""
+    from mcr_jax.config import flat_defaults
+
+    defaults, old, now = flat_defaults(), flatten(stored), flatten(current)
+    added = {k for k in set(now) - set(old) if k in defaults and now[k] == defaults[k]}
+    diff = [line for line in config_diff(stored, current)
+            if not line.startswith(OUTPUT_ONLY) and line.split(":", 1)[0] not in added]
     if diff:
         raise ValueError(
             f"{workdir} holds {what} made with a different config; differing keys (stored -> now):\n  "
@@ -90,20 +96,21 @@ def check_same_config(stored: dict, current: dict, workdir: str, what: str) -> N
 
 
 def validate_config(config, task: str | None = None) -> None:
-    """Rejects config values that would train nothing or select wrongly, before any work is done."""
+    """Rejects config values that would train nothing or select wrongly, before any work is done
+    (``config`` resolved by :func:`mcr_jax.config.resolve_config`)."""
     tc = config.train
-    epochs = tc.get("num_epochs", None)
+    epochs = tc.num_epochs
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise ValueError(f"train.num_epochs must be an integer >= 1; got {epochs!r}.")
-    patience = tc.get("patience", 0)
+    patience = tc.patience
     if patience is None:
         patience = 0
     if not isinstance(patience, int) or isinstance(patience, bool) or patience < 0:
         raise ValueError(f"train.patience must be an integer >= 0 (0 = no early stopping); got {patience!r}.")
-    batch = tc.get("batch_size", None)
+    batch = tc.batch_size
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise ValueError(f"train.batch_size must be an integer >= 1; got {batch!r}.")
-    select = tc.get("select", "") or ""
+    select = tc.select or ""
     if select:
         allowed = sorted(get_task(task).selectable if task else set().union(*(t.selectable for t in TASKS.values())))
         if select not in allowed:

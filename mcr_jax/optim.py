@@ -17,6 +17,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
+from mcr_jax.options import merge_options
+
 
 def warm_restarts(base_lr: float, *, t0: int, t_mult: int, min_lr: float = 0.0):
     """Cosine annealing with warm restarts (SGDR): period ``t0 · t_mult^i`` for cycle ``i``."""
@@ -54,41 +56,46 @@ def reference_schedule(base_lr: float, restarts, constant_steps: int):
     return schedule
 
 
+#: the ``optim`` section's options and their defaults (the experiment configs start from these).
+DEFAULTS = dict(name="adam_l2", learning_rate=1e-3, weight_decay=1e-4, eps=1e-7, b1=0.9, b2=0.999, momentum=0.9,
+                schedule="constant", min_lr=0.0, constant_steps=780, t0=4, t_mult=2, grad_clip=0.0)
+
+
 def make_schedule(cfg, total_steps: int):
-    lr = float(cfg.learning_rate)
-    kind = cfg.get("schedule", "constant")
-    min_lr = float(cfg.get("min_lr", 0.0))
+    """The learning-rate schedule of an ``optim`` section."""
+    o = merge_options(DEFAULTS, cfg, where="optim")
+    lr = float(o["learning_rate"])
+    kind, min_lr = o["schedule"], float(o["min_lr"])
     if kind == "constant":
         return optax.constant_schedule(lr)
     if kind == "cosine":
         return optax.cosine_decay_schedule(lr, max(int(total_steps), 1), alpha=min_lr / lr if lr else 0.0)
     if kind == "reference":
-        constant_steps = int(cfg.get("constant_steps", 780))
-        restarts = warm_restarts(lr, t0=int(cfg.get("t0", 4)), t_mult=int(cfg.get("t_mult", 2)), min_lr=min_lr)
-        return reference_schedule(lr, restarts, constant_steps)
+        restarts = warm_restarts(lr, t0=int(o["t0"]), t_mult=int(o["t_mult"]), min_lr=min_lr)
+        return reference_schedule(lr, restarts, int(o["constant_steps"]))
     raise ValueError(f"unknown schedule {kind!r}; use 'constant', 'cosine' or 'reference'.")
 
 
 def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
-    """The configured optimizer (see the module docstring)."""
+    """The configured optimizer (see the module docstring); options missing from ``cfg`` take
+    :data:`DEFAULTS`, unknown ones are refused."""
+    o = merge_options(DEFAULTS, cfg, where="optim")
     schedule = make_schedule(cfg, total_steps)
-    name = cfg.get("name", "adam_l2")
-    wd = float(cfg.get("weight_decay", 0.0))
+    name, wd = o["name"], float(o["weight_decay"])
+    betas = dict(b1=float(o["b1"]), b2=float(o["b2"]), eps=float(o["eps"]))
     parts = []
-    if float(cfg.get("grad_clip", 0.0)) > 0:
-        parts.append(optax.clip_by_global_norm(float(cfg.grad_clip)))
+    if float(o["grad_clip"]) > 0:
+        parts.append(optax.clip_by_global_norm(float(o["grad_clip"])))
     if name == "adam_l2":
         if wd:
             parts.append(optax.add_decayed_weights(wd))
-        parts.append(optax.adam(schedule, b1=float(cfg.get("b1", 0.9)), b2=float(cfg.get("b2", 0.999)),
-                                eps=float(cfg.get("eps", 1e-8))))
+        parts.append(optax.adam(schedule, **betas))
     elif name == "adamw":
-        parts.append(optax.adamw(schedule, b1=float(cfg.get("b1", 0.9)), b2=float(cfg.get("b2", 0.999)),
-                                 eps=float(cfg.get("eps", 1e-8)), weight_decay=wd))
+        parts.append(optax.adamw(schedule, **betas, weight_decay=wd))
     elif name == "sgd":
         if wd:
             parts.append(optax.add_decayed_weights(wd))
-        parts.append(optax.sgd(schedule, momentum=float(cfg.get("momentum", 0.9)) or None))
+        parts.append(optax.sgd(schedule, momentum=float(o["momentum"]) or None))
     else:
         raise ValueError(f"unknown optimizer {name!r}; use 'adam_l2', 'adamw' or 'sgd'.")
     return optax.chain(*parts) if len(parts) > 1 else parts[0]

@@ -46,6 +46,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
+#: the ``parallel`` section's options: ``num_devices`` (0 = every visible device, all hosts; the
+#: global batch must divide evenly among them).
+DEFAULTS = dict(num_devices=0)
+
+
 def make_mesh(num_devices: int = 0) -> Mesh:
     """A 1-D mesh over the first ``num_devices`` devices (0: every visible device, all hosts)."""
     devices = jax.devices()

@@ -37,7 +37,9 @@ import numpy as np
 
 from mcr_jax import guards, metrics, parallel, tensorboard, train
 from mcr_jax.checkpoint import Checkpointer, from_saveable, host_copy, non_finite_leaves
+from mcr_jax.config import resolve_config
 from mcr_jax.methods.base import EpochContext
+from mcr_jax.options import as_dict
 from mcr_jax.state import TrainState, init_state, split_model
 from mcr_jax.steps import make_epoch_fn, make_eval_fn
 from mcr_jax.tasks import get_task
@@ -67,7 +69,7 @@ def put(tree, k: int, value):
 def with_options(config, options: dict | None) -> ml_collections.ConfigDict:
     """A copy of ``config`` with a grid point's options set: method options, and
     ``learning_rate`` as ``optim.learning_rate``."""
-    sub = ml_collections.ConfigDict(train._config_dict(config))
+    sub = ml_collections.ConfigDict(as_dict(config))
     for k, v in (options or {}).items():
         if k == "learning_rate":
             sub.optim.learning_rate = v
@@ -99,7 +101,7 @@ def vectorizable(config, run) -> str | None:
         return "the training data is streamed (or several processes run): epochs are not compiled"
     if not getattr(run.method, "vectorizable_seeds", True):
         return f"method {run.method.name!r} keeps per-run state outside its method state"
-    if config.method.get("pretrained", None) or config.get("init", {}).get("pretrained", None):
+    if config.method.get("pretrained", None) or config.init.pretrained:
         return "runs start from per-seed pretrained weights"
     if config.method.get("permutation_scope", "global") == "local":
         return "MCR's local permutation scope runs under shard_map"
@@ -114,6 +116,7 @@ def train_seeds(config, workdir: str, seeds, *, seed_dirs: dict | None = None) -
     where a single run of that seed would put them (the comparison runner's layout); the stacked
     checkpoints and ``summary.json`` go to ``workdir``."""
     seeds = guards.check_seeds(seeds)
+    config = resolve_config(config)
     guards.validate_config(config)
     workdir = os.path.abspath(workdir)
     dirs = {s: os.path.abspath((seed_dirs or {}).get(s) or os.path.join(workdir, f"seed_{s}")) for s in seeds}
@@ -131,6 +134,7 @@ def train_grid(config, workdir: str, seeds, points: list[dict]) -> list[dict]:
     learning rate), all points × seeds train as **one** vectorised program with the options as
     traced inputs; otherwise each point is its own program (vectorised over the seeds)."""
     seeds = guards.check_seeds(seeds)
+    config = resolve_config(config)
     guards.validate_config(config)
     workdir = os.path.abspath(workdir)
     keys = sorted({k for p in points for k in p})
@@ -205,9 +209,9 @@ def _train_vectorized(config, workdir, specs: list[RunSpec], run) -> list[dict]:
                 for split in ("validation", "test")}
     states = parallel.replicate(_initial_states(run, specs), run.mesh)
 
-    ckpt = Checkpointer(workdir, enabled=bool(tc.get("checkpoint", True)))
+    ckpt = Checkpointer(workdir, enabled=bool(tc.checkpoint))
     every = train.checkpoint_every(config, run)
-    config_json = train._jsonable({"runs": [[sp.dir, train._config_dict(sp.config), sp.hparams] for sp in specs]})
+    config_json = train._jsonable({"runs": [[sp.dir, as_dict(sp.config), sp.hparams] for sp in specs]})
     best = host_copy({"params": states.params, "rest": states.rest})
     metas = [{"epoch": 0, "best_epoch": 0, "best_value": -float("inf"), "best_loss": float("inf"), "bad_epochs": 0,
               "history": [], "stopped_early": False, "train_time_s": 0.0, "steps": 0} for _ in seeds]
@@ -219,7 +223,7 @@ def _train_vectorized(config, workdir, specs: list[RunSpec], run) -> list[dict]:
         metas = meta["per_seed"]
         train._log(f"[{config.method.name}] resuming {workdir} (seeds {list(seeds)}) after epoch {meta['epoch']}.")
 
-    patience = int(tc.get("patience", 0) or 0)
+    patience = int(tc.patience or 0)
     earliest_stop = int(method.earliest_stop_epoch())
     select = train.selection_metric(config, info.task)
     start = meta["epoch"] + 1
@@ -309,12 +313,12 @@ def _finish(config, specs: list[RunSpec], run, states, best, metas, eval_fns, se
         train._add_sample_type_accuracy(test, test_out["logits"], test_out["labels"], run.data, info)
         os.makedirs(run_dir, exist_ok=True)
         train._save_predictions(run_dir, {"validation": val_out, "test": test_out})
-        if bool(config.train.get("checkpoint", True)):  # the run's own checkpoint, as a single run leaves
+        if bool(config.train.checkpoint):  # the run's own checkpoint, as a single run leaves
             one = Checkpointer(run_dir)
             one.save(m["epoch"], take(states, i)._replace(hparams={}), take(host_best, i),
-                     dict(m, config=train._jsonable(train._config_dict(run_config))))
+                     dict(m, config=train._jsonable(as_dict(run_config))))
             one.close()
-        results = {"config": train._jsonable(train._config_dict(run_config)), "method": config.method.name,
+        results = {"config": train._jsonable(as_dict(run_config)), "method": config.method.name,
                    "seed": s, "dataset": info.name, "modalities": list(info.modalities), "task": info.task,
                    "best_epoch": m["best_epoch"], "epochs_run": m["epoch"], "selection": f"val_{select}",
                    "stopped_early": m["stopped_early"], "steps": m["steps"], "train_time_s": m["train_time_s"],

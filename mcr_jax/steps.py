@@ -37,17 +37,18 @@ def _is_key(x) -> bool:
     return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def make_train_step(method, tx, graphdef_train, graphdef_eval, metric_names, base_learning_rate: float = 0.0):
+def make_train_step(method, tx, graphdef_train, graphdef_eval, metric_names, base_learning_rate: float = 0.0, *,
+                    mesh=None):
     """``(state, batch) -> (state, metrics)`` for one batch (see the module docstring).
 
     Traced hyperparameters (``state.hparams``) reach the method through :meth:`Method.tracing`; a
     traced ``learning_rate`` scales the optimizer's updates by ``learning_rate / base_learning_rate``
     (every optimizer here is linear in its learning rate, so this is training at that rate, the
-    whole schedule scaled)."""
+    whole schedule scaled). ``mesh`` reaches the method through the :class:`ModelHandle`."""
 
     def step(state: TrainState, batch):
         key, sub = jax.random.split(state.key)
-        handle = ModelHandle(graphdef_train, graphdef_eval, state.rest)
+        handle = ModelHandle(graphdef_train, graphdef_eval, state.rest, mesh)
         traced = {k: v for k, v in state.hparams.items() if k != "learning_rate"}
         with method.tracing(traced):
             out = StepOutput(*method.gradients(handle, state.params, batch, sub, state.method_state))

@@ -16,10 +16,14 @@ from collections.abc import Mapping
 _WRITERS: dict[str, object] = {}
 
 
+#: the ``log`` section's options: what is written beside the results (never the results themselves).
+DEFAULTS = dict(tensorboard=False)
+
+
 def enabled(config) -> bool:
-    """Whether the config asks for TensorBoard event files (``log.tensorboard``)."""
-    log = config.get("log", None) if hasattr(config, "get") else None
-    return bool(log.get("tensorboard", False)) if log is not None else False
+    """Whether the (resolved, :func:`mcr_jax.config.resolve_config`) config asks for TensorBoard event
+    files (``log.tensorboard``)."""
+    return bool(config.log.tensorboard)
 
 
 def _writer(workdir: str):

@@ -27,10 +27,12 @@ from flax import nnx
 
 from mcr_jax import guards, inputs, metrics, parallel, tensorboard
 from mcr_jax.checkpoint import Checkpointer, from_saveable, host_copy, non_finite_leaves
+from mcr_jax.config import resolve_config
 from mcr_jax.data.pipeline import num_batches
 from mcr_jax.methods import ModelHandle, combine_logits, get_method
 from mcr_jax.methods.base import EpochContext, model_inputs
 from mcr_jax.optim import make_optimizer
+from mcr_jax.options import as_dict, merge_options
 from mcr_jax.state import StepOutput, TrainState, init_state, split_model
 from mcr_jax.steps import EVAL_PERMUTATION_SEED, make_epoch_fn, make_eval_fn, make_eval_step, make_train_step
 from mcr_jax.tasks import Task, get_task
@@ -43,10 +45,6 @@ def _log(msg: str) -> None:
 
 def _scalar(x) -> int:
     return int(np.asarray(parallel.to_host(x)))
-
-
-def _config_dict(config) -> dict:
-    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
 
 
 def _jsonable(x):
@@ -108,7 +106,7 @@ def summarize_eval(method, batches) -> tuple[dict, dict]:
 def selection_metric(config, task: Task | str) -> str:
     """The validation metric that selects the model: ``train.select``, else the task's default
     (accuracy for classification, the loss for regression); a clear error for another task's metric."""
-    return get_task(task).selection_metric(config.train.get("select", None) or "")
+    return get_task(task).selection_metric(config.train.select or "")
 
 
 def selection_value(val: dict, select: str, task: Task | str = "classification") -> float:
@@ -155,7 +153,7 @@ def _finished(workdir: str, config) -> dict | None:
     res = guards.read_json_or_none(os.path.join(workdir, "results.json"), log=_log)
     if res is None:
         return None
-    guards.check_same_config(res.get("config", {}), _jsonable(_config_dict(config)), workdir, "a finished run")
+    guards.check_same_config(res.get("config", {}), _jsonable(as_dict(config)), workdir, "a finished run")
     return res
 
 
@@ -212,17 +210,17 @@ class Run:
 def compiled_epochs(config, data) -> bool:
     """Whether whole epochs run as one compiled call: in-memory training data, one process, and
     ``train.compiled_epochs`` not switched off."""
-    return (bool(config.train.get("compiled_epochs", True)) and jax.process_count() == 1
+    return (bool(config.train.compiled_epochs) and jax.process_count() == 1
             and hasattr(data, "in_memory") and data.in_memory("train"))
 
 
 def setup(config, *, mesh=None) -> Run:
     """Loads the data, builds model, method and optimizer, places the state and compiles the steps."""
+    config = resolve_config(config)
     data = inputs.load(config.data)
     info = data.info
     method = get_method(config.method, info)
-    mesh = mesh if mesh is not None else parallel.make_mesh(int(config.get("parallel", {}).get("num_devices", 0)))
-    method.mesh = mesh
+    mesh = mesh if mesh is not None else parallel.make_mesh(int(config.parallel.num_devices))
     seed = int(config.seed)
     model = inputs.build_model(config.model, info, seed=seed)
     method.check_model(model)
@@ -230,28 +228,28 @@ def setup(config, *, mesh=None) -> Run:
 
     tc = config.train
     batch_size, epochs = int(tc.batch_size), int(tc.num_epochs)
-    eval_bs = int(config.get("eval", {}).get("batch_size", 0) or batch_size)
+    eval_bs = int(config.eval.batch_size or batch_size)
     parallel.check_batch_size(batch_size, mesh)
     parallel.check_batch_size(eval_bs, mesh, "eval.batch_size")
     steps_per_epoch = num_batches(data.size("train"), batch_size, drop_remainder=True)
     if steps_per_epoch < 1:
         raise ValueError(f"train.batch_size={batch_size} exceeds the {data.size('train')} training examples.")
     tx = method.make_optimizer(make_optimizer(config.optim, epochs * steps_per_epoch), params)
-    pretrained = config.method.get("pretrained", None) or config.get("init", {}).get("pretrained", None)
+    pretrained = config.method.get("pretrained", None) or config.init.pretrained
     if pretrained:  # uni-pre, or any method started from unimodal runs (config.init.pretrained)
         params, rest = load_pretrained(params, rest, dict(pretrained), info.modalities)
 
     state = parallel.replicate(init_state(params, rest, tx, method, seed), mesh)
     sample = next(data.batches("train", batch_size, train=True, seed=seed, epoch=1))
     shapes = jax.eval_shape(lambda p, r, b, k, ms: StepOutput(*method.gradients(
-        ModelHandle(graphdef_train, graphdef_eval, r), p, b, k, ms)).metrics,
+        ModelHandle(graphdef_train, graphdef_eval, r, mesh), p, b, k, ms)).metrics,
         params, rest, sample, state.key, state.method_state)
     metric_names = sorted(shapes) + ["grad_norm"]
     rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     step = make_train_step(method, tx, graphdef_train, graphdef_eval, metric_names,
-                           float(config.optim.get("learning_rate", 0.0)))
+                           float(config.optim.learning_rate), mesh=mesh)
     train_step = jax.jit(step, in_shardings=(rep, shard), out_shardings=(rep, rep), donate_argnums=0)
-    raw_eval = make_eval_step(method, graphdef_eval, int(config.get("eval", {}).get("mipd_samples", 8)))
+    raw_eval = make_eval_step(method, graphdef_eval, int(config.eval.mipd_samples))
     eval_step = jax.jit(raw_eval, in_shardings=(rep, rep, shard, rep))
     encode = jax.jit(lambda p, r, b: nnx.merge(graphdef_eval, p, r).encode(*model_inputs(b, info.modalities)),
                      in_shardings=(rep, rep, shard))
@@ -317,7 +315,7 @@ def checkpoint_every(config, run: Run) -> int:
     """``train.checkpoint_every`` (epochs); 0 = automatic: every epoch when batches are streamed (an
     epoch can take minutes), a handful of saves per run when the data is on the device (an epoch
     takes milliseconds and a save is the dominant cost). The last epoch is always saved."""
-    every = int(config.train.get("checkpoint_every", 0) or 0)
+    every = int(config.train.checkpoint_every or 0)
     if every < 0:
         raise ValueError(f"train.checkpoint_every must be >= 0 (0 = automatic); got {every}.")
     if every:
@@ -329,7 +327,7 @@ def _start(run: Run, workdir: str, ckpt: Checkpointer) -> tuple[TrainState, dict
     """``(state, best, meta)``: restored from the newest good checkpoint, or fresh."""
     config, state = run.config, run.state
     best = host_copy({"params": state.params, "rest": state.rest})
-    config_json = _jsonable(_config_dict(config))
+    config_json = _jsonable(as_dict(config))
     meta = {"epoch": 0, "best_epoch": 0, "best_value": -float("inf"), "best_loss": float("inf"), "bad_epochs": 0,
             "history": [], "stopped_early": False, "train_time_s": 0.0, "config": config_json}
     restored = ckpt.restore_latest_good(state, best, log=_log) if ckpt.enabled else None
@@ -376,7 +374,7 @@ def _finish(run: Run, workdir: str, state: TrainState, best, meta: dict, select:
                                      f"results.json. Delete {workdir}/checkpoints to retrain.")
     _add_sample_type_accuracy(test, test_out["logits"], test_out["labels"], run.data, info)
     _save_predictions(workdir, {"validation": val_out, "test": test_out})
-    results = {"config": _jsonable(_config_dict(config)), "method": config.method.name, "seed": run.seed,
+    results = {"config": _jsonable(as_dict(config)), "method": config.method.name, "seed": run.seed,
                "dataset": info.name, "modalities": list(info.modalities), "task": info.task,
                "best_epoch": meta["best_epoch"], "epochs_run": meta["epoch"], "selection": f"val_{select}",
                "stopped_early": meta["stopped_early"], "steps": _scalar(state.step),
@@ -394,6 +392,7 @@ def _finish(run: Run, workdir: str, state: TrainState, best, meta: dict, select:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains ``config.method`` on ``config.data`` and returns the results (also in results.json)."""
     workdir = os.path.abspath(workdir)
+    config = resolve_config(config)
     guards.validate_config(config)
     if config.method.name == "ensemble":
         return train_ensemble(config, workdir)
@@ -407,10 +406,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     run = setup(config)
     info, method, tc = run.info, run.method, config.train
     epochs = int(tc.num_epochs)
-    ckpt = Checkpointer(workdir, enabled=bool(tc.get("checkpoint", True)))
+    ckpt = Checkpointer(workdir, enabled=bool(tc.checkpoint))
     every = checkpoint_every(config, run)
     state, best, meta = _start(run, workdir, ckpt)
-    patience = int(tc.get("patience", 0) or 0)
+    patience = int(tc.patience or 0)
     earliest_stop = int(method.earliest_stop_epoch())
     select = selection_metric(config, info.task)
     start = meta["epoch"] + 1
@@ -487,7 +486,7 @@ def _save_predictions(workdir: str, outs: dict) -> None:
 
 
 def unimodal_config(config, modality: str) -> ml_collections.ConfigDict:
-    sub = ml_collections.ConfigDict(_config_dict(config))
+    sub = ml_collections.ConfigDict(as_dict(config))
     sub.method = ml_collections.ConfigDict({"name": "unimodal", "modality": modality})
     if "init" in sub:
         sub.init.pretrained = {}
@@ -501,18 +500,17 @@ def train_ensemble(config, workdir: str) -> dict:
     data = inputs.load(config.data)
     info = data.info
     task = get_task(info.task)
-    from mcr_jax.methods.common import check_options
     from mcr_jax.methods.ensemble import DEFAULTS as ENSEMBLE_DEFAULTS
 
-    check_options(config.method, ENSEMBLE_DEFAULTS, "ensemble")
-    runs = dict(config.method.get("unimodal_workdirs", None) or {})
+    opts = merge_options(ENSEMBLE_DEFAULTS, config.method, where="method 'ensemble'", ignore=("name",))
+    runs = dict(opts["unimodal_workdirs"] or {})
     preds = {}
     for m in info.modalities:
         wd = runs.get(m) or os.path.join(workdir, f"unimodal_{m}")
         train_and_evaluate(unimodal_config(config, m), wd)
         preds[m] = np.load(os.path.join(wd, "predictions.npz"))
-    mode = config.method.get("mode", "standardized")
-    results = {"config": _jsonable(_config_dict(config)), "method": "ensemble", "seed": int(config.seed),
+    mode = opts["mode"]
+    results = {"config": _jsonable(as_dict(config)), "method": "ensemble", "seed": int(config.seed),
                "dataset": info.name, "modalities": list(info.modalities), "task": info.task, "mode": mode}
     for split in ("validation", "test"):
         labels = preds[info.modalities[0]][f"{split}_labels"]
@@ -520,7 +518,7 @@ def train_ensemble(config, workdir: str) -> dict:
         if not task.categorical:
             fused = np.mean([uni[m] for m in info.modalities], axis=0)
         else:
-            per_batch = int(config.method.get("batch_size", 0) or config.get("eval", {}).get("batch_size", 0)
+            per_batch = int(opts["batch_size"] or config.eval.batch_size
                             or config.train.batch_size)
             fused = combine_logits([uni[m] for m in info.modalities], mode, batch_size=per_batch)
         res = {"heads": task.head_metrics({"fused": fused, **uni}, labels)}

@@ -147,7 +147,7 @@ def test_split_errors(kwargs, match):
 
 
 def test_unknown_config_field():
-    with pytest.raises(ValueError, match="Unknown mfeat config field"):
+    with pytest.raises(ValueError, match="unknown mfeat dataset options"):
         load_dataset({"name": "mfeat", "view": "fou"})
 
 

@@ -169,7 +169,7 @@ def test_mapping_and_tuple_proportions_agree():
 @pytest.mark.parametrize(
     "override, match",
     [
-        ({"num_clases": 5}, "Unknown synthetic config field"),
+        ({"num_clases": 5}, "unknown synthetic dataset options"),
         ({"num_classes": 1}, "num_classes"),
         ({"embedding_scale": (1.0, 2.0, 3.0)}, "embedding_scale"),
         ({"num_train": -1}, "num_train"),

@@ -12,7 +12,7 @@ import pytest
 import mcr_jax.data as data
 from mcr_jax import inputs
 from mcr_jax.data import ArraySplit, Dataset, DatasetInfo, dataset, load, load_dataset, register_dataset
-from tests.fakes import ListSource
+from tests.helpers.fakes import ListSource
 
 SYNTHETIC = {"name": "synthetic", "raw_dim": 8, "projected_dim": 6, "num_train": 37, "num_validation": 13,
              "num_test": 21, "standardize": False}

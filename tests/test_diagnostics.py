@@ -12,7 +12,7 @@ import pytest
 from experiments.configs.base import method_config
 from mcr_jax import dynamics, game
 from mcr_jax.methods.mcr import GRAD_NORM_TERMS
-from tests.method_setup import build
+from tests.helpers.method_setup import build
 
 
 def _mcr(**options):

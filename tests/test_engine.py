@@ -11,7 +11,7 @@ import pytest
 from experiments.configs import synthetic
 from mcr_jax import train
 from mcr_jax.state import TrainState
-from tests.fakes import kill_after_epoch
+from tests.helpers.fakes import kill_after_epoch
 
 
 def smoke_config(**train_overrides):

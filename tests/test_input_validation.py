@@ -13,7 +13,7 @@ import pytest
 import mcr_jax.data as data
 from mcr_jax import inputs
 from mcr_jax.data import ArraySplit, DatasetInfo
-from tests.fakes import ListSource
+from tests.helpers.fakes import ListSource
 
 SIZES = {"train": 12, "validation": 8, "test": 10}
 NAME = "validation_test_toy"

@@ -9,7 +9,7 @@ import pytest
 
 import mcr_jax
 from mcr_jax import losses
-from tests import numpy_refs as ref
+from tests.helpers import numpy_refs as ref
 
 RTOL = 1e-5
 ATOL = 1e-6

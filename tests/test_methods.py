@@ -14,7 +14,7 @@ from mcr_jax import game, losses
 from mcr_jax.data.types import DatasetInfo
 from mcr_jax.methods import MCR
 from mcr_jax.models import MultimodalModel
-from tests.method_setup import build, toy_data
+from tests.helpers.method_setup import build, toy_data
 
 _data = toy_data
 
@@ -132,7 +132,7 @@ def test_mcr_regression_uses_l1_and_squared_difference():
 def test_mcr_config_errors():
     cfg, info, _ = _data()
     for bad, msg in [({"strategy": "selfish"}, "unknown game strategy"), ({"game_form": "two"}, "game_form"),
-                     ({"num_permutations": 0}, "num_permutations"), ({"lambda": 1.0}, "unknown MCR options"),
+                     ({"num_permutations": 0}, "num_permutations"), ({"lambda": 1.0}, "unknown method 'mcr' options"),
                      ({"perturb_space": "input"}, "perturb_space 'input'")]:
         with pytest.raises(ValueError, match=msg):
             MCR(ml_collections.ConfigDict(dict(cfg.method, **bad)), info)

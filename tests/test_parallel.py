@@ -118,7 +118,7 @@ def test_two_processes_match_the_single_process_run(tmp_path):
     port = str(_free_port())
     env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.mp_worker", str(i), port, str(tmp_path / "mp")],
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.helpers.mp_worker", str(i), port, str(tmp_path / "mp")],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     outs = [p.communicate(timeout=240)[0] for p in procs]

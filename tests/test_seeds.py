@@ -8,7 +8,7 @@ import pytest
 from experiments.configs import synthetic
 from mcr_jax import seeds as seeds_mod
 from mcr_jax import train
-from tests.fakes import kill_after_epoch
+from tests.helpers.fakes import kill_after_epoch
 
 
 def smoke_config(method="mcr", **train_overrides):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mcr_jax.methods import get_method
-from tests.method_setup import build, toy_data
+from tests.helpers.method_setup import build_with_fusion_bias, toy_data
 
 #: (method, option, (default value, another value)); the other value covers 0 / the other side of 1
 #: where a formula could branch on it.
@@ -35,10 +35,7 @@ CASES = [
 def _setup(name):
     """``(handle, params, batch)`` on the linear-fusion toy model (a non-zero fusion bias, so that rules
     reading it see it)."""
-    _, handle, params, batch, _ = build({"name": name}, fusion="linear")
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, x: jnp.linspace(-1.0, 1.0, x.shape[0]) if jax.tree_util.keystr(p) == "['fusion']['bias']" else x,
-        params)
+    _, handle, params, batch = build_with_fusion_bias({"name": name}, fusion="linear")
     return handle, params, batch
 
 

@@ -9,7 +9,9 @@ on the command line does the same: ``experiments.flags`` turns it into ``method=
 
 import ml_collections
 
+from mcr_jax.config import SECTIONS, section_defaults
 from mcr_jax.methods import method_defaults
+from mcr_jax.models.build import DEFAULTS as MODEL_DEFAULTS
 
 
 def method_config(name: str = "mcr") -> ml_collections.ConfigDict:
@@ -38,21 +40,11 @@ def base_config(arg=None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.data = ml_collections.ConfigDict({"name": "synthetic"})
-    c.model = ml_collections.ConfigDict(dict(encoder="mlp", hidden=(128,), latent_dim=64, dropout=0.0,
-                                             fusion="linear", ceb=False))
+    c.model = ml_collections.ConfigDict(dict(encoder="mlp", **MODEL_DEFAULTS))
     c.method = method_config(method_name(arg))
-    c.optim = ml_collections.ConfigDict(dict(name="adam_l2", learning_rate=1e-3, weight_decay=1e-4, eps=1e-7,
-                                             schedule="constant", min_lr=0.0, constant_steps=780, t0=4, t_mult=2,
-                                             grad_clip=0.0))
-    c.train = ml_collections.ConfigDict(dict(batch_size=64, num_epochs=30, patience=10, select="",
-                                             checkpoint=True))
-    c.eval = ml_collections.ConfigDict(dict(batch_size=256, mipd_samples=8))
-    # What is written beside the results: TensorBoard event files per run (needs tensorboardX).
-    c.log = ml_collections.ConfigDict(dict(tensorboard=False))
-    # Data parallelism: 0 = every visible device (all hosts); the global batch must divide evenly.
-    c.parallel = ml_collections.ConfigDict({"num_devices": 0})
-    # Start any method from unimodal runs' selected encoders and heads: {modality: workdir}.
-    c.init = ml_collections.ConfigDict({"pretrained": {}})
+    # The run's sections start from the library's defaults (mcr_jax.config: defined once there).
+    for name in SECTIONS:
+        c[name] = section_defaults(name)
     return c
 
 

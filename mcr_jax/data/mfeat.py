@@ -23,7 +23,8 @@ import ml_collections
 import numpy as np
 
 from mcr_jax.data.pipeline import standardize
-from mcr_jax.data.types import ArraySplit, DatasetInfo, merge_config
+from mcr_jax.data.types import ArraySplit, DatasetInfo
+from mcr_jax.options import merge_options
 
 # View name -> (number of features, description), in the UCI order.
 VIEWS: dict[str, tuple[int, str]] = {
@@ -232,7 +233,7 @@ def load_mfeat(config=None) -> tuple[dict[str, ArraySplit], DatasetInfo]:
       ``({"train", "validation", "test"} -> ArraySplit, DatasetInfo)``; each split holds one
       float32 ``[N, F_view]`` array per view and ``"label"`` int32 ``[N]``.
     """
-    cfg = merge_config(DEFAULTS, config, where="mfeat")
+    cfg = merge_options(DEFAULTS, config, where="mfeat dataset")
     views = parse_views(cfg["views"])
     arrays, labels, source = read_views(views, cfg["data_dir"])
     fold = None if cfg["fold"] is None else int(cfg["fold"])

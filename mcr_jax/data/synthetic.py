@@ -28,7 +28,8 @@ import ml_collections
 import numpy as np
 
 from mcr_jax.data.pipeline import standardize
-from mcr_jax.data.types import ArraySplit, DatasetInfo, merge_config
+from mcr_jax.data.types import ArraySplit, DatasetInfo
+from mcr_jax.options import merge_options
 
 SPLITS = ("train", "validation", "test")
 SHARED = -1
@@ -141,7 +142,7 @@ def make_parameters(config) -> dict[str, np.ndarray]:
     Returns:
       ``{"class_means": float64 [M, C, raw_dim], "projections": float64 [M, raw_dim, projected_dim]}``.
     """
-    cfg = merge_config(DEFAULTS, config, where="synthetic")
+    cfg = merge_options(DEFAULTS, config, where="synthetic dataset")
     _check(cfg)
     m, c, d, big_d = (int(cfg[k]) for k in ("num_modalities", "num_classes", "raw_dim", "projected_dim"))
     scales = _per_modality(cfg["embedding_scale"], m, "embedding_scale")
@@ -196,7 +197,7 @@ def load_synthetic(config=None) -> tuple[dict[str, ArraySplit], DatasetInfo]:
       ``({"train", "validation", "test"} -> ArraySplit, DatasetInfo)``; each split holds
       ``"x1" … "xM"`` float32 ``[N, D]``, ``"label"`` int32 ``[N]``, ``"sample_type"`` int8 ``[N]``.
     """
-    cfg = merge_config(DEFAULTS, config, where="synthetic")
+    cfg = merge_options(DEFAULTS, config, where="synthetic dataset")
     _check(cfg)
     num_modalities = int(cfg["num_modalities"])
     proportions = parse_proportions(cfg["proportions"], num_modalities)
@@ -238,7 +239,7 @@ def sweep_unique_ratio(base_config, ratios: Iterable[float]) -> Iterator[ml_coll
     Yields:
       one ``ConfigDict`` per ratio, with ``proportions`` a tuple ``(s, u_1, u_2, …)``.
     """
-    cfg = merge_config(DEFAULTS, base_config, where="synthetic")
+    cfg = merge_options(DEFAULTS, base_config, where="synthetic dataset")
     base = parse_proportions(cfg["proportions"], int(cfg["num_modalities"]))
     total = float(base[0] + base[1])
     for r in ratios:

@@ -138,25 +138,3 @@ class ArraySplit:
     def __repr__(self) -> str:
         parts = ", ".join(f"{k}: {v.dtype}{list(v.shape)}" for k, v in self._arrays.items())
         return f"ArraySplit(n={self._n}, {parts})"
-
-
-def config_to_dict(config) -> dict[str, Any]:
-    """A plain ``dict`` view of an ``ml_collections.ConfigDict``, a dict or ``None`` (top level)."""
-    if config is None:
-        return {}
-    if hasattr(config, "to_dict"):
-        return dict(config.to_dict())
-    if isinstance(config, Mapping):
-        return dict(config)
-    raise TypeError(f"Expected a ConfigDict or a dict as dataset config, got {type(config).__name__}.")
-
-
-def merge_config(defaults: Mapping[str, Any], config, *, where: str) -> dict[str, Any]:
-    """``defaults`` updated by ``config``; an unknown key raises ``ValueError`` (catches typos)."""
-    given = config_to_dict(config)
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise ValueError(
-            f"Unknown {where} config field(s) {unknown}; the known fields are {sorted(defaults)}."
-        )
-    return {**defaults, **given}

@@ -47,16 +47,11 @@ def method_class(name: str) -> type[Method]:
 def method_defaults(name: str) -> dict:
     """The options of method ``name`` with their defaults (its module's ``DEFAULTS``): what a config's
     ``method`` section holds for it, besides ``name``."""
-    import sys
-
     if name == "ensemble":
         from mcr_jax.methods.ensemble import DEFAULTS
-    else:
-        cls = method_class(name)
-        DEFAULTS = getattr(cls, "defaults", None)
-        if DEFAULTS is None:
-            DEFAULTS = getattr(sys.modules[cls.__module__], "DEFAULTS", {})
-    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in DEFAULTS.items()}
+
+        return dict(DEFAULTS)
+    return method_class(name).option_defaults()
 
 
 def method_grid(name: str) -> dict[str, list]:

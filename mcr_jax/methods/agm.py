@@ -115,7 +115,7 @@ import optax
 
 from mcr_jax.losses import masked_mean
 from mcr_jax.methods.base import Method, model_inputs
-from mcr_jax.methods.common import check_options, others_mean
+from mcr_jax.methods.common import others_mean
 from mcr_jax.players import path_keys
 from mcr_jax.state import StepOutput
 from mcr_jax.tasks import Task
@@ -237,7 +237,6 @@ class AGM(Method):
 
     def __init__(self, config, info):
         super().__init__(config, info)
-        self.opts = check_options(config, DEFAULTS, "AGM")
         if float(self.opts["alpha"]) < 0:
             raise ValueError(f"method.alpha must be >= 0; got {self.opts['alpha']}.")
         if self.opts["after_window"] not in AFTER_WINDOW:

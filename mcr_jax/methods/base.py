@@ -14,6 +14,7 @@ method adapt between epochs from validation metrics.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +23,7 @@ import optax
 from flax import nnx
 
 from mcr_jax.data.types import DatasetInfo
+from mcr_jax.options import merge_options
 from mcr_jax.state import StepOutput
 from mcr_jax.tasks import Task, get_task
 
@@ -33,12 +35,15 @@ class ModelHandle:
     ``params`` and the non-parameter state ``rest``; ``eval_model(params)`` merges the
     evaluation-mode graph (running statistics) with the same arrays — the reference's second
     encoder pass uses it. ``rest_of(model)`` reads the updated non-parameter state back.
+    ``mesh``: the run's device mesh (None outside the trainer), for methods that place work on
+    devices themselves (MCR's device-local permutations).
     """
 
-    def __init__(self, graphdef_train, graphdef_eval, rest):
+    def __init__(self, graphdef_train, graphdef_eval, rest, mesh=None):
         self.graphdef_train = graphdef_train
         self.graphdef_eval = graphdef_eval
         self.rest = rest
+        self.mesh = mesh
 
     def train_model(self, params):
         return nnx.merge(self.graphdef_train, params, self.rest)
@@ -127,12 +132,11 @@ class Method:
     #: the traced values of this trace (set by the trainer around ``gradients``; empty otherwise).
     _traced: dict = {}
 
-    #: the device mesh of the run (set by the trainer; None outside it).
-    mesh = None
-
     def __init__(self, config, info: DatasetInfo):
         self.config = config
         self.info = info
+        #: the resolved options: :meth:`option_defaults` updated by the config (unknown keys refused)
+        self.opts = merge_options(self.option_defaults(), config, where=f"method {self.name!r}", ignore=("name",))
         self.modalities = tuple(info.modalities)
         #: the :class:`~mcr_jax.tasks.Task` (loss, divergence, metrics) of the dataset.
         self.task = get_task(info.task)
@@ -142,6 +146,15 @@ class Method:
         if not self.task.categorical:
             raise ValueError(f"{self.name} is defined for classification only ({why}); dataset "
                              f"{self.info.name!r} is a {self.task.name} task.")
+
+    @classmethod
+    def option_defaults(cls) -> dict:
+        """The method's options and their defaults: its module's ``DEFAULTS`` (or a class attribute
+        ``defaults``), defined once there; the experiment configs' ``method`` sections start from them."""
+        defaults = getattr(cls, "defaults", None)
+        if defaults is None:
+            defaults = getattr(sys.modules[cls.__module__], "DEFAULTS", {})
+        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in defaults.items()}
 
     # ---- traced hyperparameters ---------------------------------------------------------------
     def hp(self, name: str, static):

@@ -1,18 +1,10 @@
-"""Small helpers shared by the baselines: option checks, scores; which parameters belong to which
+"""Small helpers shared by the baselines: scores; which parameters belong to which
 modality lives in :mod:`mcr_jax.players`."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-
-def check_options(config, defaults: dict, method: str) -> dict:
-    """``{option: value}`` from the method config, after rejecting unknown keys."""
-    unknown = set(config.keys()) - set(defaults) - {"name"}
-    if unknown:
-        raise ValueError(f"unknown {method} options {sorted(unknown)}; known: {sorted(defaults)}.")
-    return {k: config.get(k, v) for k, v in defaults.items()}
 
 
 def others_mean(values: jax.Array) -> jax.Array:

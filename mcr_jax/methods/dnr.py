@@ -84,7 +84,6 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.preprocessing import MinMaxScaler
 
 from mcr_jax.methods.base import Method, unimodal_losses
-from mcr_jax.methods.common import check_options
 
 DEFAULTS = dict(alpha=3.0, reinit_epochs=20, reinit_num=3, uni_weight=1.0, kmeans_n_init=10, kmeans_seed=0,
                 reinit_target="initial", reinit_seed=0)
@@ -160,9 +159,8 @@ class DnR(Method):
 
     def __init__(self, config, info):
         super().__init__(config, info)
-        check_options(config, DEFAULTS, "D&R")
         self.require_classes("it measures clustering purity against classes")
-        o = {k: config.get(k, v) for k, v in DEFAULTS.items()}
+        o = self.opts
         if o["reinit_target"] not in TARGETS:
             raise ValueError(f"method.reinit_target must be one of {TARGETS}; got {o['reinit_target']!r}.")
         if int(o["reinit_epochs"]) < 1 or int(o["reinit_num"]) < 0:
@@ -172,7 +170,6 @@ class DnR(Method):
         integer = isinstance(n_init, (int, np.integer)) and not isinstance(n_init, bool)
         if not (n_init == "auto" or (integer and n_init >= 1)):
             raise ValueError(f"method.kmeans_n_init must be an integer >= 1 or 'auto'; got {n_init!r}.")
-        self.opts = o
         self._initial = None
 
     # ---- training ----------------------------------------------------------------------------

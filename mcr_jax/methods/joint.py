@@ -1,7 +1,6 @@
 """Joint training: the fused head's task loss only (SPEC.md §8, "Joint training")."""
 
 from mcr_jax.methods.base import Method
-from mcr_jax.methods.common import check_options
 
 DEFAULTS: dict = {}
 
@@ -13,4 +12,3 @@ class Joint(Method):
 
     def __init__(self, config, info):
         super().__init__(config, info)
-        check_options(config, DEFAULTS, "joint")

@@ -47,7 +47,6 @@ from mcr_jax import game, parallel
 from mcr_jax.losses import CONTRASTIVE, binarize_regression_labels, ceb_term, mipd_divergences, sample_permutations
 from mcr_jax.losses.mipd import perturb_latent
 from mcr_jax.methods.base import Method, model_inputs, unimodal_losses
-from mcr_jax.methods.common import check_options
 from mcr_jax.models import is_separable
 from mcr_jax.state import StepOutput
 
@@ -85,7 +84,6 @@ class MCR(Method):
 
     def __init__(self, config, info):
         super().__init__(config, info)
-        self.opts = check_options(config, DEFAULTS, "MCR")
         o = self.opts
         #: the strategy resolved once to its (k, s) pair
         self.game = game.resolve_strategy(o["strategy"])
@@ -187,7 +185,8 @@ class MCR(Method):
             inputs, masks = model_inputs(batch, names)
             parts = to_parts(handle.eval_model(params).encode(inputs, masks))
         if o["perturbation"] == "permute" and o["permutation_scope"] == "local":
-            kwargs["perturbed_latents"] = self._local_permuted([parts[m] for m in names], key_perm, batch_size)
+            kwargs["perturbed_latents"] = self._local_permuted([parts[m] for m in names], key_perm, batch_size,
+                                                               handle.mesh)
         elif o["perturbation"] == "permute":
             kwargs["permutations"] = sample_permutations(key_perm, int(o["num_permutations"]), batch_size,
                                                          derangement=bool(o["derangement"]),
@@ -197,10 +196,10 @@ class MCR(Method):
                           noise_scale=float(o["noise_scale"]))
         return [parts[m] for m in names], fuse, kwargs
 
-    def _local_permuted(self, sources, key, batch_size):
-        """Each device permutes its own rows (shard_map; no data moves between devices)."""
+    def _local_permuted(self, sources, key, batch_size, mesh):
+        """Each device permutes its own rows (shard_map; no data moves between devices); one shard
+        without a mesh."""
         o = self.opts
-        mesh = getattr(self, "mesh", None)
         shards = 1 if mesh is None else mesh.devices.size
         perms = parallel.sample_local_permutations(key, int(o["num_permutations"]), batch_size, shards,
                                                    derangement=bool(o["derangement"]),

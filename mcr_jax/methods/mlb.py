@@ -65,7 +65,7 @@ import jax.numpy as jnp
 
 from mcr_jax.losses import masked_mean
 from mcr_jax.methods.base import Method, unimodal_losses
-from mcr_jax.methods.common import check_options, others_mean, true_class_prob
+from mcr_jax.methods.common import others_mean, true_class_prob
 from mcr_jax.players import modality_owners, scale_by_owner
 from mcr_jax.state import StepOutput
 
@@ -101,7 +101,6 @@ class MLB(Method):
 
     def __init__(self, config, info):
         super().__init__(config, info)
-        self.opts = check_options(config, DEFAULTS, "MLB")
         if float(self.opts["beta"]) <= 0:
             raise ValueError(f"method.beta must be > 0 (the largest coefficient); got {self.opts['beta']}.")
         if float(self.opts["alpha"]) < 0:

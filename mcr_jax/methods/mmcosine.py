@@ -80,7 +80,6 @@ from __future__ import annotations
 
 from mcr_jax.losses import l2_normalize
 from mcr_jax.methods.base import Method, model_inputs
-from mcr_jax.methods.common import check_options
 from mcr_jax.models import is_separable
 
 DEFAULTS = dict(scale=10.0, eval_logits="cosine")
@@ -105,7 +104,7 @@ class MMCosine(Method):
 
     def __init__(self, config, info):
         super().__init__(config, info)
-        opts = check_options(config, DEFAULTS, "MMCosine")
+        opts = self.opts
         self.require_classes("cosine class logits")
         self.scale = float(opts["scale"])
         if self.scale <= 0:

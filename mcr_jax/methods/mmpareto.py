@@ -101,7 +101,6 @@ import jax
 import jax.numpy as jnp
 
 from mcr_jax.methods.base import Method, unimodal_losses
-from mcr_jax.methods.common import check_options
 from mcr_jax.players import leaf_ids
 from mcr_jax.state import StepOutput
 
@@ -168,9 +167,8 @@ class MMPareto(Method):
 
     def __init__(self, config, info):
         super().__init__(config, info)
-        check_options(config, DEFAULTS, "MMPareto")
-        self.scale = float(config.get("scale", DEFAULTS["scale"]))
-        self.scope = config.get("rescale_scope", DEFAULTS["rescale_scope"])
+        self.scale = float(self.opts["scale"])
+        self.scope = self.opts["rescale_scope"]
         if self.scope not in SCOPES:
             raise ValueError(f"method.rescale_scope must be one of {SCOPES}; got {self.scope!r}.")
         if self.scale <= 0:

@@ -41,7 +41,9 @@ layers) keep the base rate.
 modality and 1.3 for the second (the released ``init_learning_rate {"c": 0.7, "g": 1.3}``; ``c`` is
 ``enc_0`` = audio, ``--ilr_c`` "Initial Learning Rate Audio", ``g`` = video; our CREMA-D and AVE
 list ``("audio", "video")``, so audio 0.7, video 1.3), ``scale="gradients"``, ``scale_branch=False``.
-Two modalities only. Options set explicitly in the config override the preset's; ``window`` is not
+Two modalities only. The preset sets its options where the config leaves them at their defaults;
+an option set to another value wins (so a preset cannot be combined with the default value of one
+of its own options: set the options themselves instead); ``window`` is not
 part of it (20 in the released CREMA-D run, the default here; 10 for AVE).
 
 Which "unimodal accuracy" (``unimodal_source``):
@@ -95,7 +97,6 @@ import numpy as np
 import optax
 
 from mcr_jax.methods.base import Method, unimodal_losses
-from mcr_jax.methods.common import check_options
 from mcr_jax.models import is_separable
 from mcr_jax.players import modality_owners, scale_by_owner, scale_by_player
 from mcr_jax.state import StepOutput
@@ -160,7 +161,6 @@ class MSLR(Method):
 
     def __init__(self, config, info):
         super().__init__(config, info)
-        self.opts = check_options(config, DEFAULTS, "MSLR")
         o = self.opts
         if o["preset"]:
             if o["preset"] not in PRESETS:
@@ -169,7 +169,9 @@ class MSLR(Method):
                 raise ValueError(f"method.preset={o['preset']!r} is the released two-modality baseline (first "
                                  f"modality 0.7, second 1.3); got {len(self.modalities)} modalities "
                                  f"{list(self.modalities)}. Set init_lr_multipliers instead.")
-            o.update({k: v for k, v in PRESETS[o["preset"]].items() if k not in config})
+            # a config section holds every option (the experiment configs start from DEFAULTS), so an
+            # option at its default is one the config leaves to the preset
+            o.update({k: v for k, v in PRESETS[o["preset"]].items() if o[k] == DEFAULTS[k]})
         if int(o["window"]) < 1:
             raise ValueError(f"method.window must be >= 1 epoch; got {o['window']}.")
         if o["unimodal_source"] not in SOURCES:

@@ -1,7 +1,6 @@
 """Multi-loss: the fused task loss plus a weighted task loss on every unimodal head."""
 
 from mcr_jax.methods.base import Method, unimodal_losses
-from mcr_jax.methods.common import check_options
 
 DEFAULTS = dict(uni_weight=1.0)
 #: the tuning grid of a study (mcr_jax.study).
@@ -17,7 +16,6 @@ class MultiLoss(Method):
 
     def __init__(self, config, info):
         super().__init__(config, info)
-        self.opts = check_options(config, DEFAULTS, "multi-loss")
 
     def loss(self, handle, params, batch, key, method_state):
         model = handle.train_model(params)

@@ -99,7 +99,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mcr_jax.methods.base import Method
-from mcr_jax.methods.common import check_options, others_mean, true_class_prob
+from mcr_jax.methods.common import others_mean, true_class_prob
 from mcr_jax.models import is_separable
 from mcr_jax.players import modality_owners
 from mcr_jax.state import StepOutput
@@ -177,7 +177,6 @@ class OGMGE(Method):
 
     def __init__(self, config, info):
         super().__init__(config, info)
-        self.opts = check_options(config, DEFAULTS, "OGM-GE")
         self.require_classes("its score is the softmax probability of the true class")
         if self.opts["modulate"] not in MODULATE:
             raise ValueError(f"method.modulate must be one of {list(MODULATE)}; got {self.opts['modulate']!r}.")

@@ -81,7 +81,6 @@ import optax
 
 from mcr_jax.losses import masked_mean
 from mcr_jax.methods.base import Method, model_inputs
-from mcr_jax.methods.common import check_options
 from mcr_jax.models import is_separable
 from mcr_jax.players import assign_players, scale_by_player
 from mcr_jax.state import StepOutput
@@ -122,11 +121,10 @@ class ReconBoost(Method):
 
     def __init__(self, config, info):
         super().__init__(config, info)
-        check_options(config, DEFAULTS, "ReconBoost")
         self.require_classes("the reconcilement loss weighs the true class's probability")
-        self.stage_epochs = int(config.get("stage_epochs", DEFAULTS["stage_epochs"]))
-        self.rectify_epochs = int(config.get("rectify_epochs", DEFAULTS["rectify_epochs"]))
-        self.weight = float(config.get("reconcile_weight", DEFAULTS["reconcile_weight"]))
+        self.stage_epochs = int(self.opts["stage_epochs"])
+        self.rectify_epochs = int(self.opts["rectify_epochs"])
+        self.weight = float(self.opts["reconcile_weight"])
         if self.stage_epochs < 1 or self.rectify_epochs < 0:
             raise ValueError(f"method.stage_epochs must be >= 1 and method.rectify_epochs >= 0; got "
                              f"{self.stage_epochs} and {self.rectify_epochs}.")

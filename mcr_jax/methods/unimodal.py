@@ -6,7 +6,6 @@ method's prediction is that head's output.
 """
 
 from mcr_jax.methods.base import Method, model_inputs
-from mcr_jax.methods.common import check_options
 
 DEFAULTS = dict(modality="")
 
@@ -19,7 +18,7 @@ class Unimodal(Method):
 
     def __init__(self, config, info):
         super().__init__(config, info)
-        m = check_options(config, DEFAULTS, "unimodal")["modality"]
+        m = self.opts["modality"]
         if m not in self.modalities:
             raise ValueError(
                 f"method 'unimodal' needs method.modality set to one of {list(self.modalities)}; got {m!r}.")

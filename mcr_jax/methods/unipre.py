@@ -10,7 +10,6 @@ import jax
 import optax
 
 from mcr_jax.methods.base import Method
-from mcr_jax.methods.common import check_options
 from mcr_jax.players import in_group
 
 DEFAULTS = dict(pretrained={}, freeze=False)
@@ -24,7 +23,7 @@ class UniPre(Method):
 
     def __init__(self, config, info):
         super().__init__(config, info)
-        opts = check_options(config, DEFAULTS, "uni-pre")
+        opts = self.opts
         pretrained = opts["pretrained"]
         if not pretrained:
             raise ValueError("method 'uni_pre' needs method.pretrained = {modality: unimodal run workdir}; "

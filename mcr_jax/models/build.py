@@ -20,7 +20,12 @@ from mcr_jax.models.multimodal import MultimodalModel
 if TYPE_CHECKING:
     from mcr_jax.data.types import DatasetInfo
 
-__all__ = ["build_model", "encoder_spec"]
+__all__ = ["DEFAULTS", "build_model", "encoder_spec"]
+
+#: the ``model`` section's common fields and their defaults (the experiment configs start from
+#: these); encoder- and fusion-specific fields (``encoders``, ``widths``, ``blocks``,
+#: ``fusion_kwargs``) are optional.
+DEFAULTS = dict(hidden=(128,), latent_dim=64, dropout=0.0, fusion="linear", ceb=False)
 
 
 def encoder_spec(modality: str, shape: tuple[int, ...], model_cfg) -> dict:
@@ -29,12 +34,12 @@ def encoder_spec(modality: str, shape: tuple[int, ...], model_cfg) -> dict:
     spec = dict(per.get(modality, {})) if modality in per else {}
     kind = spec.get("kind", None) or model_cfg.get("encoder", None) or _default_kind(shape)
     spec["kind"] = kind
-    latent = int(model_cfg.get("latent_dim", 64))
+    latent = int(model_cfg.get("latent_dim", DEFAULTS["latent_dim"]))
     if kind == "mlp":
         spec.setdefault("in_features", int(np.prod(shape)))
-        spec.setdefault("hidden", tuple(model_cfg.get("hidden", (128,))))
+        spec.setdefault("hidden", tuple(model_cfg.get("hidden", DEFAULTS["hidden"])))
         spec.setdefault("out_dim", latent)
-        spec.setdefault("dropout", float(model_cfg.get("dropout", 0.0)))
+        spec.setdefault("dropout", float(model_cfg.get("dropout", DEFAULTS["dropout"])))
     elif kind == "transformer":
         spec.setdefault("in_features", int(shape[-1]))
         spec.setdefault("dim", latent)
@@ -69,8 +74,8 @@ def build_model(model_cfg, info: DatasetInfo, *, seed: int) -> MultimodalModel:
         info.modalities,
         encoders,
         num_classes=info.num_classes,
-        fusion=model_cfg.get("fusion", "linear"),
+        fusion=model_cfg.get("fusion", DEFAULTS["fusion"]),
         fusion_kwargs=dict(fusion_kwargs) if fusion_kwargs else None,
-        ceb=bool(model_cfg.get("ceb", False)),
+        ceb=bool(model_cfg.get("ceb", DEFAULTS["ceb"])),
         rngs=nnx.Rngs(params=seed, dropout=seed + 1),
     )

@@ -1,4 +1,4 @@
-"""Small stand-ins shared by the data tests."""
+"""Small stand-ins shared by the data, engine and seed tests."""
 
 
 class ListSource:

@@ -1,149 +1,125 @@
-"""Golden tests: MMCosine and MMPareto against transcriptions of the authors' released training steps.
+"""MMPareto tests: the Pareto integration of gradients against NumPy, and the released training step.
 
-- MMCosine: ``GeWu-Lab/MMCosine_ICASSP23``, ``main_CD.py`` (``train_epoch`` with ``--mmcosine True``
-  and ``valid``), ``models/fusion_modules.py`` (``ConcatFusion``: one ``fc_out`` on ``cat(a, v)``).
-- MMPareto: ``GeWu-Lab/MMPareto_ICML2024``, ``code/MMPareto.py`` (``train_epoch``) and
-  ``code/min_norm_solvers.py`` (``MinNormSolver.find_min_norm_element`` for two vectors).
-
-The references below are written from that PyTorch code, step by step, in plain JAX / NumPy (the
-model's forward pass is the only piece of this library they use); they do not import the methods'
-helpers. Each method's ``gradients`` output is compared with them leaf by leaf.
+Golden reference: ``GeWu-Lab/MMPareto_ICML2024``, ``code/MMPareto.py`` (``train_epoch``) and
+``code/min_norm_solvers.py`` (``MinNormSolver.find_min_norm_element`` for two vectors), transcribed
+step by step in plain JAX / NumPy (the model's forward pass is the only piece of this library it
+uses; it does not import the method's helpers), and compared with ``gradients`` leaf by leaf.
 """
 
 import re
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
 import pytest
 
-from tests.method_setup import build
+from mcr_jax.methods import get_method
+from mcr_jax.methods.mmpareto import integrate, pareto_weights
+from tests.helpers.method_checks import abs_sum as _abs_sum
+from tests.helpers.method_checks import assert_trees_close as _assert_trees_close
+from tests.helpers.method_checks import cross_entropy as _cross_entropy
+from tests.helpers.method_checks import f64 as _np
+from tests.helpers.method_checks import replace_leaves as _replace
+from tests.helpers.method_checks import step_gradients as _grads
+from tests.helpers.method_setup import build
+from tests.helpers.method_setup import toy_data as _data
+
+_setup = build
 
 
-def _leaves(tree):
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return [(jax.tree_util.keystr(p), np.asarray(x, np.float64)) for p, x in flat]
+# ---- the Pareto integration and the model's gradients, against NumPy -----------------------------
 
 
-def _assert_trees_close(got, want, rtol=2e-4):
-    for (path, g), (wpath, w) in zip(_leaves(got), _leaves(want), strict=True):
-        assert path == wpath
-        np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * max(1e-3, float(np.abs(w).max())), err_msg=path)
+def _min_norm_weight(g1, g2):
+    """argmin over [0, 1] of ||a g1 + (1-a) g2|| by ternary search (the norm is convex in a)."""
+    lo, hi = 0.0, 1.0
+    norm = lambda a: np.linalg.norm(a * g1 + (1 - a) * g2)
+    for _ in range(200):
+        m1, m2 = lo + (hi - lo) / 3, hi - (hi - lo) / 3
+        lo, hi = (lo, m2) if norm(m1) <= norm(m2) else (m1, hi)
+    return 0.5 * (lo + hi)
 
 
-def _replace(params, updates):
-    """A copy of ``params`` with ``{keystr: new array}`` substituted."""
-    return jax.tree_util.tree_map_with_path(lambda p, x: updates.get(jax.tree_util.keystr(p), x), params)
+def _pareto_numpy(g_mm, g_u, gamma, scope):
+    """MMPareto for one encoder given as lists of arrays."""
+    f1, f2 = np.concatenate([x.ravel() for x in g_mm]), np.concatenate([x.ravel() for x in g_u])
+    cos = f1 @ f2 / (np.linalg.norm(f1) * np.linalg.norm(f2))
+    a = 0.5 if cos > 0 else _min_norm_weight(f1, f2)
+    h = [2 * (a * x + (1 - a) * y) for x, y in zip(g_mm, g_u, strict=True)]
+    s = [x + y for x, y in zip(g_mm, g_u, strict=True)]
+    if scope == "encoder":
+        r = np.sqrt(sum((x**2).sum() for x in s)) / np.sqrt(sum((x**2).sum() for x in h))
+        return [gamma * max(r, 1.0) * x for x in h], a
+    return [gamma * max(np.linalg.norm(y) / np.linalg.norm(x), 1.0) * x for x, y in zip(h, s, strict=True)], a
 
 
-def _cross_entropy(logits, label):  # nn.CrossEntropyLoss(): the batch mean
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, label[:, None], axis=1))
+@pytest.mark.parametrize("scope", ["tensor", "encoder"])
+@pytest.mark.parametrize("case", ["conflicting", "aligned"])
+def test_mmpareto_integration_matches_numpy(case, scope):
+    rng = np.random.default_rng(0)
+    g_mm = [rng.normal(size=(3, 4)), rng.normal(size=(5,))]
+    g_u = [rng.normal(size=(3, 4)) * 3.0, rng.normal(size=(5,)) * 3.0]
+    sign = -1.0 if case == "conflicting" else 1.0
+    g_u = [sign * (x + 2 * y) for x, y in zip(g_u, g_mm, strict=True)]
+    want, a = _pareto_numpy(g_mm, g_u, 1.5, scope)
+    got, mets = integrate([jnp.asarray(x) for x in g_mm], [jnp.asarray(x) for x in g_u], scale=1.5, scope=scope)
+    assert (float(mets["cos"]) > 0) == (case == "aligned")
+    np.testing.assert_allclose(mets["alpha_mm"], a, atol=1e-5)
+    for x, y in zip(got, want, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    if case == "aligned":  # equal halves: h is the plain sum, scaled by gamma
+        for x, u, v in zip(got, g_mm, g_u, strict=True):
+            np.testing.assert_allclose(x, 1.5 * (u + v), rtol=1e-5)
 
 
-# ---- MMCosine --------------------------------------------------------------------------------
+def test_mmpareto_weights_degenerate_cases():
+    zero = [jnp.zeros(3)]
+    a_mm, a_u, cos = pareto_weights(zero, zero)  # the original's solver: <g1, g2> >= ||g1||^2 -> 0.999
+    assert float(a_mm) == pytest.approx(0.999) and float(a_u) == pytest.approx(0.001, rel=1e-4) and float(cos) == 0.0
+    out, _ = integrate(zero, zero, scale=1.5)
+    assert float(jnp.abs(out[0]).sum()) == 0 and bool(jnp.all(jnp.isfinite(out[0])))
+    g = [jnp.array([1.0, -2.0, 0.5])]  # a vanished unimodal gradient: weight 0.001, rescaled to gamma * g_mm
+    a_mm, _, _ = pareto_weights(g, zero)
+    assert float(a_mm) == pytest.approx(0.001)
+    np.testing.assert_allclose(integrate(g, zero, scale=1.5)[0][0], 1.5 * g[0], rtol=1e-5)
+    a_mm, _, _ = pareto_weights([jnp.array([1.0, 0.0])], [jnp.array([-1.0, 0.0])])  # opposite: g_mm + g_u = 0 at ½
+    assert float(a_mm) == 0.5
 
 
-def _f_normalize(x, dim):
-    """``torch.nn.functional.normalize(x, dim=dim)``: ``x / max(||x||_2, 1e-12)``."""
-    return x / jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=dim, keepdims=True)), 1e-12)
+def test_mmpareto_gradients_on_the_model():
+    method, handle, params, batch, _ = _setup({"name": "mmpareto"})
+    grads, kwargs, _, _, mets = _grads(method, handle, params, batch)
+    assert kwargs == {}
+
+    def losses(p):
+        out = method.forward(handle.train_model(p), batch)
+        fused = optax.softmax_cross_entropy_with_integer_labels(out["logits"], batch["label"]).mean()
+        uni = sum(optax.softmax_cross_entropy_with_integer_labels(out["unimodal"][m], batch["label"]).mean()
+                  for m in method.modalities)
+        return fused, uni
+
+    g_mm = jax.grad(lambda p: losses(p)[0])(params)
+    g_u = jax.grad(lambda p: losses(p)[1])(params)
+    # every non-encoder parameter: the plain multi-loss gradient
+    for part in ("heads", "fusion"):
+        jax.tree.map(lambda g, a, b: np.testing.assert_allclose(g, a + b, rtol=1e-5, atol=1e-7),
+                     grads[part], g_mm[part], g_u[part])
+    for m in method.modalities:
+        leaves_mm = [_np(x) for x in jax.tree.leaves(g_mm["encoders"][m])]
+        leaves_u = [_np(x) for x in jax.tree.leaves(g_u["encoders"][m])]
+        want, a = _pareto_numpy(leaves_mm, leaves_u, 1.5, "tensor")
+        np.testing.assert_allclose(mets[f"alpha_mm_{m}"], a, atol=1e-4)
+        for x, y in zip(jax.tree.leaves(grads["encoders"][m]), want, strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    assert _abs_sum(grads["encoders"]) > 0
+    with pytest.raises(ValueError, match="rescale_scope"):
+        get_method(ml_collections.ConfigDict({"name": "mmpareto", "rescale_scope": "layer"}), _data()[1])
 
 
-class OriginalMMCosine:
-    """``main_CD.py`` with ``--mmcosine True --fusion_method concat`` (``--lam 0``: no NCE term).
+# ---- golden: the released training step (MinNormSolver for two vectors) --------------------------
 
-    ``ConcatFusion.fc_out.weight`` (``[C, D_a + D_v]``) is this model's two branch kernels, transposed
-    and concatenated; the release slices it at its feature size (512), here at ``D_a``."""
-
-    def __init__(self, handle, *, scaling):
-        self.handle, self.scaling = handle, scaling
-        self.grad = jax.jit(jax.value_and_grad(self._train_loss))
-
-    @staticmethod
-    def fc_out(params):
-        br = params["fusion"]["branches"]
-        return jnp.concatenate([br["x1"]["kernel"].T, br["x2"]["kernel"].T], axis=1), params["fusion"]["bias"]
-
-    def _cosine_outputs(self, params, a, v):
-        weight, _ = self.fc_out(params)
-        d = a.shape[1]
-        out_a = jnp.matmul(_f_normalize(a, 1), _f_normalize(jnp.transpose(weight[:, :d], (1, 0)), 0))
-        out_v = jnp.matmul(_f_normalize(v, 1), _f_normalize(jnp.transpose(weight[:, d:], (1, 0)), 0))
-        return out_a * self.scaling, out_v * self.scaling
-
-    def _train_loss(self, params, batch):
-        model = self.handle.train_model(params)  # model.train()
-        latents = model.encode({"x1": batch["x1"], "x2": batch["x2"]})
-        a, v = latents["x1"], latents["x2"]
-        out_a, out_v = self._cosine_outputs(params, a, v)
-        out = out_a + out_v  # line 118: the model's own (linear) ``out`` is replaced
-        return _cross_entropy(out, batch["label"])  # + args.lam * nce_loss, lam = 0
-
-    def valid(self, params, batch):
-        """``valid``: fused prediction = the model's ``out`` = fc_out(cat(a, v)); unimodal = the cosines."""
-        model = self.handle.eval_model(params)  # model.eval()
-        latents = model.encode({"x1": batch["x1"], "x2": batch["x2"]})
-        a, v = latents["x1"], latents["x2"]
-        weight, bias = self.fc_out(params)
-        out = jnp.concatenate([a, v], axis=1) @ weight.T + bias[None, :]  # nn.Linear
-        out_a, out_v = self._cosine_outputs(params, a, v)
-        return out, out_a, out_v
-
-
-@pytest.fixture(scope="module")
-def mmcosine_setup():
-    method, handle, params, batch, _ = build({"name": "mmcosine", "scale": 7.0})
-    # unequal class-weight norms and a non-zero fusion bias: cosine and linear logits then differ
-    br = params["fusion"]["branches"]
-    params = _replace(params, {
-        "['fusion']['branches']['x1']['kernel']": br["x1"]["kernel"] * jnp.linspace(0.5, 3.0, 5)[None],
-        "['fusion']['bias']": jnp.linspace(-1.0, 1.0, 5)})
-    step = jax.jit(lambda p, b: method.gradients(handle, p, b, jax.random.PRNGKey(0), {}))
-    return method, handle, params, batch, step
-
-
-def test_mmcosine_matches_the_released_training_step(mmcosine_setup):
-    method, handle, params, batch, step = mmcosine_setup
-    assert bool(jnp.all(batch["mask"] == 1))
-    ref = OriginalMMCosine(handle, scaling=7.0)
-    for b in (batch, dict(batch, x1=batch["x1"] * 4.0, x2=batch["x2"] * 0.25)):
-        grads, kw, _, _, mets = step(params, b)
-        want_loss, want = ref.grad(params, b)
-        assert kw == {}
-        np.testing.assert_allclose(mets["loss"], want_loss, rtol=1e-5)
-        _assert_trees_close(grads, want)
-    # fc_out.bias and the (absent in the original) unimodal heads get no gradient
-    assert float(jnp.abs(grads["fusion"]["bias"]).sum()) == 0.0
-    assert all(float(jnp.abs(g).sum()) == 0.0 for g in jax.tree.leaves(grads["heads"]))
-
-
-@pytest.mark.parametrize("eval_logits", [None, "cosine", "linear"], ids=["default", "cosine", "linear"])
-def test_mmcosine_evaluation_outputs(mmcosine_setup, eval_logits):
-    """Unimodal outputs are the cosine branches (as ``valid``); the fused prediction is the cosine sum
-    (the default, as the MCR authors' port) or the plain linear head (``"linear"``, the released ``valid``)."""
-    _, handle, params, batch, _ = mmcosine_setup
-    cfg = {"name": "mmcosine", "scale": 7.0}
-    if eval_logits is not None:
-        cfg["eval_logits"] = eval_logits
-    method = build(cfg)[0]
-    linear, out_a, out_v = OriginalMMCosine(handle, scaling=7.0).valid(params, batch)
-    model = handle.eval_model(params)
-    got = method.predict(model, batch)
-    np.testing.assert_allclose(got["unimodal"]["x1"], out_a, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(got["unimodal"]["x2"], out_v, rtol=1e-5, atol=1e-5)
-    want = linear if eval_logits == "linear" else out_a + out_v
-    np.testing.assert_allclose(got["logits"], want, rtol=1e-5, atol=1e-5)
-    assert not np.allclose(linear, out_a + out_v, atol=1e-2)  # the two choices do differ here
-    # the MIPD diagnostic's fusion function agrees with the prediction
-    np.testing.assert_allclose(method.fuse(model, got["latents"]), got["logits"], rtol=1e-5, atol=1e-5)
-
-
-def test_mmcosine_rejects_unknown_eval_logits():
-    with pytest.raises(ValueError, match="eval_logits"):
-        build({"name": "mmcosine", "eval_logits": "bias"})
-
-
-# ---- MMPareto --------------------------------------------------------------------------------
 
 _TORCH_MODULES = {("encoders", "x1"): "audio_net", ("encoders", "x2"): "visual_net",
                   ("heads", "x1"): "head_audio", ("heads", "x2"): "head_video"}

@@ -1,15 +1,13 @@
-"""Golden tests: AGM and OGM-GE against transcriptions of the authors' released training steps.
+"""AGM tests: Shapley responses, coefficients and running means against NumPy, and the released training step.
 
-- AGM: ``lihong2303/AGM_ICCV2023``, ``run/CREMAD_main.py`` (``train``: scores, coefficients, running
-  means, window, gradient clipping) and ``model/CREMAD_net.py`` (``GradMod``: the counterfactual
-  passes and the backward hooks that scale each modality's output gradient).
-- OGM-GE: ``GeWu-Lab/OGM-GE_CVPR2022``, ``main.py`` (``train_epoch``).
-
-The references below are written from that PyTorch code, step by step, in plain JAX / NumPy (the
-model's forward pass is the only piece of this library they use); they do not import the
-methods' helpers. Each method's ``gradients`` output is compared with them leaf by leaf.
+Golden reference: ``lihong2303/AGM_ICCV2023``, ``run/CREMAD_main.py`` (``train``: scores,
+coefficients, running means, window, gradient clipping) and ``model/CREMAD_net.py`` (``GradMod``:
+the counterfactual passes and the backward hooks that scale each modality's output gradient),
+transcribed step by step in plain JAX / NumPy (the model's forward pass is the only piece of this
+library it uses; it does not import the method's helpers), and compared with ``gradients`` leaf by leaf.
 """
 
+import itertools
 import math
 
 import jax
@@ -17,23 +15,118 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from flax import nnx
 
 from mcr_jax.data.types import DatasetInfo
-from mcr_jax.methods import ModelHandle, get_method
-from mcr_jax.models import MultimodalModel
-from tests.method_setup import build
+from mcr_jax.methods import get_method
+from mcr_jax.methods.agm import agm_coefficients, shapley_responses
+from tests.helpers.method_checks import NAMES
+from tests.helpers.method_checks import advance_to_epoch as _advance_to_epoch
+from tests.helpers.method_checks import assert_trees_close as _assert_trees_close
+from tests.helpers.method_checks import cached_gradients as _grads
+from tests.helpers.method_checks import ce as _ce
+from tests.helpers.method_checks import inputs as _inputs
+from tests.helpers.method_checks import jit_gradients as _jit_gradients
+from tests.helpers.method_checks import reference_gradients as _reference_grads
+from tests.helpers.method_setup import build
+from tests.helpers.method_setup import build_with_fusion_bias as _setup
+from tests.helpers.method_setup import toy_data as _data
+
+# ---- Shapley responses, coefficients, scores and running means, against NumPy --------------------
 
 
-def _leaves(tree):
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return [(jax.tree_util.keystr(p), np.asarray(x, np.float64)) for p, x in flat]
+def test_shapley_responses_match_the_permutation_definition():
+    rng = np.random.default_rng(0)
+    names = ("a", "b", "c")
+    z = {m: rng.normal(size=(4, 3)) for m in names}
+    z0 = {m: rng.normal(size=(4, 3)) for m in names}
+    w = {m: rng.normal(size=(3, 2)) for m in names}
+
+    def fuse(lat):  # non-additive, so the weights matter
+        lin = sum(np.asarray(lat[m]) @ w[m] for m in names)
+        return np.tanh(lin) + np.asarray(lat["a"])[:, :2] * np.asarray(lat["b"])[:, 1:]
+
+    def value(coalition):
+        return fuse({m: z[m] if m in coalition else z0[m] for m in names})
+
+    want = {m: 0.0 for m in names}
+    for order in itertools.permutations(names):  # mean marginal contribution over all orderings
+        for i, m in enumerate(order):
+            want[m] = want[m] + (value(set(order[: i + 1])) - value(set(order[:i]))) / 6
+    got = shapley_responses(fuse, z, z0, names)
+    for m in names:
+        np.testing.assert_allclose(got[m], want[m], rtol=1e-10)
+    np.testing.assert_allclose(sum(got.values()), value(set(names)) - value(set()), rtol=1e-10)
 
 
-def _assert_trees_close(got, want, rtol=2e-4):
-    for (path, g), (wpath, w) in zip(_leaves(got), _leaves(want), strict=True):
-        assert path == wpath
-        np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * max(1e-3, float(np.abs(w).max())), err_msg=path)
+def test_agm_coefficients():
+    s, mean = np.array([1.0, 2.0]), np.array([1.5, 1.5])
+    r, r_mean = np.exp([s[1] - s[0], s[0] - s[1]]), np.array([1.0, 1.0])
+    np.testing.assert_allclose(agm_coefficients(jnp.asarray(s), jnp.asarray(mean), 3.0),
+                               np.exp(3.0 * (r_mean - r)), rtol=1e-5)
+    s3, m3 = np.array([1.0, 2.0, 0.5]), np.array([1.2, 1.4, 1.0])
+
+    def ratios(v):
+        return np.exp([np.mean(np.delete(v, i)) - v[i] for i in range(3)])
+
+    np.testing.assert_allclose(agm_coefficients(jnp.asarray(s3), jnp.asarray(m3), 0.5),
+                               np.exp(0.5 * (ratios(m3) - ratios(s3))), rtol=1e-5)
+    # the gap is capped: a modality far behind its usual ratio is accelerated by at most exp(α·max_gap)
+    np.testing.assert_allclose(agm_coefficients(jnp.asarray([5.0, 0.0]), jnp.asarray([0.0, 5.0]), 1.0, 2.0)[0],
+                               math.exp(2.0), rtol=1e-5)
+
+
+def test_agm_gradients_and_running_average():
+    # The full gradient rule (routing through the modality outputs, clipping, window) is checked
+    # against the released code below (test_agm_matches_the_released_training_step); here: scores,
+    # coefficients, state.
+    method, handle, params, batch = _setup({"name": "agm", "clip_norm": 0.0})
+    joint = _reference_grads("joint", handle, params, batch)
+    # NumPy scores: the original's modality outputs φ_m + f(0,0)/2 of the eval-mode model, CE vs labels.
+    model = handle.eval_model(params)
+    z = model.encode(_inputs(batch))
+    z0 = model.encode({m: jnp.zeros_like(batch[m]) for m in NAMES})
+    f = {(a, v): np.asarray(model.fuse({"x1": z["x1"] if a else z0["x1"], "x2": z["x2"] if v else z0["x2"]}),
+                            np.float64) for a in (0, 1) for v in (0, 1)}
+    outs = [0.5 * (f[1, 1] - f[0, 1] + f[1, 0]), 0.5 * (f[1, 1] - f[1, 0] + f[0, 1])]
+    y = np.asarray(batch["label"])
+    s = np.array([_ce(p, y) for p in outs])
+    r = np.exp([s[1] - s[0], s[0] - s[1]])
+    # First step: the running means are still 0 (reference ratio 1), and are updated after k is formed.
+    first, _, _, s1, mets = _grads(method, handle, params, batch, method.init_method_state(params))
+    k = np.exp(3.0 * (1.0 - r))
+    assert int(s1["count"]) == 1
+    np.testing.assert_allclose(s1["score_mean"], s, rtol=1e-5)
+    np.testing.assert_allclose([mets["score_x1"], mets["score_x2"]], s, rtol=1e-5)
+    np.testing.assert_allclose([mets["coeff_x1"], mets["coeff_x2"]], k, rtol=1e-4)
+    np.testing.assert_allclose(s1["scale"], k, rtol=1e-4)
+    # the shared bias enters every coalition alike: its gradient is scaled by the mean coefficient
+    np.testing.assert_allclose(first["fusion"]["bias"], np.mean(k) * joint["fusion"]["bias"], rtol=1e-4, atol=1e-7)
+    # A later step: k = exp(α (r̃ − r)) with r̃ from the previous means, then the cumulative mean.
+    state = dict(method.init_method_state(params), count=jnp.asarray(3, jnp.int32),
+                 score_mean=jnp.asarray([1.2, 2.5], jnp.float32))
+    grads, _, _, new_state, mets = _grads(method, handle, params, batch, state)
+    r_mean = np.exp([2.5 - 1.2, 1.2 - 2.5])
+    k = np.exp(3.0 * np.minimum(r_mean - r, 10.0))
+    assert int(new_state["count"]) == 4
+    np.testing.assert_allclose(new_state["score_mean"], (3 * np.array([1.2, 2.5]) + s) / 4, rtol=1e-5)
+    np.testing.assert_allclose([mets["coeff_x1"], mets["coeff_x2"]], k, rtol=1e-4)
+    np.testing.assert_allclose(grads["fusion"]["bias"], np.mean(k) * joint["fusion"]["bias"], rtol=1e-4, atol=1e-7)
+
+
+def test_agm_regression_with_a_non_separable_fusion():
+    _, info, batch = _data()
+    rinfo = DatasetInfo(name="toy", modalities=info.modalities, input_shapes=info.input_shapes, num_classes=1,
+                        task="regression")
+    method, handle, params, _ = _setup({"name": "agm"}, fusion="concat_mlp", info=rinfo)
+    rbatch = dict(batch, label=jnp.linspace(-3.0, 3.0, 16))
+    state = dict(method.init_method_state(params), count=jnp.asarray(2, jnp.int32),
+                 score_mean=jnp.asarray([1.0, 2.0], jnp.float32))
+    grads, _, _, new_state, mets = _grads(method, handle, params, rbatch, state)
+    assert all(bool(jnp.all(jnp.isfinite(v))) for v in mets.values()) and int(new_state["count"]) == 3
+    assert all(float(mets[f"score_{m}"]) > 0 for m in NAMES)
+
+
+# ---- golden: the released training step (GradMod's backward hooks, clipping, window) -------------
 
 
 def _with_random_biases(params, seed=0):
@@ -47,20 +140,6 @@ def _with_random_biases(params, seed=0):
         return jnp.asarray(rng.normal(scale=0.5, size=x.shape), x.dtype)
 
     return jax.tree_util.tree_map_with_path(perturb, params)
-
-
-def _jit_gradients(method, handle):
-    return jax.jit(lambda p, b, k, s: method.gradients(handle, p, b, k, s))
-
-
-def _advance_to_epoch(method, state, epoch):
-    """The trainer's epoch hook, called after each finished epoch (1-based) until ``epoch`` starts."""
-    for finished in range(1, epoch):
-        state = method.on_epoch_end(finished, {}, state, None)
-    return state
-
-
-# ---- AGM -------------------------------------------------------------------------------------
 
 
 @jax.custom_vjp
@@ -212,129 +291,3 @@ def test_agm_options_window_off_and_no_clipping():
     after = step(params, batch, jax.random.PRNGKey(0), _advance_to_epoch(method, dict(inside[3]), 3))
     assert float(after[4]["coeff_x1"]) == float(after[4]["coeff_x2"]) == 1.0
     _assert_trees_close(after[0], joint_grads)
-
-
-# ---- OGM-GE ----------------------------------------------------------------------------------
-
-CNN = {"kind": "resnet18", "widths": (4, 4, 4, 4), "blocks": (1, 1, 1, 1)}
-
-
-def _cnn_setup(method_cfg):
-    """A tiny two-ResNet audio-visual model (as the original's CREMA-D model) and one batch."""
-    info = DatasetInfo(name="toy_av", modalities=("audio", "visual"),
-                       input_shapes={"audio": (16, 16), "visual": (16, 16, 3)}, num_classes=4)
-    model = MultimodalModel(info.modalities, {"audio": dict(CNN, in_channels=1), "visual": dict(CNN, in_channels=3)},
-                            num_classes=4, rngs=nnx.Rngs(params=0, dropout=1))
-    method = get_method(ml_collections.ConfigDict(method_cfg), info)
-    method.check_model(model)
-    model.eval()
-    gd_eval = nnx.split(model, nnx.Param, ...)[0]
-    model.train()
-    gd, params, rest = nnx.split(model, nnx.Param, ...)
-    handle = ModelHandle(gd, gd_eval, nnx.as_pure(rest))
-    params = nnx.as_pure(params)
-    params["fusion"]["bias"] = jnp.linspace(-1.0, 1.0, 4)
-    rng = np.random.default_rng(0)
-    batch = {"audio": jnp.asarray(rng.normal(size=(8, 16, 16)), jnp.float32),
-             "visual": jnp.asarray(rng.normal(size=(8, 16, 16, 3)) * 2.0 + 0.5, jnp.float32),
-             "label": jnp.asarray([0, 1, 2, 3, 0, 1, 2, 3], jnp.int32), "mask": jnp.ones((8,), jnp.float32)}
-    return method, handle, params, batch
-
-
-def _original_ogm_grads(handle, params, batch):
-    """``loss.backward()`` on the joint loss, plus the scores the original computes from the same pass."""
-
-    def loss_fn(p):
-        model = handle.train_model(p)
-        latents = model.encode({m: batch[m] for m in ("audio", "visual")})
-        out = model.fuse(latents)
-        logp = jax.nn.log_softmax(out, axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, batch["label"][:, None], axis=1)), latents
-
-    (_, latents), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return grads, latents
-
-
-def _original_ogm_coefficients(params, latents, label, alpha):
-    """``train_epoch``: out_a = a·W_a + b/2 (concat fusion), summed true-class softmax, Eq. (10)."""
-    bias = np.asarray(params["fusion"]["bias"], np.float64)
-
-    def score(m):
-        out = np.asarray(latents[m], np.float64) @ np.asarray(params["fusion"]["branches"][m]["kernel"], np.float64)
-        out = out + bias[None, :] / 2
-        p = np.exp(out - out.max(1, keepdims=True))
-        p = p / p.sum(1, keepdims=True)
-        return sum(p[i, label[i]] for i in range(out.shape[0]))
-
-    score_a, score_v = score("audio"), score("visual")
-    ratio_v = score_v / score_a
-    ratio_a = 1 / ratio_v
-    if ratio_v > 1:
-        return 1.0, 1 - math.tanh(alpha * max(ratio_v, 0.0))
-    return 1 - math.tanh(alpha * max(ratio_a, 0.0)), 1.0
-
-
-def _modulated(path, leaf):
-    """The original's selection: ``'audio'``/``'visual'`` in the top-level module name and a 4-D gradient."""
-    for i, m in enumerate(("audio", "visual")):
-        if path.startswith(f"['encoders']['{m}']") and leaf.ndim == 4:
-            return i
-    return -1
-
-
-@pytest.mark.parametrize("ge", [False, True], ids=["ogm", "ogm_ge"])
-def test_ogm_ge_matches_the_released_training_step(ge):
-    cfg = {"name": "ogm_ge"} if ge else {"name": "ogm_ge", "ge": False}
-    method, handle, params, batch = _cnn_setup(cfg)
-    step = _jit_gradients(method, handle)
-    joint, latents = jax.jit(lambda p, b: _original_ogm_grads(handle, p, b))(params, batch)
-    coeffs = _original_ogm_coefficients(params, latents, np.asarray(batch["label"]), alpha=1.0)
-    assert min(coeffs) < 1.0
-    state = method.init_method_state(params)
-    # 1-based epochs 1 and 51 are the original's 0-based epochs 0 and 50 (modulation_starts/ends); 52 is not.
-    for epoch, inside in [(1, True), (51, True), (52, False)]:
-        state = _advance_to_epoch(method, method.init_method_state(params), epoch)
-        grads, kw, _, _, mets = step(params, batch, jax.random.PRNGKey(epoch), state)
-        assert kw == {}
-        want_k = coeffs if inside else (1.0, 1.0)
-        np.testing.assert_allclose([mets["coeff_audio"], mets["coeff_visual"]], want_k, rtol=1e-5)
-        standardised, n_noised, n_kernels = [], 0, sum(_modulated(path, r) >= 0 for path, r in _leaves(joint))
-        for (path, g), (_, r) in zip(_leaves(grads), _leaves(joint), strict=True):
-            own = _modulated(path, r) if inside else -1
-            if own < 0 or not ge:  # OGM: parms.grad *= coeff on the 4-D kernels; everything else untouched
-                want = r * coeffs[own] if own >= 0 else r
-                np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(r).max()), err_msg=path)
-                continue
-            # OGM-GE: grad * coeff + N(0, (std(grad) + 1e-8)^2), torch's std being the unbiased one
-            z = (g - r * coeffs[own]) / (r.std(ddof=1) + 1e-8)
-            if z.size >= 100:
-                assert abs(z.std() - 1) < 0.35 and abs(z.mean()) < 0.35, path
-            standardised.append(z.ravel())
-            n_noised += 1
-        if standardised:  # all noised entries together: a standard normal sample of ~2,600 values
-            z = np.concatenate(standardised)
-            assert abs(z.std() - 1) < 0.06 and abs(z.mean()) < 0.06, (z.size, z.mean(), z.std())
-        assert n_kernels == 2 * 12  # per encoder: the stem, 2 per block, 3 shortcut convolutions
-        assert n_noised == (n_kernels if (ge and inside) else 0)
-
-
-def test_ogm_modulate_modes_select_leaves():
-    """``auto``: conv kernels of a CNN encoder, every leaf of an encoder without any; ``conv_kernels``
-    refuses an encoder that has none."""
-    from mcr_jax.methods.ogm_ge import modulated_owners
-
-    params = {"encoders": {"a": {"conv": {"kernel": jnp.zeros((3, 3, 1, 2))}, "bn": {"scale": jnp.zeros((2,))}},
-                           "b": {"dense": {"kernel": jnp.zeros((4, 2)), "bias": jnp.zeros((2,))}}},
-              "fusion": {"branches": {"a": {"kernel": jnp.zeros((2, 3))}, "b": {"kernel": jnp.zeros((2, 3))}},
-                         "bias": jnp.zeros((3,))}}
-    auto = modulated_owners(params, ("a", "b"), "auto")
-    assert auto["encoders"]["a"] == {"conv": {"kernel": 0}, "bn": {"scale": -1}}
-    assert auto["encoders"]["b"] == {"dense": {"kernel": 1, "bias": 1}}
-    assert auto["fusion"]["branches"] == {"a": {"kernel": -1}, "b": {"kernel": -1}} and auto["fusion"]["bias"] == -1
-    conv = modulated_owners(params, ("a", "b"), "conv_kernels")
-    assert conv["encoders"]["a"]["conv"]["kernel"] == 0 and conv["encoders"]["b"]["dense"]["kernel"] == -1
-    enc = modulated_owners(params, ("a", "b"), "encoder_and_branch")
-    assert enc["encoders"]["a"]["bn"]["scale"] == 0 and enc["fusion"]["branches"]["b"]["kernel"] == 1
-    with pytest.raises(ValueError, match="conv_kernels"):
-        build({"name": "ogm_ge", "modulate": "conv_kernels"})  # the toy model's MLP encoders have no 4-D kernel
-    _cnn_setup({"name": "ogm_ge", "modulate": "conv_kernels"})  # CNN encoders: accepted

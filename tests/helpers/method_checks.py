@@ -1,0 +1,135 @@
+"""Shared checks of the method tests: jitted gradient steps, plain NumPy / JAX reference maths, and
+leaf-by-leaf comparisons of parameter trees (used by ``tests/test_method_*.py``)."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mcr_jax.methods import get_method
+from tests.helpers.method_setup import toy_data
+
+NAMES = ("x1", "x2")  # the toy data's modalities
+# where a modality's parameters sit in the toy model's parameter tree
+PREFIX = {"encoders": "['encoders']", "heads": "['heads']", "branches": "['fusion']['branches']"}
+
+
+# ---- running a method's gradient step ---------------------------------------------------------------
+
+
+def cached_gradients(method, handle, params, batch, state, key=0):
+    """``method.gradients`` under jit (compiled once per method instance and input shapes)."""
+    if not hasattr(method, "_test_step"):
+        method._test_step = jax.jit(lambda p, b, k, s: method.gradients(handle, p, b, k, s))
+    return method._test_step(params, batch, jax.random.PRNGKey(key), state)
+
+
+def step_gradients(method, handle, params, batch, method_state=None):
+    """One jitted ``method.gradients`` call with key 0 (``method_state`` defaults to the initial one)."""
+    ms = method.init_method_state(params) if method_state is None else method_state
+    return jax.jit(lambda p, b, s: method.gradients(handle, p, b, jax.random.PRNGKey(0), s))(params, batch, ms)
+
+
+def jit_gradients(method, handle):
+    """``(params, batch, key, state) -> method.gradients(...)``, jitted."""
+    return jax.jit(lambda p, b, k, s: method.gradients(handle, p, b, k, s))
+
+
+def reference_gradients(name, handle, params, batch, **cfg):
+    """The gradients of another (plain) method, e.g. ``"joint"``, on the same model and batch."""
+    ref = get_method(ml_collections.ConfigDict({"name": name, **cfg}), toy_data()[1])
+    return cached_gradients(ref, handle, params, batch, {})[0]
+
+
+def advance_to_epoch(method, state, epoch):
+    """The trainer's epoch hook, called after each finished epoch (1-based) until ``epoch`` starts."""
+    for finished in range(1, epoch):
+        state = method.on_epoch_end(finished, {}, state, None)
+    return state
+
+
+def inputs(batch):
+    """The modality inputs of a toy batch."""
+    return {m: batch[m] for m in NAMES}
+
+
+# ---- reference maths ----------------------------------------------------------------------------------
+
+
+def f64(x):
+    return np.asarray(x, np.float64)
+
+
+def log_softmax(x):
+    x = f64(x)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def ce(logits, labels):
+    """Mean cross-entropy of integer ``labels`` under ``logits``, in float64 NumPy."""
+    labels = np.asarray(labels)
+    return float(-np.mean(log_softmax(logits)[np.arange(len(labels)), labels]))
+
+
+def cross_entropy(logits, label):
+    """``nn.CrossEntropyLoss()`` in JAX (differentiable): the batch mean."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, label[:, None], axis=1))
+
+
+# ---- parameter trees ------------------------------------------------------------------------------
+
+
+def leaves(tree, dtype=None):
+    """``[(keystr path, leaf as a NumPy array)]``, optionally cast to ``dtype``."""
+    return [(jax.tree_util.keystr(p), np.asarray(x, dtype)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def abs_sum(tree):
+    return sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(tree))
+
+
+def replace_leaves(params, updates):
+    """A copy of ``params`` with ``{keystr: new array}`` substituted."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: updates.get(jax.tree_util.keystr(p), x), params)
+
+
+def owner(path, parts):
+    """Which modality's scaled group a parameter path belongs to (-1: none), read off the path."""
+    for part in parts:
+        for i, m in enumerate(NAMES):
+            if path.startswith(f"{PREFIX[part]}['{m}']"):
+                return i
+    return -1
+
+
+def assert_scaled(grads, reference, coeffs, parts):
+    """grads == reference × coeffs[m] on modality m's `parts`, == reference elsewhere."""
+    for (path, g), (_, r) in zip(leaves(grads), leaves(reference), strict=True):
+        own = owner(path, parts)
+        want = r * float(coeffs[own]) if own >= 0 else r
+        np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-7, err_msg=path)
+
+
+def apply_coefficients(grads, owner_fn, coeffs):
+    """The released ``param.grad *= coeff_m`` on the parameters ``owner_fn`` assigns to modality m."""
+    out = []
+    for path, g in leaves(grads):
+        own = owner_fn(path)
+        out.append((path, g * coeffs[own] if own >= 0 else g))
+    return out
+
+
+def assert_leaves_close(got, want_leaves, rtol=1e-5, atol=1e-7):
+    """``got`` (a tree) equals ``want_leaves`` (``[(path, array)]``), path by path."""
+    for (path, g), (wpath, w) in zip(leaves(got), want_leaves, strict=True):
+        assert path == wpath
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, err_msg=path)
+
+
+def assert_trees_close(got, want, rtol=2e-4):
+    """Two trees agree leaf by leaf (float64), with an absolute tolerance relative to each leaf's scale."""
+    for (path, g), (wpath, w) in zip(leaves(got, np.float64), leaves(want, np.float64), strict=True):
+        assert path == wpath
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * max(1e-3, float(np.abs(w).max())), err_msg=path)
