@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from mcr_jax import metrics
+from mcr_jax import guards, metrics
 
 LAMBDAS = (0.1, 1.0)
 
@@ -99,8 +99,7 @@ def gradient_chart(data: dict, path: str) -> str:
     axes[0, 0].set_ylabel("gradient norm per player (mean over steps, seeds)")
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    guards.write_figure(fig, path, dpi=110)
     return path
 
 

@@ -295,8 +295,7 @@ def _sweep_chart(outs, values, axis_label, type_names, path) -> str:
         ax.set_title(f"test accuracy %: {title}", fontsize=9)
     axes[0, 0].legend(fontsize=8, title="grey: other methods", title_fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    guards.write_figure(fig, path, dpi=110)
     return path
 
 
@@ -400,8 +399,7 @@ def _mfeat_chart(settings, outs, labels, path) -> str:
             ax.text(j, i, f"{grid[i, j]:+.1f}", ha="center", va="center", fontsize=6)
     fig.colorbar(im, ax=ax, label="test accuracy − joint (points, mean over seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    guards.write_figure(fig, path, dpi=110)
     return path
 
 
@@ -411,14 +409,14 @@ _TUNED: dict = {}
 
 def tuned_mcr_config() -> tuple[ml_collections.ConfigDict, dict]:
     """MCR at the options its tuning chose (validation) on the default synthetic point."""
-    from mcr_jax.report import method_config
+    from mcr_jax.report import comparison_config
     from mcr_jax.seeds import with_options
 
     if "mcr" not in _TUNED:
         out, _ = synthetic_point(tuple(FLAGS.config.data.proportions))
         _TUNED["mcr"] = out["chosen"]["mcr"]
     chosen = _TUNED["mcr"]
-    return with_options(method_config(FLAGS.config, "mcr", {}), chosen), chosen
+    return with_options(comparison_config(FLAGS.config, "mcr", {}), chosen), chosen
 
 
 def run_variants(name: str, variants: dict, reference: str):
@@ -471,8 +469,7 @@ def _variant_chart(runs: dict, reference: str, path: str, title: str) -> str:
     ax.set_xlabel(f"test accuracy − {reference} (points), 95 % t-interval")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    guards.write_figure(fig, path, dpi=110)
     return path
 
 
@@ -566,8 +563,7 @@ def _sensitivity_chart(runs, path) -> str:
         ax.set_ylabel("fused accuracy % (95 % t-interval)")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    guards.write_figure(fig, path, dpi=110)
     return path
 
 

@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from mcr_jax import guards
+
 
 def read_history(run_dir: str) -> list[dict]:
     """The per-epoch records of a finished or running run (``[]`` when it has none yet)."""
@@ -122,8 +124,7 @@ def dynamics_chart(runs: Mapping[str, Sequence[Sequence[Mapping]]], path: str, m
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 0.97 if title else 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    guards.write_figure(fig, path, dpi=100)
     return path
 
 

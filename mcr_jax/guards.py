@@ -11,12 +11,16 @@ import os
 import tempfile
 from typing import Any
 
+from mcr_jax import parallel
 from mcr_jax.tasks import TASKS, get_task
 
 
 def write_json_atomic(path: str, obj: Any, *, indent: int | None = 1) -> None:
     """Writes ``obj`` as JSON to ``path`` through a temporary file in the same folder and
-    ``os.replace``: a reader (or a rerun after a kill) sees the old file or the new one, never half."""
+    ``os.replace``: a reader (or a rerun after a kill) sees the old file or the new one, never half.
+    In a multi-process run only process 0 writes (every process holds the same results)."""
+    if not parallel.is_primary():
+        return
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
@@ -30,6 +34,17 @@ def write_json_atomic(path: str, obj: Any, *, indent: int | None = 1) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_figure(fig, path: str, *, dpi: int = 110) -> str:
+    """Saves a matplotlib figure as ``path`` (process 0 only, like :func:`write_json_atomic`) and
+    closes it; returns ``path``."""
+    if parallel.is_primary():
+        fig.savefig(path, dpi=dpi)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
 
 
 def read_json_or_none(path: str, log=print) -> dict | None:

@@ -30,7 +30,7 @@ METHOD_DEFAULTS = {
 PER_SEED = ("ensemble", "uni_pre_frozen", "uni_pre_finetuned")
 
 
-def method_config(config, name: str, unimodal_dirs: dict[str, str]) -> ml_collections.ConfigDict:
+def comparison_config(config, name: str, unimodal_dirs: dict[str, str]) -> ml_collections.ConfigDict:
     """The config of one method in a comparison: the config's own method section for the method it
     was built for (``mcr`` by default, with its dataset-specific settings), else the method's
     comparison defaults (the method fills in the rest)."""
@@ -77,10 +77,10 @@ def run_comparison(config, workdir: str, methods=DEFAULT_METHODS, seeds=(0, 1, 2
                 base = ml_collections.ConfigDict(config.to_dict())
                 base.seed = int(s)
                 unimodal_dirs = {m: os.path.join(seed_dir(s), f"unimodal_{m}") for m in modalities}
-                res = train_and_evaluate(method_config(base, name, unimodal_dirs), os.path.join(seed_dir(s), name))
+                res = train_and_evaluate(comparison_config(base, name, unimodal_dirs), os.path.join(seed_dir(s), name))
                 runs.setdefault(name, []).append(res)
         else:
-            all_seeds(method_config(config, name, {}), name, name)
+            all_seeds(comparison_config(config, name, {}), name, name)
     summary = summarize(runs)
     out = {"dataset": config.data.name, "modalities": list(modalities), "seeds": list(seeds), "summary": summary,
            "runs": runs}
@@ -176,6 +176,5 @@ def bar_chart(summary: dict, path: str, *, task: Task | str = "classification", 
     ax.set_ylim(max(0.0, lo - 5 * scale / 100), None)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    guards.write_figure(fig, path, dpi=120)
     return path

@@ -12,7 +12,8 @@ written to the same places (``<workdir>/seed_<s>/results.json``, ``metrics.jsonl
 start from it), plus ``<workdir>/summary.json``.
 
 Where the vectorised program does not apply — streamed (TFDS) data, several processes, a method
-that keeps per-run state outside its method state (D&R), uni-pre initialisation, MCR's local
+that keeps per-run state outside its method state (``Method.vectorizable_seeds = False``; none of
+ours does), uni-pre initialisation, MCR's local
 permutation scope — :func:`train_seeds` falls back to running the seeds one after another (and
 says so).
 

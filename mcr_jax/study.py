@@ -33,7 +33,7 @@ import numpy as np
 
 from mcr_jax import dynamics, guards, metrics
 from mcr_jax.methods import method_grid
-from mcr_jax.report import METHOD_DEFAULTS, PER_SEED, method_config, summarize
+from mcr_jax.report import METHOD_DEFAULTS, PER_SEED, comparison_config, summarize
 from mcr_jax.tasks import get_task
 from mcr_jax.train import selection_metric, train_and_evaluate, unimodal_config
 
@@ -82,9 +82,9 @@ def _train_config(config, name: str, options: dict, seeds, root: str, modalities
                    for m in modalities}
             for m in modalities:  # the ensemble and uni-pre need this seed's unimodal runs
                 train_and_evaluate(unimodal_config(base, m), uni[m])
-            out.append(train_and_evaluate(method_config(base, name, uni), os.path.join(root, f"seed_{s}")))
+            out.append(train_and_evaluate(comparison_config(base, name, uni), os.path.join(root, f"seed_{s}")))
         return out
-    return train_seeds(with_options(method_config(config, name, {}), options), root, seeds)["per_seed"]
+    return train_seeds(with_options(comparison_config(config, name, {}), options), root, seeds)["per_seed"]
 
 
 def run_study(config, workdir: str, methods, *, budget: int = 4, tune_seeds=(0, 1, 2),
@@ -124,7 +124,7 @@ def run_study(config, workdir: str, methods, *, budget: int = 4, tune_seeds=(0, 
         if len(points) > 1 and name not in PER_SEED:  # the whole grid × tune seeds: one program where traceable
             from mcr_jax.seeds import train_grid
 
-            grid = train_grid(method_config(config, name, {}), os.path.join(workdir, name), tune_seeds, points)
+            grid = train_grid(comparison_config(config, name, {}), os.path.join(workdir, name), tune_seeds, points)
             per_point = [g["per_seed"] for g in grid]
         else:
             per_point = [_train_config(config, name, options, tune_seeds if len(points) > 1 else eval_seeds,
@@ -233,8 +233,7 @@ def paired_chart(out: dict, path: str) -> str:
         ax.set_yticks(np.arange(len(items)), [k for k, _ in items])
         ax.set_xlabel(f"test {out['metric']} − {ref} ({'points' if scale == 100 else 'MAE'}), 95 % CI")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    guards.write_figure(fig, path, dpi=120)
     return path
 
 

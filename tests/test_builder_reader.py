@@ -9,6 +9,7 @@ import socket
 import numpy as np
 import pytest
 import soundfile
+from absl import flags as absl_flags
 
 from mcr_jax.data.builders import audio_video as av
 from mcr_jax.data.tfds_source import (
@@ -223,7 +224,9 @@ def test_worker_processes_give_the_same_batches():
     src = ListSource(7)
     kw = dict(shuffle=True, seed=0, epoch=0, drop_remainder=False, augment_fn=FrameAugment())
     ref = collect(grain_batches(src, 4, **kw))
+    parsed = absl_flags.FLAGS.is_parsed()
     got = collect(grain_batches(src, 4, worker_count=1, **kw))
+    assert absl_flags.FLAGS.is_parsed() == parsed  # the global flags are left as they were
     assert len(got) == len(ref)
     for a, b in zip(ref, got, strict=True):
         for key in a:

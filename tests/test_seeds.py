@@ -32,11 +32,14 @@ def _same(a, b, dir_a, dir_b):
     assert a["test"]["loss"] == pytest.approx(b["test"]["loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("method", ["joint", "mcr", "mslr"])  # MSLR: a host hook that changes the state
+# MSLR: a host hook that changes the state; D&R: one that replaces the parameters (towards θ⁰ in its state)
+@pytest.mark.parametrize("method", ["joint", "mcr", "mslr", "dnr"])
 def test_vectorised_seeds_equal_separate_runs(method, tmp_path):
     cfg = smoke_config(method)
     if method == "mslr":
         cfg.method.partial_window = True  # its rates adapt from epoch 2 on
+    if method == "dnr":
+        cfg.method.reinit_epochs = 1  # a re-initialisation after epoch 1
     out = seeds_mod.train_seeds(cfg, str(tmp_path / "vec"), [0, 3])
     assert [r["vectorized_seeds"] for r in out["per_seed"]] == [[0, 3], [0, 3]]
     for s, res in zip([0, 3], out["per_seed"], strict=True):
@@ -57,7 +60,8 @@ def test_vectorised_seeds_stop_early_each_on_its_own(tmp_path):
 
 
 def test_methods_that_cannot_share_a_program_fall_back(tmp_path, capsys):
-    cfg = smoke_config("dnr", num_epochs=1)
+    cfg = smoke_config("mcr", num_epochs=1)
+    cfg.method.permutation_scope = "local"  # runs under shard_map: one program per seed
     out = seeds_mod.train_seeds(cfg, str(tmp_path), [0, 1])
     assert "one after another" in capsys.readouterr().out
     assert [r["seed"] for r in out["per_seed"]] == [0, 1]

@@ -266,8 +266,11 @@ def grain_batches(
           .map(_Prepare(source, augment_fn, seed, epoch))
           .batch(local, batch_fn=_collate))
     if worker_count > 0:
-        if not absl_flags.FLAGS.is_parsed():  # grain workers read absl flags; outside absl.app.run
-            absl_flags.FLAGS.mark_as_parsed()  # nobody has parsed them: use the defaults
+        # grain's workers read absl flags, which nobody has parsed outside absl.app.run: mark them
+        # parsed (their defaults) while this iterator lives, and put them back as they were after
+        borrowed = not absl_flags.FLAGS.is_parsed()
+        if borrowed:
+            absl_flags.FLAGS.mark_as_parsed()
         it = iter(ds.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count)))
         try:
             yield from it
@@ -275,6 +278,8 @@ def grain_batches(
             close = getattr(it, "close", None)
             if close is not None:
                 close()
+            if borrowed:
+                absl_flags.FLAGS.unparse_flags()
     else:
         for i in range(len(ds)):
             yield ds[i]

@@ -154,8 +154,6 @@ class DnR(Method):
 
     name = "dnr"
     reports_unimodal_heads = True
-    #: θ⁰ lives on the instance, one run's: seeds are not vectorised (see mcr_jax.seeds).
-    vectorizable_seeds = False
 
     def __init__(self, config, info):
         super().__init__(config, info)
@@ -170,7 +168,6 @@ class DnR(Method):
         integer = isinstance(n_init, (int, np.integer)) and not isinstance(n_init, bool)
         if not (n_init == "auto" or (integer and n_init >= 1)):
             raise ValueError(f"method.kmeans_n_init must be an integer >= 1 or 'auto'; got {n_init!r}.")
-        self._initial = None
 
     # ---- training ----------------------------------------------------------------------------
     def loss(self, handle, params, batch, key, method_state):
@@ -182,10 +179,15 @@ class DnR(Method):
         return total, {"task": fused, **{f"uni_{m}": v for m, v in uni.items()}}, model
 
     def init_method_state(self, params):
-        self._initial = jax.device_get(params["encoders"])  # θ⁰ for reinit_target="initial"
+        """Counters and the last diagnosis; with ``reinit_target="initial"`` also θ⁰, the encoders'
+        starting parameters (checkpointed with the run, so a resumed run re-initialises towards the
+        same θ⁰)."""
         m = len(self.modalities)
-        return {"reinits": jnp.zeros((), jnp.int32), "purity_train": jnp.zeros((m,), jnp.float32),
-                "purity_val": jnp.zeros((m,), jnp.float32), "strength": jnp.zeros((m,), jnp.float32)}
+        state = {"reinits": jnp.zeros((), jnp.int32), "purity_train": jnp.zeros((m,), jnp.float32),
+                 "purity_val": jnp.zeros((m,), jnp.float32), "strength": jnp.zeros((m,), jnp.float32)}
+        if self.opts["reinit_target"] == "initial":
+            state["initial"] = jax.tree.map(jnp.array, params["encoders"])
+        return state
 
     # ---- diagnosis and re-learning -----------------------------------------------------------
     def due(self, epoch: int, reinits_done: int) -> bool:
@@ -211,10 +213,7 @@ class DnR(Method):
         val_feats, val_labels = ctx.features("validation")
         diag = self.diagnose(train_feats, train_labels, val_feats, val_labels)
         if self.opts["reinit_target"] == "initial":
-            if self._initial is None:
-                raise RuntimeError("D&R reinit_target='initial' needs init_method_state(params) to have been called "
-                                   "with the starting parameters.")
-            target = self._initial
+            target = method_state["initial"]
         else:
             target = ctx.fresh_params(int(self.opts["reinit_seed"]) + done)["encoders"]
         strengths = {m: diag[m][2] for m in self.modalities}
@@ -223,5 +222,5 @@ class DnR(Method):
             f"{m} purity train {diag[m][0]:.3f} val {diag[m][1]:.3f} -> alpha {diag[m][2]:.3f}"
             for m in self.modalities), flush=True)
         col = lambda i: jnp.asarray([diag[m][i] for m in self.modalities], jnp.float32)
-        return {"reinits": jnp.asarray(done + 1, jnp.int32), "purity_train": col(0), "purity_val": col(1),
-                "strength": col(2)}
+        return {**method_state, "reinits": jnp.asarray(done + 1, jnp.int32), "purity_train": col(0),
+                "purity_val": col(1), "strength": col(2)}
