@@ -16,18 +16,21 @@ from mcr_jax import guards, metrics
 from mcr_jax.tasks import Task, get_task
 from mcr_jax.train import train_and_evaluate, unimodal_config
 
-DEFAULT_METHODS = ("unimodal", "ensemble", "joint", "multiloss", "uni_pre_frozen", "uni_pre_finetuned", "ogm_ge",
-                   "agm", "mlb", "mslr", "mmcosine", "mmpareto", "reconboost", "dnr", "mcr")
+DEFAULT_METHODS = ("unimodal", "ensemble", "ume", "joint", "multiloss", "uni_pre_frozen", "uni_pre_finetuned", "umt",
+                   "ogm_ge", "agm", "mlb", "mslr", "mmcosine", "mmpareto", "reconboost", "dnr", "greedy", "gblending",
+                   "pmr", "opm", "mla", "mcr")
 # Per-method defaults on top of the config's method section (the config's own section is MCR's).
 METHOD_DEFAULTS = {
     "multiloss": {"uni_weight": 1.0},
     "uni_pre_frozen": {"name": "uni_pre", "freeze": True},
     "uni_pre_finetuned": {"name": "uni_pre", "freeze": False},
+    # UME (Du et al., ICML 2023): the uni-modal models' logits averaged
+    "ume": {"name": "ensemble", "mode": "logits"},
 }
 
 
 #: methods whose config differs per seed (they start from, or combine, that seed's unimodal runs).
-PER_SEED = ("ensemble", "uni_pre_frozen", "uni_pre_finetuned")
+PER_SEED = ("ensemble", "ume", "uni_pre_frozen", "uni_pre_finetuned", "umt")
 
 
 def comparison_config(config, name: str, unimodal_dirs: dict[str, str]) -> ml_collections.ConfigDict:
@@ -40,7 +43,9 @@ def comparison_config(config, name: str, unimodal_dirs: dict[str, str]) -> ml_co
     section = {"name": name, **METHOD_DEFAULTS.get(name, {})}
     if section["name"] == "uni_pre":
         section["pretrained"] = dict(unimodal_dirs)
-    if name == "ensemble":
+    if section["name"] == "umt":  # the uni-modal teachers: this seed's unimodal runs
+        section["teachers"] = dict(unimodal_dirs)
+    if section["name"] == "ensemble":
         section["unimodal_workdirs"] = dict(unimodal_dirs)
     c.method = ml_collections.ConfigDict(section)
     return c

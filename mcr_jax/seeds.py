@@ -260,7 +260,7 @@ def _train_vectorized(config, workdir, specs: list[RunSpec], run) -> list[dict]:
             m["train_time_s"] += epoch_time
             one = take(states, i)
             ctx = EpochContext(epoch=epoch, steps_per_epoch=run.steps_per_epoch, state=one,
-                               features_fn=run.features_fn, fresh_params_fn=run.fresh_params)
+                               features_fn=run.features_fn, fresh_params_fn=run.fresh_params, fuse_fn=run.fuse_fn)
             new_ms = method.on_epoch_end(epoch, val, ctx.state.method_state, ctx)
             if ctx.state is not one or new_ms is not one.method_state:  # the hook changed something:
                 one = ctx.state._replace(method_state=new_ms)  # write this run's state back (a copy
@@ -269,7 +269,7 @@ def _train_vectorized(config, workdir, specs: list[RunSpec], run) -> list[dict]:
             record = {"epoch": epoch, "step": m["steps"], "train": {k: float(np.mean(v[i])) for k, v in mets.items()},
                       "val": {"loss": val["loss"],
                               **{f"{h}_{k}": v for h, d in val["heads"].items() for k, v in d.items()},
-                              **{f"mipd_{mm}": v for mm, v in val.get("mipd", {}).items()}},
+                              **{f"mipd_{mm}": v for mm, v in val.get("mipd", {}).items()}, **ctx.logged},
                       "time_s": epoch_time}
             m["history"].append(train._jsonable(record))
             m["epoch"] = epoch

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mcr_jax.data.types import INDEX_KEY
 from mcr_jax.losses import mipd_divergences, sample_permutations
 from mcr_jax.methods import ModelHandle
 from mcr_jax.state import StepOutput, TrainState
@@ -82,9 +83,11 @@ def make_train_step(method, tx, graphdef_train, graphdef_eval, metric_names, bas
 
 
 def gather_batch(arrays: dict, rows: jax.Array, mask: jax.Array | None = None) -> dict:
-    """``{k: v[rows]}`` plus the ``mask`` column (all ones unless given)."""
+    """``{k: v[rows]}`` plus the ``mask`` column (all ones unless given) and the ``index`` column
+    (``rows``: each row's example index in the split), as the host pipeline's batches."""
     batch = {k: v[rows] for k, v in arrays.items()}
     batch["mask"] = jnp.ones(rows.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    batch[INDEX_KEY] = rows.astype(jnp.int32)
     return batch
 
 

@@ -82,7 +82,8 @@ def _train_config(config, name: str, options: dict, seeds, root: str, modalities
                    for m in modalities}
             for m in modalities:  # the ensemble and uni-pre need this seed's unimodal runs
                 train_and_evaluate(unimodal_config(base, m), uni[m])
-            out.append(train_and_evaluate(comparison_config(base, name, uni), os.path.join(root, f"seed_{s}")))
+            cfg = with_options(comparison_config(base, name, uni), options)
+            out.append(train_and_evaluate(cfg, os.path.join(root, f"seed_{s}")))
         return out
     return train_seeds(with_options(comparison_config(config, name, {}), options), root, seeds)["per_seed"]
 

@@ -193,6 +193,7 @@ class Run:
     eval_fn: dict = dataclasses.field(default_factory=dict)
     features_fn: Callable | None = None
     fresh_params: Callable | None = None
+    fuse_fn: Callable | None = None
 
     def batches(self, split: str, batch_size: int, *, train: bool, epoch: int):
         """This process's slice of each global batch, assembled into global sharded arrays."""
@@ -280,7 +281,12 @@ def setup(config, *, mesh=None) -> Run:
         fresh = inputs.build_model(config.model, info, seed=int(new_seed))
         return parallel.replicate(nnx.as_pure(nnx.split(fresh, nnx.Param, ...)[1]), mesh)
 
-    run.features_fn, run.fresh_params = features_fn, fresh_params
+    fuse = jax.jit(lambda p, r, z: method.fuse(nnx.merge(graphdef_eval, p, r), z))
+
+    def fuse_fn(p, r, latents):
+        return np.asarray(parallel.to_host(fuse(p, r, {m: jnp.asarray(v) for m, v in latents.items()})))
+
+    run.features_fn, run.fresh_params, run.fuse_fn = features_fn, fresh_params, fuse_fn
     return run
 
 
@@ -424,12 +430,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         epoch_time = time.perf_counter() - t0
         meta["train_time_s"] += epoch_time
         ctx = EpochContext(epoch=epoch, steps_per_epoch=run.steps_per_epoch, state=state,
-                           features_fn=run.features_fn, fresh_params_fn=run.fresh_params)
+                           features_fn=run.features_fn, fresh_params_fn=run.fresh_params, fuse_fn=run.fuse_fn)
         new_ms = method.on_epoch_end(epoch, val, ctx.state.method_state, ctx)
         state = ctx.state._replace(method_state=new_ms)
         record = {"epoch": epoch, "step": _scalar(state.step), "train": train_means,
                   "val": {"loss": val["loss"], **{f"{h}_{k}": v for h, d in val["heads"].items() for k, v in d.items()},
-                          **{f"mipd_{m}": v for m, v in val.get("mipd", {}).items()}},
+                          **{f"mipd_{m}": v for m, v in val.get("mipd", {}).items()}, **ctx.logged},
                   "time_s": epoch_time}
         meta["history"].append(_jsonable(record))
         if tensorboard.enabled(config) and parallel.is_primary():

@@ -72,6 +72,7 @@ def _reference_batches(columns, n, batch_size, *, train, seed, epoch, process_in
         rows = order[b * batch_size + process_index * local: b * batch_size + (process_index + 1) * local]
         batch = {k: v[rows] for k, v in columns.items()}
         batch["mask"] = mask[b * batch_size + process_index * local: b * batch_size + (process_index + 1) * local]
+        batch["index"] = rows.astype(np.int32)  # each row's example index (padding: 0)
         out.append(batch)
     return out
 
@@ -175,7 +176,8 @@ def test_batches_identical_through_old_and_new_entry_points(train, procs):
             _assert_same_batches(old.batches(split, 8, **kw), want)
             plain = data.batches(splits[split], 8, shuffle=train, seed=3, epoch=2, drop_remainder=train,
                                  process_index=p, process_count=procs)
-            _assert_same_batches(({k: b[k] for k in (*columns, "mask")} for b in plain), want)
+            _assert_same_batches(({k: b[k] for k in (*columns, "mask")} for b in plain),
+                                 [{k: v for k, v in w.items() if k != "index"} for w in want])
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
@@ -222,7 +224,8 @@ def test_arrays_gathered_by_batch_layout_are_the_batches(train, procs):
         indices, mask = ds.batch_layout("train", 8, **kw)
         assert indices.dtype == np.int64 and mask.dtype == np.float32 and indices.shape == mask.shape
         assert indices.shape[1] == 8 // procs
-        gathered = [{**{k: v[idx] for k, v in cols.items()}, "mask": m} for idx, m in zip(indices, mask, strict=True)]
+        gathered = [{**{k: v[idx] for k, v in cols.items()}, "mask": m, "index": idx.astype(np.int32)}
+                    for idx, m in zip(indices, mask, strict=True)]
         _assert_same_batches(ds.batches("train", 8, **kw), gathered)
 
 

@@ -129,7 +129,9 @@ def test_random_access_source_is_checked_as_batches_are_read(register):
     n_train = sum(1 for _ in dataset.batches("train", 4, train=True, seed=0, epoch=0))
     assert n_train == 3
     batches = dataset.batches("test", 4, train=False, seed=0, epoch=0)
-    assert set(next(batches)) == {"x1", "x2", "label", "mask"}  # the record index stays internal
+    first = next(batches)
+    assert set(first) == {"x1", "x2", "label", "mask", "index"}
+    np.testing.assert_array_equal(first["index"], [0, 1, 2, 3])  # each row's example index in the split
     with _raises("test", "label", 9):
         list(batches)
 

@@ -45,7 +45,7 @@ from mcr_jax.data.mfeat import load_mfeat
 from mcr_jax.data.pipeline import batches as array_batches
 from mcr_jax.data.pipeline import check_not_empty
 from mcr_jax.data.synthetic import load_synthetic
-from mcr_jax.data.types import LABEL_KEY, MASK_KEY, ArraySplit, DatasetInfo
+from mcr_jax.data.types import INDEX_KEY, LABEL_KEY, MASK_KEY, ArraySplit, DatasetInfo
 
 __all__ = [
     "DATASETS",
@@ -64,7 +64,6 @@ _KINDS = (IN_MEMORY, TFDS)
 
 Loader = Callable[..., "tuple[dict[str, Any], DatasetInfo]"]
 
-_INDEX = "__example_index__"  # record indices of streamed in-memory-pipeline batches (internal)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,25 +317,26 @@ class Dataset:
         ``train=True``: shuffled by ``(seed, epoch)``, the last partial batch dropped (and, for
         TFDS datasets, frames augmented). ``train=False``: in order, the last batch padded with
         rows of ``mask`` 0. ``batch_size`` is the global batch; each batch is
-        ``{modality, "<modality>_mask"?, "label", "mask"}``, ``[batch_size / process_count, ...]``.
+        ``{modality, "<modality>_mask"?, "label", "mask", "index"}``, ``[batch_size / process_count, ...]``
+        (``"index"``: each row's example index in the split, int32).
         """
         source = self.splits[split]
         streamed = self.check and not self.in_memory(split)  # checked here, batch by batch
         if self.tfds_info is not None:
             from mcr_jax.data.tfds_source import split_batches
 
-            index_key = "index"  # grain_batches carries each row's record index
             it = split_batches(source, self.tfds_info, batch_size, train=train, seed=seed, epoch=epoch,
                                process_index=process_index, process_count=process_count)
         else:
-            index_key = _INDEX if streamed else None
             it = array_batches(source, batch_size, shuffle=train, seed=seed, epoch=epoch, drop_remainder=train,
-                               process_index=process_index, process_count=process_count, index_key=index_key)
+                               process_index=process_index, process_count=process_count, index_key=INDEX_KEY)
         keep = {*self._keys(), MASK_KEY}
         for batch in it:
             if streamed:
-                self._check(batch, split=split, scope="batch", index=batch[index_key], valid=batch[MASK_KEY] > 0)
-            yield {k: v for k, v in batch.items() if k in keep}
+                self._check(batch, split=split, scope="batch", index=batch[INDEX_KEY], valid=batch[MASK_KEY] > 0)
+            out = {k: v for k, v in batch.items() if k in keep}
+            out[INDEX_KEY] = np.asarray(batch[INDEX_KEY], np.int32)  # grain batches carry it too
+            yield out
 
     def scan(self, splits: Sequence[str] | None = None, *, batch_size: int = 256) -> None:
         """Reads every example of ``splits`` (default: all) once, so that the checks run now.

@@ -20,6 +20,8 @@ TASKS = ("classification", "regression")
 # Split entries that are never model inputs (standardisation and the like skip them).
 LABEL_KEY = "label"
 MASK_KEY = "mask"
+#: every batch's int32 ``[B]`` column: each row's example index in its split (padding rows: 0).
+INDEX_KEY = "index"
 
 
 @dataclasses.dataclass(frozen=True)

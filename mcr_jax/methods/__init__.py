@@ -27,6 +27,13 @@ METHODS: dict[str, type[Method] | str] = {
     "mmpareto": "mcr_jax.methods.mmpareto:MMPareto",
     "reconboost": "mcr_jax.methods.reconboost:ReconBoost",
     "dnr": "mcr_jax.methods.dnr:DnR",
+    # More balancing methods of the field, each from its authors' (or a cited) released code.
+    "greedy": "mcr_jax.methods.greedy:Greedy",
+    "gblending": "mcr_jax.methods.gblending:GBlending",
+    "pmr": "mcr_jax.methods.pmr:PMR",
+    "umt": "mcr_jax.methods.umt:UMT",
+    "opm": "mcr_jax.methods.opm:OPM",
+    "mla": "mcr_jax.methods.mla:MLA",
 }
 ORCHESTRATED = ("ensemble",)
 

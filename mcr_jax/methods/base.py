@@ -73,15 +73,22 @@ class EpochContext:
       from ``state``;
     - ``features(split)``: ``({modality: [N, D_m]}, labels [N])`` — the encoders' latents (eval mode)
       over a whole split, padding removed;
-    - ``fresh_params(seed)``: the parameters of a newly initialised model (same structure).
+    - ``fresh_params(seed)``: the parameters of a newly initialised model (same structure);
+    - ``fuse(latents)``: the method's fused prediction (``Method.fuse``, evaluation mode, current
+      parameters) of ``{modality: [N, D_m]}`` latents, as a host array ``[N, C]``;
+    - ``log(metrics)``: ``{name: float}`` added to this epoch's validation record (``metrics.jsonl``
+      ``val``, TensorBoard ``val/``), e.g. a diagnostic computed here.
     """
 
-    def __init__(self, *, epoch, steps_per_epoch, state, features_fn, fresh_params_fn):
+    def __init__(self, *, epoch, steps_per_epoch, state, features_fn, fresh_params_fn, fuse_fn=None):
         self.epoch = epoch
         self.steps_per_epoch = steps_per_epoch
         self._state = state
         self._features_fn = features_fn
         self._fresh_params_fn = fresh_params_fn
+        self._fuse_fn = fuse_fn
+        #: what the hook logged with :meth:`log` (the trainer adds it to the epoch's ``val`` record).
+        self.logged: dict[str, float] = {}
 
     @property
     def state(self):
@@ -104,6 +111,14 @@ class EpochContext:
 
     def fresh_params(self, seed: int):
         return self._fresh_params_fn(seed)
+
+    def fuse(self, latents):
+        if self._fuse_fn is None:
+            raise ValueError("this epoch context has no fusion function (the trainer passes fuse_fn).")
+        return self._fuse_fn(self._state.params, self._state.rest, latents)
+
+    def log(self, metrics) -> None:
+        self.logged.update({str(k): float(v) for k, v in dict(metrics).items()})
 
 
 class Method:
@@ -155,6 +170,14 @@ class Method:
         if defaults is None:
             defaults = getattr(sys.modules[cls.__module__], "DEFAULTS", {})
         return {k: (dict(v) if isinstance(v, dict) else v) for k, v in defaults.items()}
+
+    def require_separable(self, model, why: str) -> None:
+        """A clear ``ValueError`` unless the model's fusion head is separable (per-modality branches)."""
+        from mcr_jax.models import is_separable
+
+        if not is_separable(model.fusion):
+            raise ValueError(f"{self.name} needs a separable fusion head (e.g. model.fusion = 'linear'): {why}; "
+                             f"got {type(model.fusion).__name__}.")
 
     # ---- traced hyperparameters ---------------------------------------------------------------
     def hp(self, name: str, static):

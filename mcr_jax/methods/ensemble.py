@@ -12,6 +12,9 @@ ones) and combines their predictions with :func:`combine_logits`.
   sample (ddof 1) standard deviations scale every model of a batch by the same factor, so the
   ensemble's predicted class does not depend on that choice.
 - ``"probs"``: the models' softmax probabilities are averaged (log of the average is returned).
+- ``"logits"``: the models' raw logits are averaged, unstandardised: UME, the Uni-Modal Ensemble of
+  Du et al. (ICML 2023, "On Uni-Modal Feature Learning in Supervised Multi-Modal Learning"), which
+  combines separately trained uni-modal models by averaging their output logits.
 
 Config (``method`` section): ``mode`` and, for the per-batch mode, ``batch_size`` (0 = the
 config's ``eval.batch_size``).
@@ -23,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-MODES = ("standardized", "standardized_per_batch", "probs")
+MODES = ("standardized", "standardized_per_batch", "probs", "logits")
 #: the ensemble's options (``method`` section); ``unimodal_workdirs``: ``{modality: workdir}`` to reuse.
 DEFAULTS = dict(mode="standardized", batch_size=0, unimodal_workdirs={})
 
@@ -56,4 +59,6 @@ def combine_logits(logits: Sequence[np.ndarray], mode: str = "standardized", *,
             e = np.exp(x - x.max(axis=-1, keepdims=True))
             probs.append(e / e.sum(axis=-1, keepdims=True))
         return np.log(np.mean(probs, axis=0) + 1e-12)
+    if mode == "logits":
+        return np.mean(arrays, axis=0)
     raise ValueError(f"unknown ensemble mode {mode!r}; use one of {MODES}.")

@@ -100,7 +100,6 @@ from flax import nnx
 
 from mcr_jax.methods.base import Method
 from mcr_jax.methods.common import others_mean, true_class_prob
-from mcr_jax.models import is_separable
 from mcr_jax.players import modality_owners
 from mcr_jax.state import StepOutput
 
@@ -184,10 +183,7 @@ class OGMGE(Method):
             raise ValueError(f"method.alpha must be >= 0; got {self.opts['alpha']}.")
 
     def check_model(self, model) -> None:
-        if not is_separable(model.fusion):
-            raise ValueError("OGM-GE needs a separable fusion head (e.g. model.fusion = 'linear'): its per-modality "
-                             f"score is the fused prediction's branch z_m W_m + b/M; got "
-                             f"{type(model.fusion).__name__}.")
+        self.require_separable(model, "its per-modality score is the fused prediction's branch z_m W_m + b/M")
         if self.opts["modulate"] == "conv_kernels":
             params = nnx.as_pure(nnx.state(model, nnx.Param))
             owners = modulated_owners(params, self.modalities, "conv_kernels")

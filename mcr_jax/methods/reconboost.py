@@ -81,7 +81,6 @@ import optax
 
 from mcr_jax.losses import masked_mean
 from mcr_jax.methods.base import Method, model_inputs
-from mcr_jax.models import is_separable
 from mcr_jax.players import assign_players, scale_by_player
 from mcr_jax.state import StepOutput
 
@@ -136,10 +135,7 @@ class ReconBoost(Method):
         return (len(self.modalities) - 1) * (self.stage_epochs + self.rectify_epochs) + self.stage_epochs
 
     def check_model(self, model) -> None:
-        if not is_separable(model.fusion):
-            raise ValueError("ReconBoost reads the fusion head as an additive ensemble of per-modality learners "
-                             f"and needs a separable fusion head (e.g. model.fusion = 'linear'); got "
-                             f"{type(model.fusion).__name__}.")
+        self.require_separable(model, "it reads the fusion head as an additive ensemble of per-modality learners")
 
     def make_optimizer(self, base, params):
         """The run's optimizer, then 0/1 scales that freeze every parameter but the active learner's
