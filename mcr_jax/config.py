@@ -33,8 +33,12 @@ from mcr_jax.options import as_dict, merge_options
 TRAIN = dict(batch_size=64, num_epochs=30, patience=10, select="", checkpoint=True, checkpoint_every=0,
              compiled_epochs=True)
 #: the ``eval`` section: ``batch_size`` (0 = the training batch size), ``mipd_samples`` (permutations
-#: per batch of the MIPD diagnostic; 0 = off).
-EVAL = dict(batch_size=256, mipd_samples=8)
+#: per batch of the MIPD diagnostic; 0 = off), ``shapley`` (the Shapley modality-contribution
+#: diagnostic on the selected model's validation and test splits, fused-head methods only; see
+#: :func:`mcr_jax.train.shapley`), ``shapley_absent`` (how an absent modality is replaced:
+#: "zero_input" its input zeroed, as BalanceMM; "zero" its latent zeroed; "mean" its latent set to
+#: the split's mean latent; the latter two through ``method.fuse``, as MIPD).
+EVAL = dict(batch_size=256, mipd_samples=8, shapley=True, shapley_absent="zero_input")
 #: the ``init`` section: ``pretrained`` ({modality: unimodal run's workdir}) starts any method from
 #: those runs' selected encoders and heads.
 INIT = dict(pretrained={})

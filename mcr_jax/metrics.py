@@ -1,4 +1,5 @@
-"""Evaluation metrics (host-side NumPy): classification, regression, per-head tables, error groups.
+"""Evaluation metrics (host-side NumPy): classification, regression, per-head tables, error groups,
+Shapley modality contributions.
 
 All functions take whole-split arrays (padding already removed) and return plain Python floats so
 the results serialise to JSON directly.
@@ -6,7 +7,10 @@ the results serialise to JSON directly.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -116,6 +120,47 @@ def error_groups(fused_logits: np.ndarray, unimodal: Mapping[str, np.ndarray], l
             "fused_accuracy": float(fused_right[sel].mean()) if count else float("nan"),
         })
     return rows
+
+
+def subset_key(subset) -> str:
+    """A subset of modalities as a JSON key: names joined by ``+`` in the given order; ``"none"``
+    for the empty set."""
+    return "+".join(subset) if subset else "none"
+
+
+def subset_values(modalities, predict: Callable[[tuple], Any], score: Callable[[Any], float]) -> dict[tuple, float]:
+    """``{subset: v(subset)}`` over all ``2^M`` subsets of ``modalities`` (tuples in the order of
+    ``modalities``, the empty one included): ``v(S) = score(predict(S))``, where ``predict(S)`` is the
+    prediction with only the modalities of ``S`` present (the others replaced by the caller)."""
+    names = tuple(modalities)
+    return {s: float(score(predict(s))) for r in range(len(names) + 1) for s in itertools.combinations(names, r)}
+
+
+def shapley_values(values: Mapping[Any, float], modalities) -> dict[str, float]:
+    """Each modality's Shapley value of the game ``v`` given as ``{subset: v(subset)}`` (subsets as
+    any iterables of names; every one of the ``2^M`` subsets, the empty one included):
+
+    ``φ_m = Σ_{S ⊆ M∖{m}} |S|! (M − |S| − 1)! / M! · [v(S ∪ {m}) − v(S)]``,
+
+    the marginal contribution of ``m`` averaged over all orders in which the modalities join (as
+    BalanceMM's ``Calculate_Shapley``). Efficiency: ``Σ_m φ_m = v(M) − v(∅)``. Values may be
+    arrays of one shape (e.g. one game per example): the result then has that shape per modality."""
+    names = tuple(modalities)
+    v = {frozenset(k): np.asarray(x, np.float64) for k, x in values.items()}
+    missing = [s for r in range(len(names) + 1) for s in itertools.combinations(names, r) if frozenset(s) not in v]
+    if missing:
+        raise ValueError(f"shapley_values needs v of every subset of {names}; missing {missing[:4]}.")
+    n = len(names)
+    out = {}
+    for m in names:
+        others = [o for o in names if o != m]
+        phi = 0.0
+        for r in range(n):
+            weight = math.factorial(r) * math.factorial(n - r - 1) / math.factorial(n)
+            for s in itertools.combinations(others, r):
+                phi = phi + weight * (v[frozenset(s) | {m}] - v[frozenset(s)])
+        out[m] = float(phi) if np.ndim(phi) == 0 else phi
+    return out
 
 
 def mean_std(values, confidence: float = 0.95) -> dict:

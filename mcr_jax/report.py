@@ -18,7 +18,7 @@ from mcr_jax.train import train_and_evaluate, unimodal_config
 
 DEFAULT_METHODS = ("unimodal", "ensemble", "ume", "joint", "multiloss", "uni_pre_frozen", "uni_pre_finetuned", "umt",
                    "ogm_ge", "agm", "mlb", "mslr", "mmcosine", "mmpareto", "reconboost", "dnr", "greedy", "gblending",
-                   "pmr", "opm", "mla", "mcr")
+                   "pmr", "opm", "mla", "amco", "mbsd", "cml", "lfm", "inforeg", "valuation", "mcr")
 # Per-method defaults on top of the config's method section (the config's own section is MCR's).
 METHOD_DEFAULTS = {
     "multiloss": {"uni_weight": 1.0},
@@ -95,7 +95,8 @@ def run_comparison(config, workdir: str, methods=DEFAULT_METHODS, seeds=(0, 1, 2
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict:
-    """Mean ± std over seeds of the test metrics of every head, MIPD and sample-type accuracies."""
+    """Mean ± std over seeds of the test metrics of every head, MIPD, Shapley values (when every
+    seed has them) and sample-type accuracies."""
     summary = {}
     for label, results in runs.items():
         entry = {"n": len(results), "heads": {}}
@@ -105,6 +106,9 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         if "mipd" in results[0]["test"]:
             entry["mipd"] = {m: metrics.mean_std([r["test"]["mipd"][m] for r in results])
                              for m in results[0]["test"]["mipd"]}
+        if all("shapley" in r["test"] for r in results):
+            entry["shapley"] = {m: metrics.mean_std([r["test"]["shapley"][m] for r in results])
+                                for m in results[0]["test"]["shapley"]}
         if "by_sample_type" in results[0]["test"]:
             entry["by_sample_type"] = {t: metrics.mean_std([r["test"]["by_sample_type"][t] for r in results])
                                        for t in results[0]["test"]["by_sample_type"]}
@@ -137,21 +141,27 @@ def _type_name(t: str, modalities) -> str:
 
 def format_table(summary: dict, modalities, *, task: Task | str = "classification") -> str:
     """A Markdown table (test; :data:`TABLE_STATISTICS`): the fused metric, each unimodal head's (where the method
-    trains them), the fused accuracy per synthetic sample type (where known), MIPD per modality."""
+    trains them), the fused accuracy per synthetic sample type (where known), MIPD per modality, and the
+    Shapley value per modality (in the headline's units) only when some entry has it (a table of runs
+    without it is unchanged)."""
     task = get_task(task)
     key, scale, unit = task.headline, task.headline_scale, task.headline_unit
     types = sorted({t for e in summary.values() for t in e.get("by_sample_type", {})}, key=int)
     head_cols = [f"{m} head {unit}" for m in modalities]
     type_cols = [f"{_type_name(t, modalities)} acc %" for t in types]
     mipd_cols = [f"MIPD {m} ×100" for m in modalities]
-    cols = head_cols + type_cols + mipd_cols
+    shapley = any("shapley" in e for e in summary.values())
+    shapley_cols = [f"Shapley {m}" + (f" ×{scale:g}" if scale != 1 else "") for m in modalities] if shapley else []
+    cols = head_cols + type_cols + mipd_cols + shapley_cols
     lines = ["| method | fused " + unit + " | " + " | ".join(cols) + " |", "|---" * (2 + len(cols)) + "|"]
     for label, entry in summary.items():
         fused = entry["heads"]["fused"].get(key)
         heads = [_pm(entry["heads"][m].get(key), scale) if m in entry["heads"] else "–" for m in modalities]
         by_type = [_pm(entry.get("by_sample_type", {}).get(t)) for t in types]
         mipd = [_pm(entry.get("mipd", {}).get(m), 100.0, 2) for m in modalities]
-        lines.append(f"| {label} | {_pm(fused, scale, interval=True)} | " + " | ".join(heads + by_type + mipd) + " |")
+        phi = [_pm(entry.get("shapley", {}).get(m), scale) for m in modalities] if shapley else []
+        lines.append(f"| {label} | {_pm(fused, scale, interval=True)} | "
+                     + " | ".join(heads + by_type + mipd + phi) + " |")
     return "\n".join(lines)
 
 

@@ -39,7 +39,7 @@ import numpy as np
 from mcr_jax import guards, metrics, parallel, tensorboard, train
 from mcr_jax.checkpoint import Checkpointer, from_saveable, host_copy, non_finite_leaves
 from mcr_jax.config import resolve_config
-from mcr_jax.methods.base import EpochContext
+from mcr_jax.methods.base import EpochContext, Method
 from mcr_jax.options import as_dict
 from mcr_jax.state import TrainState, init_state, split_model
 from mcr_jax.steps import make_epoch_fn, make_eval_fn
@@ -233,8 +233,11 @@ def _train_vectorized(config, workdir, specs: list[RunSpec], run) -> list[dict]:
         if not active:
             break
         t0 = time.perf_counter()
-        rows = np.stack([run.data.batch_layout("train", run.batch_size, train=True, seed=s, epoch=epoch)[0]
-                         for s in seeds]).astype(np.int32)
+        weighted = type(method).sampling_weights is not Method.sampling_weights  # else no per-seed state read
+        rows = np.stack([run.data.batch_layout(
+            "train", run.batch_size, train=True, seed=s, epoch=epoch,
+            weights=method.sampling_weights(take(states.method_state, i)) if weighted else None)[0]
+            for i, s in enumerate(seeds)]).astype(np.int32)
         states, mets = epoch_fn(states, run.device_arrays["train"], rows)
         mets = parallel.to_host(mets)
         bad = np.asarray(parallel.to_host(states.bad_step))
@@ -308,6 +311,9 @@ def _finish(config, specs: list[RunSpec], run, states, best, metas, eval_fns, se
         s, m, run_dir, run_config = sp.seed, metas[i], sp.dir, sp.config
         val, val_out = train.summarize_eval(method, train.split_eval_output(take(outs["validation"], i)))
         test, test_out = train.summarize_eval(method, train.split_eval_output(take(outs["test"], i)))
+        chosen = {k: take(best[k], i) for k in ("params", "rest")}
+        for split, res in (("validation", val), ("test", test)):
+            res.update(train.shapley(run, chosen["params"], chosen["rest"], split, take(states.hparams, i)))
         for name, res in (("validation", val), ("test", test)):
             if not np.isfinite(res["loss"]):
                 raise FloatingPointError(f"seed {s}: the selected weights give a non-finite {name} loss.")

@@ -103,6 +103,56 @@ def summarize_eval(method, batches) -> tuple[dict, dict]:
     return res, outputs
 
 
+#: ``eval.shapley_absent``: how the Shapley diagnostic replaces an absent modality
+SHAPLEY_ABSENT = ("zero_input", "zero", "mean")
+
+
+def shapley(run, params, rest, split, hparams=None) -> dict:
+    """The Shapley modality-contribution diagnostic (BalanceMM's ``Calculate_Shapley``) on a split:
+    ``{"shapley": {m: φ_m}, "shapley_subsets": {"x1+x2": v, ..., "none": v(∅)}}``, or ``{}`` when
+    ``eval.shapley`` is off or the method's prediction is not the fused head.
+
+    ``v(S)`` is the fused prediction's headline metric on the whole split (padding removed) with the
+    modalities outside ``S`` absent, oriented so that larger is better (classification: accuracy, as
+    BalanceMM; regression: −MAE). An absent modality is replaced (``eval.shapley_absent``) by
+    "zero_input": its input zeroed before the encoders (BalanceMM: ``torch.zeros_like`` of the input
+    in the models' ``forward(padding=...)``), the method's own prediction; "zero" / "mean": its latent
+    zeroed / set to the split's mean latent, fused by ``method.fuse`` (as MIPD permutes latents).
+    ``φ_m`` averages ``m``'s marginal contribution over the orders (:func:`metrics.shapley_values`)."""
+    method, ec = run.method, run.config.eval
+    if not (bool(ec.shapley) and method.uses_fusion):
+        return {}
+    names, task, mode = tuple(run.info.modalities), method.task, str(ec.shapley_absent)
+
+    def host_pass(keep):
+        logits, latents, labels = [], {}, []
+        keep = jnp.asarray(keep, jnp.float32)
+        for batch in run.batches(split, run.eval_batch_size, train=False, epoch=0):
+            out, host = parallel.to_host((run.subset_predict(params, rest, batch, keep, dict(hparams or {})), batch))
+            valid = np.asarray(host["mask"]) > 0
+            logits.append(np.asarray(out["logits"])[valid])
+            labels.append(np.asarray(host["label"])[valid])
+            for m, z in out["latents"].items():
+                latents.setdefault(m, []).append(np.asarray(z)[valid])
+        return np.concatenate(logits), {m: np.concatenate(v) for m, v in latents.items()}, np.concatenate(labels)
+
+    full, latents, labels = host_pass(np.ones(len(names)))
+
+    def predict(subset):
+        if mode == "zero_input":
+            return full if len(subset) == len(names) else host_pass([float(m in subset) for m in names])[0]
+        fill = {m: (np.zeros_like(z[0]) if mode == "zero" else z.mean(axis=0)) for m, z in latents.items()}
+        return run.fuse_fn(params, rest, {m: z if m in subset else np.broadcast_to(fill[m], z.shape).copy()
+                                          for m, z in latents.items()})
+
+    def score(logits):
+        return task.oriented(task.headline, task.head_metrics({"fused": logits}, labels)["fused"][task.headline])
+
+    values = metrics.subset_values(names, predict, score)
+    return {"shapley": metrics.shapley_values(values, names),
+            "shapley_subsets": {metrics.subset_key(s): v for s, v in values.items()}}
+
+
 def selection_metric(config, task: Task | str) -> str:
     """The validation metric that selects the model: ``train.select``, else the task's default
     (accuracy for classification, the loss for regression); a clear error for another task's metric."""
@@ -194,17 +244,22 @@ class Run:
     features_fn: Callable | None = None
     fresh_params: Callable | None = None
     fuse_fn: Callable | None = None
+    subset_predict: Callable | None = None
 
-    def batches(self, split: str, batch_size: int, *, train: bool, epoch: int):
-        """This process's slice of each global batch, assembled into global sharded arrays."""
+    def batches(self, split: str, batch_size: int, *, train: bool, epoch: int, weights=None):
+        """This process's slice of each global batch, assembled into global sharded arrays
+        (``weights``: the method's per-example sampling weights, training only)."""
         for local in self.data.batches(split, batch_size, train=train, seed=self.seed, epoch=epoch,
-                                       process_index=jax.process_index(), process_count=jax.process_count()):
+                                       process_index=jax.process_index(), process_count=jax.process_count(),
+                                       weights=weights):
             yield parallel.global_batch(local, self.mesh)
 
-    def epoch_rows(self, epoch: int) -> np.ndarray:
+    def epoch_rows(self, epoch: int, weights=None) -> np.ndarray:
         """``[steps, batch]`` int32: the training batches' example indices for ``epoch``, the host
-        pipeline's order (shuffled by seed and epoch), for the compiled epoch."""
-        rows, _ = self.data.batch_layout("train", self.batch_size, train=True, seed=self.seed, epoch=epoch)
+        pipeline's order (shuffled by seed and epoch; drawn ``∝ weights`` when the method gives
+        sampling weights), for the compiled epoch."""
+        rows, _ = self.data.batch_layout("train", self.batch_size, train=True, seed=self.seed, epoch=epoch,
+                                         weights=weights)
         return rows.astype(np.int32)
 
 
@@ -286,8 +341,29 @@ def setup(config, *, mesh=None) -> Run:
     def fuse_fn(p, r, latents):
         return np.asarray(parallel.to_host(fuse(p, r, {m: jnp.asarray(v) for m, v in latents.items()})))
 
+    if str(config.eval.shapley_absent) not in SHAPLEY_ABSENT:
+        raise ValueError(f"eval.shapley_absent={config.eval.shapley_absent!r}; choose one of {SHAPLEY_ABSENT}.")
+
     run.features_fn, run.fresh_params, run.fuse_fn = features_fn, fresh_params, fuse_fn
+    run.subset_predict = jax.jit(make_subset_predict(method, graphdef_eval))
     return run
+
+
+def make_subset_predict(method, graphdef_eval):
+    """``(params, rest, batch, keep [M], hparams) -> {"logits", "latents"}``: the method's evaluation
+    prediction with the inputs of modality ``i`` zeroed where ``keep[i] == 0`` (sequence masks kept),
+    for :func:`shapley`."""
+
+    def subset_predict(p, r, batch, keep, hparams):
+        model = nnx.merge(graphdef_eval, p, r)
+        batch = dict(batch)
+        for i, m in enumerate(method.modalities):
+            batch[m] = jnp.where(keep[i] > 0, batch[m], jnp.zeros_like(batch[m]))
+        with method.tracing({k: v for k, v in hparams.items() if k != "learning_rate"}):
+            out = method.predict(model, batch)
+        return {"logits": out["logits"], "latents": out["latents"]}
+
+    return subset_predict
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,13 +373,14 @@ def setup(config, *, mesh=None) -> Run:
 def train_epoch(run: Run, state: TrainState, epoch: int) -> tuple[TrainState, dict[str, float]]:
     """One training epoch: the compiled epoch when the data is on the device, else the step loop.
     Returns the new state and the epoch's mean of every step metric; raises on a non-finite step."""
+    weights = run.method.sampling_weights(state.method_state)  # None: the ordinary shuffled epoch
     if run.epoch_fn is not None:
-        state, mets = run.epoch_fn(state, run.device_arrays["train"], run.epoch_rows(epoch))
+        state, mets = run.epoch_fn(state, run.device_arrays["train"], run.epoch_rows(epoch, weights))
         mets = parallel.to_host(mets)
         means = {k: float(np.mean(v)) for k, v in mets.items()}
     else:
         step_metrics = []
-        for batch in run.batches("train", run.batch_size, train=True, epoch=epoch):
+        for batch in run.batches("train", run.batch_size, train=True, epoch=epoch, weights=weights):
             state, m = run.train_step(state, batch)
             step_metrics.append(m)
         step_metrics = parallel.to_host(step_metrics)  # one transfer per epoch
@@ -374,6 +451,8 @@ def _finish(run: Run, workdir: str, state: TrainState, best, meta: dict, select:
     best = parallel.replicate(best, run.mesh)
     val, val_out = evaluate(run, best["params"], best["rest"], "validation")
     test, test_out = evaluate(run, best["params"], best["rest"], "test")
+    val.update(shapley(run, best["params"], best["rest"], "validation"))
+    test.update(shapley(run, best["params"], best["rest"], "test"))
     for name, res in (("validation", val), ("test", test)):
         if not np.isfinite(res["loss"]):
             raise FloatingPointError(f"the selected weights give a non-finite {name} loss; refusing to write "

@@ -26,7 +26,6 @@ from mcr_jax import inputs, train
 from mcr_jax.methods import get_method
 from mcr_jax.methods.greedy import conditional_speeds, conditional_utilization, next_mode, step_speeds
 from mcr_jax.tasks import get_task
-from tests.helpers.fakes import kill_after_epoch
 from tests.helpers.method_checks import NAMES, abs_sum, ce, f64, jit_gradients, leaves, reference_gradients
 from tests.helpers.method_checks import inputs as inputs_of
 from tests.helpers.method_setup import build, toy_data, toy_regression_info
@@ -462,20 +461,6 @@ def test_three_modalities(tmp_path):
     train.train_and_evaluate(cfg, str(tmp_path))
     h = _history(tmp_path)[-1]
     assert {"util_x3", "speed_x3", "rebalance_x3"} <= set(h["val"]) | set(h["train"])
-
-
-def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
-    cfg = _cfg(variant="random")
-    cfg.train.checkpoint_every = 1
-    ref = train.train_and_evaluate(cfg, str(tmp_path / "ref"))
-    kill_after_epoch(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(cfg, str(tmp_path / "run"))
-    monkeypatch.undo()
-    again = train.train_and_evaluate(cfg, str(tmp_path / "run"))
-    assert again["test"]["heads"] == ref["test"]["heads"] and again["steps"] == ref["steps"]
-    assert _history(tmp_path / "run") == [dict(h, time_s=g["time_s"]) for h, g in
-                                          zip(_history(tmp_path / "ref"), _history(tmp_path / "run"), strict=True)]
 
 
 def test_vectorised_seeds_equal_separate_runs(tmp_path):

@@ -30,6 +30,9 @@ def _same(a, b, dir_a, dir_b):
         for k, v in a["test"]["heads"][h].items():
             assert v == pytest.approx(b["test"]["heads"][h][k], rel=1e-5, abs=1e-6), (h, k)
     assert a["test"]["loss"] == pytest.approx(b["test"]["loss"], rel=1e-5)
+    for split in ("validation", "test"):  # the Shapley diagnostic, built by the vectorised path too
+        assert set(a[split]["shapley"]) == set(b[split]["shapley"])
+        assert a[split]["shapley_subsets"] == pytest.approx(b[split]["shapley_subsets"], abs=1e-6)
 
 
 # MSLR: a host hook that changes the state; D&R: one that replaces the parameters (towards θ⁰ in its state)

@@ -36,6 +36,11 @@ def test_smoke_run_writes_everything(reference_run):
     assert res["epochs_run"] == 4 and 1 <= res["best_epoch"] <= 4
     assert set(res["test"]["heads"]) == {"fused", "x1", "x2"}
     assert set(res["test"]["mipd"]) == {"x1", "x2"}
+    for split in ("validation", "test"):  # the Shapley diagnostic (tests/test_shapley.py), efficient
+        sh, v = res[split]["shapley"], res[split]["shapley_subsets"]
+        assert set(sh) == {"x1", "x2"} and set(v) == {"none", "x1", "x2", "x1+x2"}
+        np.testing.assert_allclose(sum(sh.values()), v["x1+x2"] - v["none"], atol=1e-9)
+        np.testing.assert_allclose(v["x1+x2"], res[split]["heads"]["fused"]["accuracy"], atol=1e-9)
     assert {r["group"] for r in res["test"]["error_groups"]} >= {"all unimodal right", "all unimodal wrong"}
     assert set(res["test"]["by_sample_type"]) <= {"-1", "0", "1"}
     with open(os.path.join(workdir, "metrics.jsonl")) as f:

@@ -18,6 +18,7 @@ import pytest
 
 import mcr_jax
 from mcr_jax import game, optim, players
+from mcr_jax.methods import inforeg
 
 PARAMS = {
     "encoders": {"a": {"kernel": jnp.arange(6.0).reshape(2, 3) / 7, "bias": jnp.ones((3,))},
@@ -44,6 +45,9 @@ TABLE = {
                         {"player_scales": jnp.asarray([2.0, 0.5]), "shared_scale": jnp.asarray(0.0)},
                         "player_scales"),
     "make_optimizer": (_optimizer, {}, {}, None),
+    "add_proximal_pull": (functools.partial(inforeg.add_proximal_pull, PLAYERS), {},
+                          {"prox_coeffs": jnp.asarray([0.5, 2.0]), "anchor": jax.tree.map(lambda p: 0.5 * p, PARAMS)},
+                          "prox_coeffs"),
 }
 
 

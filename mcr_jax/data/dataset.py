@@ -295,41 +295,58 @@ class Dataset:
         return {k: np.asarray(source[k]) for k in self._keys() if k in required or k in source}
 
     def batch_layout(self, split: str, batch_size: int, *, train: bool, seed: int, epoch: int,
-                     process_index: int = 0, process_count: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                     process_index: int = 0, process_count: int = 1,
+                     weights=None) -> tuple[np.ndarray, np.ndarray]:
         """The rows of every batch :meth:`batches` yields with the same arguments.
 
         Returns ``(indices, mask)``, both ``[num_batches, batch_size / process_count]``: each row's
         example index (int64) and mask (float32, 0 for padding); see
         :func:`mcr_jax.data.layout.batch_layout`. With :meth:`arrays`, an epoch over an in-memory
-        split can be run on the device from these indices alone.
+        split can be run on the device from these indices alone. ``weights`` (float ``[N]``,
+        training only): rows drawn with replacement ``∝ weights``; None is the unweighted layout.
         """
         check_batch_arguments(batch_size, process_index, process_count)
+        if weights is not None and not train:
+            raise ValueError("sampling weights are for training batches (train=True) only.")
+        if weights is not None and self.tfds_info is not None:
+            raise NotImplementedError("sampling weights are not supported by the TFDS (grain) reader; "
+                                      "use an in-memory dataset.")
         n = self.size(split)
         if self.tfds_info is None:
             check_not_empty(n, batch_size, drop_remainder=train)
         return batch_layout(n, batch_size, shuffle=train, seed=seed, epoch=epoch, drop_remainder=train,
-                            process_index=process_index, process_count=process_count)
+                            process_index=process_index, process_count=process_count, weights=weights)
 
     def batches(self, split: str, batch_size: int, *, train: bool, seed: int, epoch: int,
-                process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                process_index: int = 0, process_count: int = 1,
+                weights=None) -> Iterator[dict[str, np.ndarray]]:
         """This process's slice of every batch of one epoch of ``split``.
 
         ``train=True``: shuffled by ``(seed, epoch)``, the last partial batch dropped (and, for
         TFDS datasets, frames augmented). ``train=False``: in order, the last batch padded with
         rows of ``mask`` 0. ``batch_size`` is the global batch; each batch is
         ``{modality, "<modality>_mask"?, "label", "mask", "index"}``, ``[batch_size / process_count, ...]``
-        (``"index"``: each row's example index in the split, int32).
+        (``"index"``: each row's example index in the split, int32). ``weights`` (float ``[N]``,
+        ``train=True``, in-memory / array splits only): the rows are drawn with replacement
+        ``∝ weights`` (:meth:`batch_layout`); None is the unweighted epoch.
         """
+        if weights is not None and not train:
+            raise ValueError("sampling weights are for training batches (train=True) only.")
         source = self.splits[split]
         streamed = self.check and not self.in_memory(split)  # checked here, batch by batch
         if self.tfds_info is not None:
             from mcr_jax.data.tfds_source import split_batches
 
+            if weights is not None:
+                raise NotImplementedError("sampling weights are not supported by the TFDS (grain) reader; "
+                                          "use an in-memory dataset.")
+
             it = split_batches(source, self.tfds_info, batch_size, train=train, seed=seed, epoch=epoch,
                                process_index=process_index, process_count=process_count)
         else:
             it = array_batches(source, batch_size, shuffle=train, seed=seed, epoch=epoch, drop_remainder=train,
-                               process_index=process_index, process_count=process_count, index_key=INDEX_KEY)
+                               process_index=process_index, process_count=process_count, index_key=INDEX_KEY,
+                               weights=weights)
         keep = {*self._keys(), MASK_KEY}
         for batch in it:
             if streamed:

@@ -28,7 +28,7 @@ import numpy as np
 
 from mcr_jax.data.types import MASK_KEY
 
-__all__ = ["assemble", "batch_layout", "check_batch_arguments", "example_order", "num_batches"]
+__all__ = ["assemble", "batch_layout", "check_batch_arguments", "check_weights", "example_order", "num_batches"]
 
 
 def num_batches(n: int, batch_size: int, drop_remainder: bool) -> int:
@@ -40,18 +40,43 @@ def num_batches(n: int, batch_size: int, drop_remainder: bool) -> int:
     return n // batch_size if drop_remainder else -(-n // batch_size)
 
 
-def example_order(n: int, *, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
+def check_weights(weights, n: int) -> np.ndarray:
+    """Per-example sampling weights as float64 ``[n]``; ``ValueError`` unless they are finite,
+    nonnegative, of length ``n`` and not all zero."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (n,):
+        raise ValueError(f"sampling weights must have shape ({n},) (one per example), got {w.shape}.")
+    if not np.all(np.isfinite(w)):
+        raise ValueError(f"sampling weights must be finite; {int(np.sum(~np.isfinite(w)))} are NaN or Inf.")
+    if np.any(w < 0):
+        raise ValueError(f"sampling weights must be >= 0; the smallest is {float(w.min())}.")
+    if not np.any(w > 0):
+        raise ValueError("sampling weights are all zero; at least one example must have a positive weight.")
+    return w
+
+
+def example_order(n: int, *, shuffle: bool, seed: int, epoch: int, weights=None) -> np.ndarray:
     """The order ``int64 [n]`` in which an epoch visits the examples.
 
     Shuffling draws a permutation from ``PCG64(SeedSequence([seed, epoch]))``: the same on every
-    process and machine, different for every epoch.
+    process and machine, different for every epoch. With ``weights`` (float ``[n]``, nonnegative,
+    not all zero; see :func:`check_weights`) the epoch is instead ``n`` independent draws, with
+    replacement, of example ``i`` with probability ``weights[i] / sum(weights)``, from the same
+    generator (so equally reproducible); examples of weight 0 are never drawn. ``weights=None``
+    is exactly the unweighted order. Weights need ``shuffle=True`` (they are a training-time choice).
     """
+    if weights is not None and not shuffle:
+        raise ValueError("sampling weights need shuffle=True (training batches); evaluation visits every "
+                         "example once, in order.")
     if not shuffle:
         return np.arange(n, dtype=np.int64)
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be >= 0 for shuffling, got seed={seed}, epoch={epoch}.")
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(epoch)])))
-    return rng.permutation(n)
+    if weights is None:
+        return rng.permutation(n)
+    w = check_weights(weights, n)
+    return rng.choice(n, size=n, replace=True, p=w / w.sum()).astype(np.int64)
 
 
 def check_batch_arguments(batch_size: int, process_index: int, process_count: int) -> None:
@@ -71,7 +96,7 @@ def check_batch_arguments(batch_size: int, process_index: int, process_count: in
 
 
 def batch_layout(num_examples: int, batch_size: int, *, shuffle: bool, seed: int, epoch: int,
-                 drop_remainder: bool, process_index: int = 0, process_count: int = 1,
+                 drop_remainder: bool, process_index: int = 0, process_count: int = 1, weights=None,
                  ) -> tuple[np.ndarray, np.ndarray]:
     """This process's rows of every batch of one epoch.
 
@@ -81,6 +106,9 @@ def batch_layout(num_examples: int, batch_size: int, *, shuffle: bool, seed: int
       shuffle, seed, epoch: visit the examples in :func:`example_order`.
       drop_remainder: drop the last partial batch; otherwise pad it with example 0 (mask 0).
       process_index, process_count: this process ``p`` and the number of processes ``P``.
+      weights: optional per-example sampling weights (float ``[num_examples]``): the epoch's
+        ``num_examples`` rows are then drawn with replacement, ``∝ weights`` (see
+        :func:`example_order`); None (the default) is the unweighted layout, unchanged.
 
     Returns:
       ``(indices, mask)``: the record index (int64) and the mask (float32, 1 real, 0 padding) of
@@ -88,7 +116,8 @@ def batch_layout(num_examples: int, batch_size: int, *, shuffle: bool, seed: int
       batch with ``drop_remainder``); what to do about an empty epoch is the caller's decision.
     """
     check_batch_arguments(batch_size, process_index, process_count)
-    order = example_order(num_examples, shuffle=shuffle, seed=seed, epoch=epoch).astype(np.int64, copy=False)
+    order = example_order(num_examples, shuffle=shuffle, seed=seed, epoch=epoch,
+                          weights=weights).astype(np.int64, copy=False)
     count = num_batches(num_examples, batch_size, drop_remainder)
     mask = np.ones((count * batch_size,), np.float32)
     if count * batch_size <= num_examples:

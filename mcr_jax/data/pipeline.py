@@ -52,7 +52,7 @@ def check_not_empty(n: int, batch_size: int, drop_remainder: bool) -> None:
 
 def batches(split, batch_size: int, *, shuffle: bool, seed: int, epoch: int, drop_remainder: bool,
             process_index: int = 0, process_count: int = 1,
-            index_key: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+            index_key: str | None = None, weights=None) -> Iterator[dict[str, np.ndarray]]:
     """Iterate over the batches of one epoch of ``split``.
 
     The rows of each batch come from :func:`mcr_jax.data.layout.batch_layout` and are put together
@@ -70,6 +70,8 @@ def batches(split, batch_size: int, *, shuffle: bool, seed: int, epoch: int, dro
       index_key: if given, every batch also carries each row's example index (int64
         ``[B / process_count]``; padding rows carry the index of the example they copy, 0) under
         this key, e.g. to name the example behind a bad value or a prediction.
+      weights: optional per-example sampling weights (float ``[N]``, needs ``shuffle``): the epoch's
+        rows are drawn with replacement ``∝ weights`` (:func:`mcr_jax.data.layout.example_order`).
 
     Yields:
       dicts with every entry of the split (``[B / process_count, ...]``) plus ``"mask"``
@@ -90,7 +92,7 @@ def batches(split, batch_size: int, *, shuffle: bool, seed: int, epoch: int, dro
     check_not_empty(n, batch_size, drop_remainder)
     indices, mask = batch_layout(n, batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
                                  drop_remainder=drop_remainder, process_index=process_index,
-                                 process_count=process_count)
+                                 process_count=process_count, weights=weights)
     return _iterate(split, arrays, indices, mask, index_key)
 
 

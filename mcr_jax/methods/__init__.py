@@ -34,6 +34,12 @@ METHODS: dict[str, type[Method] | str] = {
     "umt": "mcr_jax.methods.umt:UMT",
     "opm": "mcr_jax.methods.opm:OPM",
     "mla": "mcr_jax.methods.mla:MLA",
+    "valuation": "mcr_jax.methods.valuation:Valuation",
+    "lfm": "mcr_jax.methods.lfm:LFM",
+    "inforeg": "mcr_jax.methods.inforeg:InfoReg",
+    "cml": "mcr_jax.methods.cml:CML",
+    "amco": "mcr_jax.methods.amco:AMCo",
+    "mbsd": "mcr_jax.methods.mbsd:MBSD",
 }
 ORCHESTRATED = ("ensemble",)
 

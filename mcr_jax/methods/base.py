@@ -261,6 +261,17 @@ class Method:
         return {"logits": out["logits"], "unimodal": out["unimodal"], "latents": out["latents"]}
 
     # ---- host hooks --------------------------------------------------------------------------
+    def sampling_weights(self, method_state):
+        """Per-example sampling weights of the next training epoch (float ``[N_train]``,
+        nonnegative, not all zero), or None (the default) for the ordinary shuffled epoch.
+
+        Called by the trainer on the host before each training epoch with that epoch's method
+        state (one seed's, in a vectorised run); the epoch's rows are then drawn with replacement
+        ``∝ weights`` (:func:`mcr_jax.data.layout.example_order`).
+        """
+        del method_state
+        return None
+
     def on_epoch_end(self, epoch: int, val_metrics: Mapping[str, Any], method_state, ctx: EpochContext):
         """Called after each epoch's validation, before the checkpoint is written.
 

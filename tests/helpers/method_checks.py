@@ -133,3 +133,20 @@ def assert_trees_close(got, want, rtol=2e-4):
     for (path, g), (wpath, w) in zip(leaves(got, np.float64), leaves(want, np.float64), strict=True):
         assert path == wpath
         np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * max(1e-3, float(np.abs(w).max())), err_msg=path)
+
+
+def smoke_run(tmp_path, method_cfg: dict):
+    """A 2-epoch trainer run of ``method_cfg`` on the synthetic smoke data: ``(results, history)``
+    with finite fused test accuracy checked (``history``: the ``metrics.jsonl`` records)."""
+    import json
+    import os
+
+    from experiments.configs import synthetic
+    from mcr_jax.train import train_and_evaluate
+
+    cfg = synthetic.get_config("smoke")
+    cfg.method = ml_collections.ConfigDict(method_cfg)
+    res = train_and_evaluate(cfg, str(tmp_path))
+    assert res["epochs_run"] == 2 and np.isfinite(res["test"]["heads"]["fused"]["accuracy"])
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+        return res, [json.loads(line) for line in f]

@@ -1,0 +1,243 @@
+"""CML tests: the removal chain, confidences, hinges and loss against float64 NumPy; the released loss
+and its gradients (golden); one trainer run; the clear errors.
+
+Golden reference: GeWu-Lab/BalanceBenchmark (commit 4c1482f), ``balancemm/trainer/CML_trainer.py``:
+``conf_loss`` (lines 19-22: ``max(0, (conf_x - conf).sum())``; ``sign`` unused) and
+``CMLTrainer.train_loop`` (line 67, one ``random.shuffle`` per epoch) and ``CMLTrainer.training_step``,
+the two-modality branch inside the window (lines 170-201:
+``out_p = out_s - unimodal_result[removed_mm] + fc_out.bias / 2``, ``torch.max(softmax(.))``
+confidences, ``loss = criterion(out_s) + criterion(out_p)``, ``loss = loss / 2 + lam * _loss_c``) and
+the three-modality branch (lines 121-156, divisor 3, ``bias / 3``), with the unimodal logits of
+``balancemm/models/avclassify_model.py`` ``BaseClassifierModel.unimodality_calculate`` (lines 277-299:
+``u_m = z_m W_m^T + b / M``). It is transcribed below into NumPy without using ``mcr_jax.methods``;
+its gradient is written by hand and carried to the parameters through the model's own VJP.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from mcr_jax.data.types import DatasetInfo
+from mcr_jax.methods import get_method
+from mcr_jax.methods.cml import cml_loss, confidence, confidence_hinges, keep_masks, sub_model_logits
+from mcr_jax.tasks import get_task
+from tests.helpers.method_checks import NAMES, assert_trees_close, f64, inputs, jit_gradients, log_softmax, smoke_run
+from tests.helpers.method_checks import ce as _ce
+from tests.helpers.method_setup import build, with_fusion_bias
+from tests.helpers.method_setup import toy_data as _data
+from tests.helpers.method_setup import toy_regression_info as _regression_info
+from tests.helpers.numpy_refs import softmax
+
+# ---- the released rule, transcribed (any M, as the release's M = 2 and M = 3 branches) ----------------
+
+
+def _release_loss(out, uni, bias, label, random_dict, lam, w=None):
+    """training_step inside the window: ``out`` fused logits, ``uni[m] = z_m W_m + b / M``, the epoch's
+    shuffled ``random_dict`` (popped from its end). ``w``: row weights (padding 0; the release has none)."""
+    m_num = len(uni)
+    w = np.ones(len(label)) if w is None else f64(w)
+
+    def crit(x):  # nn.CrossEntropyLoss (mean over the valid rows)
+        return float(-np.sum(log_softmax(x)[np.arange(len(label)), label] * w) / w.sum())
+
+    out_s, rd, loss, loss_c, hinge_active = f64(out), list(random_dict), 0.0, 0.0, []
+    for i in range(m_num - 1):
+        removed = rd.pop()
+        out_p = out_s - f64(uni[removed]) + f64(bias) / m_num
+        conf_s, conf_p = softmax(out_s).max(1), softmax(out_p).max(1)
+        if i == 0:
+            loss = crit(out_s)
+        loss += crit(out_p)
+        gap = float(np.sum((conf_p - conf_s) * w))
+        loss_c += max(0, gap)
+        hinge_active.append(gap > 0)
+        out_s = out_p
+    return loss / m_num + lam * loss_c, hinge_active
+
+
+def _release_grads_two(out, uni, bias, label, removed, lam):
+    """Hand-written d loss / d (out, uni[x1], uni[x2], bias) of the M = 2 release loss."""
+    out, n = f64(out), len(label)
+    out_p = out - f64(uni[removed]) + f64(bias) / 2
+    onehot = np.eye(out.shape[1])[label]
+
+    def dconf(x):  # d max_k softmax(x)_k / dx = p_k (e_k - p) per row (k = argmax)
+        p = softmax(x)
+        k = p.argmax(1)
+        return p[np.arange(n), k][:, None] * (np.eye(x.shape[1])[k] - p)
+
+    active = float(np.sum(softmax(out_p).max(1) - softmax(out).max(1)) > 0)
+    g_p = (softmax(out_p) - onehot) / n / 2 + lam * active * dconf(out_p)
+    g_out = (softmax(out) - onehot) / n / 2 - lam * active * dconf(out) + g_p
+    g_uni = {m: (-g_p if m == removed else np.zeros_like(g_p)) for m in NAMES}
+    return g_out, g_uni, g_p.sum(0) / 2, bool(active)
+
+
+# ---- unit tests against float64 NumPy -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("perm", [(0, 1, 2), (2, 0, 1), (1, 2, 0)])
+def test_rule_against_numpy(perm):
+    rng = np.random.default_rng(0)
+    m_num, b, c = 3, 9, 4
+    y = rng.integers(0, c, size=b)
+    w = np.array([1, 1, 1, 1, 1, 1, 1, 0, 0], np.float32)
+    branches = rng.normal(size=(m_num, b, c)) * 2.0
+    bias = rng.normal(size=c)
+    fused = branches.sum(0) + bias
+    keep = np.asarray(keep_masks(jnp.asarray(perm)))
+    # step i removes perm[M - i]: after step 1 the last of the order is gone, after step 2 two are
+    want_keep = np.array([[float(j in perm[: m_num - i]) for j in range(m_num)] for i in (1, 2)])
+    np.testing.assert_array_equal(keep, want_keep)
+    subs = np.asarray(sub_model_logits(jnp.asarray(fused, jnp.float32), jnp.asarray(branches, jnp.float32),
+                                       jnp.asarray(keep)))
+    for i in range(m_num - 1):
+        np.testing.assert_allclose(subs[i], (branches * want_keep[i][:, None, None]).sum(0) + bias, atol=1e-5)
+    np.testing.assert_allclose(confidence(jnp.asarray(subs)), np.stack([softmax(s).max(1) for s in subs]), rtol=1e-5)
+    rule = jax.jit(functools.partial(cml_loss, get_task("classification")))
+    for lam in (0.0, 0.1, 2.0):
+        loss, ce_full, ce_sub, conf, gap = rule(jnp.asarray(fused, jnp.float32), jnp.asarray(subs), jnp.asarray(y),
+                                                jnp.asarray(w), lam)
+        uni = {j: branches[j] + bias / m_num for j in range(m_num)}
+        want, _ = _release_loss(fused, uni, bias, y, list(perm), lam, w)
+        np.testing.assert_allclose(loss, want, rtol=1e-5)
+        chain = [fused, *subs]
+        gaps = [sum(w[n] * (softmax(chain[i + 1])[n].max() - softmax(chain[i])[n].max()) for n in range(b))
+                for i in range(m_num - 1)]
+        np.testing.assert_allclose(conf, sum(max(0.0, g) for g in gaps), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(gap, sum(gaps), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(ce_full, _ce(fused[:7], y[:7]), rtol=1e-5)
+        np.testing.assert_allclose(ce_sub, np.mean([_ce(s[:7], y[:7]) for s in subs]), rtol=1e-5)
+    # the hinge: a negative gap gives 0 and no gradient; a positive one is the gap itself
+    chain = jnp.asarray(np.stack([fused * 3.0, fused]), jnp.float32)  # the sharper one first: gap < 0
+    h, g = confidence_hinges(chain)
+    assert float(g[0]) < 0 and float(h[0]) == 0.0
+    assert float(jnp.abs(jax.grad(lambda x: confidence_hinges(x)[0].sum())(chain)).sum()) == 0.0
+    h, g = confidence_hinges(chain[::-1])
+    np.testing.assert_allclose(h, g, rtol=1e-6)
+
+
+# ---- golden: the released loss and its gradients -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def golden_case():
+    method, handle, params, batch, _ = build({"name": "cml", "lam": 0.5})
+    return method, handle, with_fusion_bias(params), batch, jit_gradients(method, handle)
+
+
+def _epoch_removing(step, params, batch, removed):
+    for epoch in range(1, 20):
+        ms = {"epoch": jnp.asarray(epoch, jnp.int32)}
+        mets = step(params, batch, jax.random.PRNGKey(0), ms)[4]
+        if float(mets[f"removed_{removed}"]) == 1.0:
+            return ms
+    raise AssertionError(f"no epoch removes {removed}")
+
+
+@pytest.mark.parametrize("removed,sharpen", [("x1", 1.0), ("x2", 1.0), ("x1", 4.0), ("x2", 4.0)])
+def test_golden_loss_and_gradients_match_the_release(golden_case, removed, sharpen):
+    method, handle, params, batch, step = golden_case
+    kept = NAMES[1 - NAMES.index(removed)]
+    # sharpen the kept modality's branch: the sub-model's confidence then tends to exceed the full one's
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x * sharpen if jax.tree_util.keystr(p) == f"['fusion']['branches']['{kept}']['kernel']" else x,
+        params)
+    y = np.asarray(batch["label"])
+
+    def model_out(p):  # out, unimodality_calculate's u_m = z_m W_m + b / 2, and the bias
+        out = handle.train_model(p)(inputs(batch))
+        b = p["fusion"]["bias"]
+        uni = {m: out["latents"][m] @ p["fusion"]["branches"][m]["kernel"] + b[None] / 2 for m in NAMES}
+        return out["logits"], uni["x1"], uni["x2"], b
+
+    (logits, u1, u2, b), vjp = jax.vjp(model_out, params)
+    uni = {"x1": u1, "x2": u2}
+    ms = _epoch_removing(step, params, batch, removed)
+    random_dict = [kept, removed]  # the release pops its last entry
+    want, active = _release_loss(logits, uni, b, y, random_dict, 0.5)
+    g_out, g_uni, g_b, active2 = _release_grads_two(logits, uni, b, y, removed, 0.5)
+    assert active == [active2]
+    grads, _, _, _, mets = step(params, batch, jax.random.PRNGKey(0), ms)
+    np.testing.assert_allclose(mets["loss"], want, rtol=1e-5)
+    assert float(mets["conf_loss"] > 0) == float(active2)
+    (ref,) = vjp(tuple(jnp.asarray(g, jnp.float32) for g in (g_out, g_uni["x1"], g_uni["x2"], g_b)))
+    assert_trees_close(grads, ref, rtol=2e-4)
+    # outside the window: the plain fused CE
+    late = {"epoch": jnp.asarray(82, jnp.int32)}
+    _, _, _, _, m2 = step(params, batch, jax.random.PRNGKey(0), late)
+    np.testing.assert_allclose(m2["loss"], _ce(f64(logits), y), rtol=1e-5)
+    assert float(m2["active"]) == 0.0
+
+
+def test_golden_cases_exercise_both_sides_of_the_hinge(golden_case):
+    method, handle, params, batch, step = golden_case
+    seen = set()
+    for removed in NAMES:
+        kept = NAMES[1 - NAMES.index(removed)]
+        for sharpen in (1.0, 4.0):
+            p = jax.tree_util.tree_map_with_path(
+                lambda q, x, s=sharpen, k=kept: x * s
+                if jax.tree_util.keystr(q) == f"['fusion']['branches']['{k}']['kernel']" else x, params)
+            mets = step(p, batch, jax.random.PRNGKey(0), _epoch_removing(step, p, batch, removed))[4]
+            seen.add(float(mets["conf_loss"]) > 0)
+    assert seen == {True, False}
+
+
+def test_padding_rows_and_step_order(golden_case):
+    method, handle, params, batch, step = golden_case
+    ms = method.init_method_state(params)
+    _, _, _, _, mets = step(params, batch, jax.random.PRNGKey(0), ms)
+    pad = {k: jnp.concatenate([v, v[:8] * 0 + (0 if k == "label" else 5)], 0) for k, v in batch.items()}
+    pad["mask"] = jnp.concatenate([jnp.ones(len(batch["label"])), jnp.zeros(8)])
+    _, _, _, _, mets_pad = step(params, pad, jax.random.PRNGKey(0), ms)
+    for k in ("loss", "task", "ce_sub", "conf_loss", "conf_gap", "removed_x1"):
+        np.testing.assert_allclose(mets_pad[k], mets[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    # order="epoch": fixed within an epoch whatever the step key; order="step": follows the step key
+    orders = {tuple(np.asarray(method.removal_order(jax.random.PRNGKey(k), ms))) for k in range(8)}
+    assert len(orders) == 1
+    per_step = get_method(ml_collections.ConfigDict({"name": "cml", "order": "step"}), _data()[1])
+    orders = {tuple(np.asarray(per_step.removal_order(jax.random.PRNGKey(k), ms))) for k in range(8)}
+    assert orders == {(0, 1), (1, 0)}
+
+
+# ---- one trainer run -----------------------------------------------------------------------------------
+
+
+def test_smoke_run(tmp_path):
+    _, history = smoke_run(tmp_path, {"name": "cml"})
+    for h in history:
+        t = h["train"]
+        assert all(np.isfinite(t[k]) for k in ("loss", "task", "ce_sub", "conf_loss", "conf_gap"))
+        assert t["active"] == 1.0
+        assert t["removed_x1"] + t["removed_x2"] == pytest.approx(1.0)  # one order per epoch, M = 2
+        assert t["removed_x1"] in (0.0, 1.0)
+
+
+# ---- errors and defaults -------------------------------------------------------------------------------
+
+
+def test_defaults_and_clear_errors():
+    _, info, _ = _data()
+    method = get_method(ml_collections.ConfigDict({"name": "cml"}), info)
+    assert method.name == "cml" and method.opts["lam"] == 0.1
+    assert (method.opts["start_epoch"], method.opts["end_epoch"]) == (1, 81)
+    assert method.on_epoch_end(3, {}, method.init_method_state({}), None)["epoch"] == 4
+    with pytest.raises(ValueError, match="classification only"):
+        get_method(ml_collections.ConfigDict({"name": "cml"}), _regression_info())
+    with pytest.raises(ValueError, match="unknown method 'cml' options"):
+        get_method(ml_collections.ConfigDict({"name": "cml", "alpha": 1.0}), info)
+    with pytest.raises(ValueError, match="order"):
+        get_method(ml_collections.ConfigDict({"name": "cml", "order": "batch"}), info)
+    with pytest.raises(ValueError, match="lam"):
+        get_method(ml_collections.ConfigDict({"name": "cml", "lam": -1.0}), info)
+    one = DatasetInfo(name="toy", modalities=("x1",), input_shapes={"x1": info.input_shapes["x1"]},
+                      num_classes=5)
+    with pytest.raises(ValueError, match="at least two modalities"):
+        get_method(ml_collections.ConfigDict({"name": "cml"}), one)
+    with pytest.raises(ValueError, match="separable fusion"):
+        build({"name": "cml"}, fusion="concat_mlp")
