@@ -1,7 +1,5 @@
 """Smoke runs of every baseline method through the trainer (2 epochs on the synthetic smoke data each)."""
 
-import json
-import os
 
 import ml_collections
 import numpy as np
@@ -11,16 +9,8 @@ from experiments.configs import synthetic
 from mcr_jax.methods import get_method
 from mcr_jax.train import train_and_evaluate
 from tests.helpers.method_checks import NAMES
+from tests.helpers.method_checks import smoke_run as _smoke
 from tests.helpers.method_setup import toy_data as _data
-
-
-def _smoke(tmp_path, method_cfg):
-    cfg = synthetic.get_config("smoke")
-    cfg.method = ml_collections.ConfigDict(method_cfg)
-    res = train_and_evaluate(cfg, str(tmp_path))
-    assert res["epochs_run"] == 2 and np.isfinite(res["test"]["heads"]["fused"]["accuracy"])
-    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
-        return res, [json.loads(line) for line in f]
 
 
 @pytest.mark.parametrize("name", ["ogm_ge", "agm", "mlb", "mslr"])
