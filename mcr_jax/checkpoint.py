@@ -222,3 +222,23 @@ def host_copy(tree: Any) -> Any:
     from mcr_jax import parallel
 
     return jax.tree.map(np.array, parallel.to_host(to_saveable(tree)))
+
+
+def load_pretrained(params, rest, workdirs: dict[str, str], modalities) -> tuple[Any, Any]:
+    """Copies ``encoders[m]`` and ``heads[m]`` (and their model state) from unimodal runs' selected weights."""
+    params, rest = jax.tree.map(lambda x: x, params), jax.tree.map(lambda x: x, rest)
+    missing = [m for m in modalities if m not in workdirs]
+    if missing:
+        raise ValueError(f"pretrained workdirs are missing for modalities {missing}.")
+    for m in modalities:
+        wd = os.path.expanduser(workdirs[m])
+        if not os.path.exists(os.path.join(wd, "results.json")):
+            raise FileNotFoundError(f"uni-pre: the unimodal run for {m!r} in {wd} has not finished (no results.json); "
+                                    f"train it first (method.name=unimodal, method.modality={m}).")
+        best = Checkpointer(wd).restore_best({"params": params, "rest": rest})
+        best = from_saveable(best, {"params": params, "rest": rest})
+        for part in ("encoders", "heads"):
+            params[part][m] = best["params"][part][m]
+            if part in best["rest"] and m in best["rest"][part]:
+                rest[part][m] = best["rest"][part][m]
+    return params, rest

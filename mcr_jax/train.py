@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from mcr_jax import guards, inputs, metrics, parallel, tensorboard
-from mcr_jax.checkpoint import Checkpointer, from_saveable, host_copy, non_finite_leaves
+from mcr_jax.checkpoint import Checkpointer, from_saveable, host_copy, load_pretrained, non_finite_leaves
 from mcr_jax.config import resolve_config
 from mcr_jax.data.pipeline import num_batches
 from mcr_jax.methods import ModelHandle, combine_logits, get_method
@@ -175,26 +175,6 @@ def improves(value: float, loss: float, meta: dict) -> bool:
 
 # ----------------------------------------------------------------------------------------------
 # Set-up helpers.
-
-
-def load_pretrained(params, rest, workdirs: dict[str, str], modalities) -> tuple[Any, Any]:
-    """Copies ``encoders[m]`` and ``heads[m]`` (and their model state) from unimodal runs' selected weights."""
-    params, rest = jax.tree.map(lambda x: x, params), jax.tree.map(lambda x: x, rest)
-    missing = [m for m in modalities if m not in workdirs]
-    if missing:
-        raise ValueError(f"pretrained workdirs are missing for modalities {missing}.")
-    for m in modalities:
-        wd = os.path.expanduser(workdirs[m])
-        if not os.path.exists(os.path.join(wd, "results.json")):
-            raise FileNotFoundError(f"uni-pre: the unimodal run for {m!r} in {wd} has not finished (no results.json); "
-                                    f"train it first (method.name=unimodal, method.modality={m}).")
-        best = Checkpointer(wd).restore_best({"params": params, "rest": rest})
-        best = from_saveable(best, {"params": params, "rest": rest})
-        for part in ("encoders", "heads"):
-            params[part][m] = best["params"][part][m]
-            if part in best["rest"] and m in best["rest"][part]:
-                rest[part][m] = best["rest"][part][m]
-    return params, rest
 
 
 def _finished(workdir: str, config) -> dict | None:

@@ -144,7 +144,7 @@ class UMT(Method):
 
     def load_teachers(self, params, rest) -> dict:
         """``teacher_state`` of the selected weights of the unimodal runs in ``method.teachers``."""
-        from mcr_jax.train import load_pretrained
+        from mcr_jax.checkpoint import load_pretrained
 
         for m, wd in self.teachers.items():
             wd = os.path.expanduser(wd)

@@ -2,7 +2,7 @@
 
 The encoders (and unimodal heads) are copied from the best checkpoints of unimodal runs named in
 ``method.pretrained`` (``{modality: workdir}``); the trainer does the copying before the first
-step (see :func:`mcr_jax.train.load_pretrained`). With ``method.freeze = True`` the encoders get no
+step (see :func:`mcr_jax.checkpoint.load_pretrained`). With ``method.freeze = True`` the encoders get no
 update (``optax.set_to_zero`` on their parameters), otherwise they are fine-tuned.
 """
 
