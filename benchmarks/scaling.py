@@ -4,7 +4,7 @@
     python -m benchmarks.scaling --real --devices 1,2,4,8   # the machine's real accelerators
 
 Global batch fixed (strong scaling), MCR single-backward on the synthetic benchmark's MLP model,
-the trainer's own jitted step (mcr_jax.train.setup). Fake CPU devices share this machine's cores,
+the trainer's own jitted step (mcr_jax.programs.Programs). Fake CPU devices share this machine's cores,
 so they check that the sharded step runs and what the partitioning costs, not speed-up; real
 GPUs/TPUs measure scaling. Times are medians over interleaved rounds.
 """
@@ -34,7 +34,8 @@ def main(argv=None):
     import numpy as np
 
     from experiments.configs import synthetic
-    from mcr_jax import parallel, train
+    from mcr_jax import parallel
+    from mcr_jax.programs import Programs
 
     cfg = synthetic.get_config()
     cfg.train.batch_size = args.batch_size
@@ -43,9 +44,9 @@ def main(argv=None):
         cfg.method = {"name": args.method}
     runs, states, batches = {}, {}, {}
     for n in counts:
-        run = train.setup(cfg, mesh=parallel.make_mesh(n))
-        runs[n], states[n] = run, run.state
-        batches[n] = next(run.batches("train", run.batch_size, train=True, epoch=1))
+        run = Programs.single(cfg, mesh=parallel.make_mesh(n))
+        runs[n], states[n] = run, run.states
+        batches[n] = next(run.run_batches(1, None))
         for _ in range(3):
             states[n], m = run.train_step(states[n], batches[n])
         jax.block_until_ready(m)

@@ -4,7 +4,7 @@
     python -m benchmarks.step_cost --models mlp --batch-sizes 32,256 --num-perms 1,8,32,128
     python -m benchmarks.step_cost --gpu           # insists on a GPU (fails if JAX sees none)
 
-Every variant runs the trainer's own jitted step (mcr_jax.train.make_train_step) on random
+Every variant runs the trainer's own jitted step (mcr_jax.steps.make_train_step) on random
 batches. Timing interleaves the variants round by round and reports medians, so machine noise
 hits them alike; ratios are to multi-loss measured in the same rounds. Memory is XLA's compiled
 estimate for one step (arguments + outputs + temporaries − aliased), not a process RSS.
@@ -28,7 +28,7 @@ from mcr_jax.methods import ModelHandle, get_method
 from mcr_jax.models import MultimodalModel
 from mcr_jax.optim import make_optimizer
 from mcr_jax.state import init_state, split_model
-from mcr_jax.train import make_train_step
+from mcr_jax.steps import make_train_step
 
 VARIANTS = {
     "joint": {"name": "joint"},

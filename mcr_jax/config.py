@@ -29,13 +29,15 @@ from mcr_jax.options import as_dict, merge_options
 #: the ``train`` section: ``batch_size`` (global), ``num_epochs``, ``patience`` (epochs without a
 #: better validation value before stopping; 0 = never), ``select`` (the validation metric that
 #: selects the model; "" = the task's default), ``checkpoint`` (write checkpoints and resume),
-#: ``checkpoint_every`` (epochs; 0 = automatic), ``compiled_epochs`` (a whole epoch as one program).
+#: ``checkpoint_every`` (epochs; 0 = automatic), ``compiled_epochs`` (a whole epoch as one program),
+#: ``prefetch`` (streamed data: training batches prepared and transferred ahead on a background
+#: thread; 0 = none).
 TRAIN = dict(batch_size=64, num_epochs=30, patience=10, select="", checkpoint=True, checkpoint_every=0,
-             compiled_epochs=True)
+             compiled_epochs=True, prefetch=2)
 #: the ``eval`` section: ``batch_size`` (0 = the training batch size), ``mipd_samples`` (permutations
 #: per batch of the MIPD diagnostic; 0 = off), ``shapley`` (the Shapley modality-contribution
 #: diagnostic on the selected model's validation and test splits, fused-head methods only; see
-#: :func:`mcr_jax.train.shapley`), ``shapley_absent`` (how an absent modality is replaced:
+#: :func:`mcr_jax.evaluation.shapley`), ``shapley_absent`` (how an absent modality is replaced:
 #: "zero_input" its input zeroed, as BalanceMM; "zero" its latent zeroed; "mean" its latent set to
 #: the split's mean latent; the latter two through ``method.fuse``, as MIPD).
 EVAL = dict(batch_size=256, mipd_samples=8, shapley=True, shapley_absent="zero_input")

@@ -58,7 +58,7 @@ def run_comparison(config, workdir: str, methods=DEFAULT_METHODS, seeds=(0, 1, 2
     its stacked checkpoints go to ``<workdir>/vectorized/<method>``); each seed's results land in
     ``<workdir>/seed_<s>/<method>`` either way. The ensemble and uni-pre build on each seed's
     unimodal runs and run seed by seed."""
-    from mcr_jax.inputs import load
+    from mcr_jax.data import load
     from mcr_jax.seeds import train_seeds
 
     seeds = guards.check_seeds(seeds)

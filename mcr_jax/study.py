@@ -32,10 +32,11 @@ import ml_collections
 import numpy as np
 
 from mcr_jax import dynamics, guards, metrics
+from mcr_jax.engine import selection_metric
 from mcr_jax.methods import method_grid
 from mcr_jax.report import METHOD_DEFAULTS, PER_SEED, comparison_config, summarize
 from mcr_jax.tasks import get_task
-from mcr_jax.train import selection_metric, train_and_evaluate, unimodal_config
+from mcr_jax.train import train_and_evaluate, unimodal_config
 
 #: the references of the paired differences: every method is compared with each that was run
 BASELINES = ("joint", "ensemble", "mcr")
@@ -98,7 +99,7 @@ def run_study(config, workdir: str, methods, *, budget: int = 4, tune_seeds=(0, 
     ``fixed`` (``{method: options}``) skips the tuning of those methods and reports the given
     options (e.g. chosen by an earlier study's validation on another split of the same data);
     ``protocol["fixed"]`` records them."""
-    from mcr_jax.inputs import load
+    from mcr_jax.data import load
 
     tune_seeds, eval_seeds = guards.check_seeds(tune_seeds), guards.check_seeds(eval_seeds)
     if len(eval_seeds) < min_eval_seeds:
@@ -189,7 +190,7 @@ def _config_root(workdir: str, name: str, i: int, fixed: dict | None) -> str:
 
 
 def _val_value(results: dict, select: str, task: str) -> float:
-    from mcr_jax.train import selection_value
+    from mcr_jax.engine import selection_value
 
     return selection_value(results["validation"], select, task)
 

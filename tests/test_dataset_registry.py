@@ -1,7 +1,6 @@
 """One registry and one ``load(config) -> Dataset`` for in-memory and TFDS datasets (mcr_jax/data/dataset.py).
 
-Contracts: the registry lists every dataset with its kind; ``load`` and the compatibility entry
-points (``mcr_jax.inputs``) give the same batches; batches follow one plain reference layout
+Contracts: the registry lists every dataset with its kind; batches follow one plain reference layout
 whatever the path (arrays, random-access source, grain); ``arrays()`` plus ``batch_layout()``
 reproduce ``batches()`` exactly, which is what an on-device epoch relies on.
 """
@@ -10,7 +9,6 @@ import numpy as np
 import pytest
 
 import mcr_jax.data as data
-from mcr_jax import inputs
 from mcr_jax.data import ArraySplit, Dataset, DatasetInfo, dataset, load, load_dataset, register_dataset
 from tests.helpers.fakes import ListSource
 
@@ -90,12 +88,11 @@ def _assert_same_batches(got, want):
 # ---------------------------------------------------------------------------------- the registry
 def test_one_registry_lists_every_dataset_with_its_kind():
     assert IN_MEMORY | TFDS <= set(data.DATASETS)
-    assert data.DATASETS is dataset.DATASETS is inputs.DATASETS
+    assert data.DATASETS is dataset.DATASETS
     for name in IN_MEMORY:
         assert data.DATASETS[name].kind == "in_memory" and data.DATASETS[name].in_memory
     for name in TFDS:
         assert data.DATASETS[name].kind == "tfds" and not data.DATASETS[name].in_memory
-    assert set(inputs.TFDS_DATASETS) == TFDS
 
 
 def test_builders_are_a_view_of_the_registry():
@@ -114,8 +111,8 @@ def test_builders_are_a_view_of_the_registry():
         BUILDERS["synthetic"]
 
 
-@pytest.mark.parametrize("entry", [load, inputs.load], ids=["data.load", "inputs.load"])
-def test_tfds_dataset_without_data_dir_is_a_clear_error(entry):
+def test_tfds_dataset_without_data_dir_is_a_clear_error():
+    entry = load
     with pytest.raises(ValueError, match=r"config.data.data_dir must be set for dataset 'cremad'"):
         entry({"name": "cremad", "manual_dir": "/nowhere"})
 
@@ -163,8 +160,8 @@ def test_user_registered_in_memory_dataset_loads_through_load(registered):
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("procs", [1, 2, 4])
-def test_batches_identical_through_old_and_new_entry_points(train, procs):
-    new, old = load(SYNTHETIC), inputs.load(SYNTHETIC)
+def test_batches_follow_the_reference_layout_and_the_plain_batcher(train, procs):
+    new = load(SYNTHETIC)
     splits, _ = load_dataset(SYNTHETIC)
     for split in ("train", "validation"):
         n = len(splits[split])
@@ -173,7 +170,6 @@ def test_batches_identical_through_old_and_new_entry_points(train, procs):
             kw = dict(train=train, seed=3, epoch=2, process_index=p, process_count=procs)
             want = _reference_batches(columns, n, 8, **kw)
             _assert_same_batches(new.batches(split, 8, **kw), want)
-            _assert_same_batches(old.batches(split, 8, **kw), want)
             plain = data.batches(splits[split], 8, shuffle=train, seed=3, epoch=2, drop_remainder=train,
                                  process_index=p, process_count=procs)
             _assert_same_batches(({k: b[k] for k in (*columns, "mask")} for b in plain),
@@ -258,14 +254,14 @@ def test_batch_layout_refuses_an_empty_training_epoch_like_batches():
 
 
 # ------------------------------------------------------------------------------------ build_model
-def test_build_model_is_importable_from_models_and_inputs():
+def test_build_model_is_importable_from_models():
     import jax.numpy as jnp
     from ml_collections import ConfigDict
 
     from mcr_jax.models import build_model
     from mcr_jax.models.build import build_model as from_module
 
-    assert build_model is from_module is inputs.build_model
+    assert build_model is from_module
     ds = load(SYNTHETIC)
     model = build_model(ConfigDict({"encoder": "mlp", "hidden": (8,), "latent_dim": 4}), ds.info, seed=0)
     batch = next(ds.batches("test", 5, train=False, seed=0, epoch=0))

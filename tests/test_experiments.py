@@ -9,7 +9,7 @@ import pytest
 
 from experiments.configs import ave, mfeat, synthetic
 from experiments.flags import method_into_config_arg
-from mcr_jax import inputs
+from mcr_jax import data as data_lib
 from mcr_jax.methods import METHODS, get_method, method_defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +27,7 @@ def test_method_name_flag_becomes_the_config_argument():
 def test_every_method_gets_its_own_section_and_accepts_it(name):
     cfg = synthetic.get_config(f"smoke,method={name}")
     assert set(cfg.method) == {"name", *method_defaults(name)} and cfg.method.name == name
-    get_method(cfg.method, inputs.load(cfg.data).info)  # no unknown option, nothing missing
+    get_method(cfg.method, data_lib.load(cfg.data).info)  # no unknown option, nothing missing
 
 
 def test_dataset_specific_mcr_settings_only_reach_mcr():

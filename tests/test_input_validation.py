@@ -1,6 +1,6 @@
 """Inputs are checked when a dataset is loaded: labels and non-finite values, named by split, key and index.
 
-In-memory splits are scanned in full by ``mcr_jax.inputs.load``; sources read example by example
+In-memory splits are scanned in full by ``mcr_jax.data.load``; sources read example by example
 (TFDS/grain, or any random-access source a registered loader returns) are checked batch by batch
 as they are read, with the record index of the first bad example.
 """
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import mcr_jax.data as data
-from mcr_jax import inputs
+from mcr_jax import data as data_lib
 from mcr_jax.data import ArraySplit, DatasetInfo
 from tests.helpers.fakes import ListSource
 
@@ -39,7 +39,7 @@ def _info(task="classification", num_classes=5):
 
 @pytest.fixture
 def register():
-    """Registers a toy dataset returning the given arrays; ``inputs.load`` then loads it."""
+    """Registers a toy dataset returning the given arrays; ``load`` then loads it."""
 
     def _register(arrays, task="classification", num_classes=5, wrap=ArraySplit):
         def loader(config):
@@ -58,20 +58,20 @@ def _raises(split, key, index):
 
 # ------------------------------------------------------------------------ in-memory: checked at load
 def test_clean_datasets_load(register):
-    inputs.load(register(_splits()))
-    inputs.load(register(_splits("regression"), task="regression"))
+    data_lib.load(register(_splits()))
+    data_lib.load(register(_splits("regression"), task="regression"))
     reg = _splits("regression")
     for part in reg.values():  # whole-number regression targets are fine too
         part["label"] = np.round(part["label"]).astype(np.int32)
-    inputs.load(register(reg, task="regression"))
-    inputs.load({"name": "synthetic", "num_train": 30, "num_validation": 20, "num_test": 20})
+    data_lib.load(register(reg, task="regression"))
+    data_lib.load({"name": "synthetic", "num_train": 30, "num_validation": 20, "num_test": 20})
 
 
 def test_label_equal_to_num_classes_is_rejected(register):
     arrays = _splits(num_classes=5)
     arrays["train"]["label"][7] = 5
     with _raises("train", "label", 7) as err:
-        inputs.load(register(arrays, num_classes=5))
+        data_lib.load(register(arrays, num_classes=5))
     assert "[0, 5)" in str(err.value)
 
 
@@ -80,7 +80,7 @@ def test_negative_label_is_rejected(register):
     arrays["validation"]["label"][3] = -1
     arrays["validation"]["label"][5] = -1
     with _raises("validation", "label", 3) as err:
-        inputs.load(register(arrays))
+        data_lib.load(register(arrays))
     assert "-1" in str(err.value) and "2 of 8" in str(err.value)
 
 
@@ -89,11 +89,11 @@ def test_float_labels_for_classification_are_rejected(register):
     arrays["test"]["label"] = arrays["test"]["label"].astype(np.float32)
     arrays["test"]["label"][2] = 2.5
     with _raises("test", "label", 2) as err:
-        inputs.load(register(arrays))
+        data_lib.load(register(arrays))
     assert "float32" in str(err.value)
     arrays["test"]["label"][2] = 2.0  # whole numbers, but still not an integer dtype: say how to cast
     with _raises("test", "label", 0) as err:
-        inputs.load(register(arrays))
+        data_lib.load(register(arrays))
     assert "astype(np.int32)" in str(err.value)
 
 
@@ -101,7 +101,7 @@ def test_nan_in_a_regression_validation_label_is_rejected(register):
     arrays = _splits("regression")
     arrays["validation"]["label"][4] = np.nan
     with _raises("validation", "label", 4):
-        inputs.load(register(arrays, task="regression"))
+        data_lib.load(register(arrays, task="regression"))
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
@@ -110,7 +110,7 @@ def test_non_finite_feature_in_the_test_split_is_rejected(register, value):
     arrays["test"]["x2"][6, 1, 0] = value
     arrays["test"]["x2"][8, 0, 0] = value
     with _raises("test", "x2", 6) as err:
-        inputs.load(register(arrays))
+        data_lib.load(register(arrays))
     assert "(1, 0)" in str(err.value) and "2 of 10" in str(err.value)
 
 
@@ -118,14 +118,14 @@ def test_missing_label_entry_is_named(register):
     arrays = _splits()
     del arrays["train"]["label"]
     with pytest.raises(ValueError, match="split 'train'.*no entry 'label'"):
-        inputs.load(register(arrays))
+        data_lib.load(register(arrays))
 
 
 # ----------------------------------------------------------------- streamed sources: checked per batch
 def test_random_access_source_is_checked_as_batches_are_read(register):
     arrays = _splits()
     arrays["test"]["label"][9] = 7
-    dataset = inputs.load(register(arrays, wrap=ListSource))  # not scanned at load: read lazily
+    dataset = data_lib.load(register(arrays, wrap=ListSource))  # not scanned at load: read lazily
     n_train = sum(1 for _ in dataset.batches("train", 4, train=True, seed=0, epoch=0))
     assert n_train == 3
     batches = dataset.batches("test", 4, train=False, seed=0, epoch=0)
@@ -139,7 +139,7 @@ def test_random_access_source_is_checked_as_batches_are_read(register):
 def test_streamed_index_is_the_record_index_under_shuffling(register):
     arrays = _splits()
     arrays["train"]["x1"][10, 2] = np.nan
-    dataset = inputs.load(register(arrays, wrap=ListSource))
+    dataset = data_lib.load(register(arrays, wrap=ListSource))
     with _raises("train", "x1", 10):
         for epoch in range(3):
             list(dataset.batches("train", 4, train=True, seed=1, epoch=epoch))
@@ -153,7 +153,7 @@ def test_tfds_style_source_is_checked_as_batches_are_read():
     sources = {k: ListSource(v) for k, v in arrays.items()}
     tinfo = {"modalities": ["x1", "x2"], "input_shapes": {"x1": (3,), "x2": (2, 2)}, "num_classes": 1,
              "task": "regression"}
-    dataset = inputs.Dataset(sources, _info("regression"), tfds_info=tinfo)
+    dataset = data_lib.Dataset(sources, _info("regression"), tfds_info=tinfo)
     assert sum(1 for _ in dataset.batches("train", 4, train=True, seed=0, epoch=0)) == 3
     with _raises("validation", "label", 5):
         list(dataset.batches("validation", 3, train=False, seed=0, epoch=0))
@@ -178,7 +178,7 @@ def test_check_split_skips_padding_and_reports_record_indices():
 def test_scan_reads_streamed_splits_now(register):
     arrays = _splits()
     arrays["test"]["x1"][3, 1] = np.nan
-    dataset = inputs.load(register(arrays, wrap=ListSource))
+    dataset = data_lib.load(register(arrays, wrap=ListSource))
     dataset.scan(["train", "validation"], batch_size=5)
     with _raises("test", "x1", 3):
         dataset.scan(batch_size=5)

@@ -22,7 +22,8 @@ import optax
 import pytest
 
 from experiments.configs import synthetic
-from mcr_jax import inputs, train
+from mcr_jax import data as data_lib
+from mcr_jax import train
 from mcr_jax.methods import get_method
 from mcr_jax.methods.greedy import conditional_speeds, conditional_utilization, next_mode, step_speeds
 from mcr_jax.tasks import get_task
@@ -152,7 +153,7 @@ def release_named(params, grads, groups):
 
 def smoke_batches(epoch):
     cfg = synthetic.get_config("smoke")
-    data = inputs.load(cfg.data)
+    data = data_lib.load(cfg.data)
     return [{k: jnp.asarray(v) for k, v in b.items()}
             for b in data.batches("train", 24, train=True, seed=0, epoch=epoch)]
 

@@ -30,9 +30,9 @@ import numpy as np
 import pytest
 
 from experiments.configs import synthetic
-from mcr_jax import inputs as mcr_inputs
 from mcr_jax.methods import combine_logits, get_method
 from mcr_jax.methods.umt import distill_loss, teacher_state
+from mcr_jax.models import build_model
 from mcr_jax.train import train_and_evaluate
 from tests.helpers.method_checks import NAMES, assert_trees_close, ce, cross_entropy, f64, leaves
 from tests.helpers.method_checks import inputs as _inputs
@@ -45,7 +45,7 @@ def _teacher_model():
     """A second tiny model (seed 1): its encoders are the teachers."""
     cfg, info, _ = toy_data()
     cfg.model.fusion = "linear"
-    return mcr_inputs.build_model(cfg.model, info, seed=1)
+    return build_model(cfg.model, info, seed=1)
 
 
 def _state(teacher, epoch=1):
@@ -200,11 +200,11 @@ def test_smoke_umt_with_teachers_from_unimodal_runs(unimodal_runs, umt_run):
 
     # the state holds exactly the unimodal runs' selected encoders
     from mcr_jax.checkpoint import Checkpointer, from_saveable
-    from mcr_jax.train import setup
+    from mcr_jax.programs import Programs, take
 
-    run = setup(cfg)
-    teachers = run.state.method_state["teachers"]["params"]
-    like = {"params": run.state.params, "rest": run.state.rest}
+    state = take(Programs.single(cfg).states, 0)
+    teachers = state.method_state["teachers"]["params"]
+    like = {"params": state.params, "rest": state.rest}
     for m in NAMES:
         best = from_saveable(Checkpointer(unimodal_runs[m]).restore_best(like), like)
         for (pa, a), (pb, b) in zip(leaves(teachers[m]), leaves(best["params"]["encoders"][m]), strict=True):

@@ -14,6 +14,7 @@ import pytest
 
 from experiments.configs import synthetic
 from mcr_jax import parallel, train
+from mcr_jax.programs import Programs
 
 
 def two_device_config():
@@ -26,10 +27,10 @@ def two_device_config():
 
 
 def _one_step(cfg, num_devices):
-    run = train.setup(cfg, mesh=parallel.make_mesh(num_devices))
-    batch = next(run.batches("train", run.batch_size, train=True, epoch=1))
-    state, mets = run.train_step(run.state, batch)
-    return run, jax.device_get(state.params), jax.device_get(mets)
+    run = Programs.single(cfg, mesh=parallel.make_mesh(num_devices))
+    batch = next(run.run_batches(1, None))
+    state, mets = run.train_step(run.states, batch)  # one run: leading axis K = 1
+    return run, jax.device_get(state.params), jax.tree.map(lambda m: m[0], jax.device_get(mets))
 
 
 @pytest.mark.parametrize("method", ["joint", "mcr"])
@@ -40,17 +41,17 @@ def test_sharded_step_equals_single_device(method):
     run8, params8, mets8 = _one_step(cfg, 8)
     _, params1, mets1 = _one_step(cfg, 1)
     assert run8.mesh.devices.size == 8
-    batch = next(run8.batches("train", run8.batch_size, train=True, epoch=1))
+    batch = next(run8.run_batches(1, None))
     assert len(batch["x1"].sharding.device_set) == 8  # the batch really is split over the devices
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), params8, params1)
     np.testing.assert_allclose(mets8["loss"], mets1["loss"], rtol=1e-5)
 
 
 def test_step_compiles_once():
-    run = train.setup(synthetic.get_config("smoke"), mesh=parallel.make_mesh(8))
-    state = run.state
+    run = Programs.single(synthetic.get_config("smoke"), mesh=parallel.make_mesh(8))
+    state = run.states
     for epoch in (1, 2):
-        for batch in run.batches("train", run.batch_size, train=True, epoch=epoch):
+        for batch in run.run_batches(epoch, None):
             state, _ = run.train_step(state, batch)
     assert run.train_step._cache_size() == 1
 
@@ -97,11 +98,11 @@ def test_bad_device_and_batch_combinations():
     cfg = synthetic.get_config("smoke")
     cfg.train.batch_size = 30
     with pytest.raises(ValueError, match="train.batch_size=30 is not divisible by the 8 devices"):
-        train.setup(cfg, mesh=parallel.make_mesh(8))
+        Programs.single(cfg, mesh=parallel.make_mesh(8))
     cfg = synthetic.get_config("smoke")
     cfg.eval.batch_size = 20
     with pytest.raises(ValueError, match="eval.batch_size=20 is not divisible by the 8 devices"):
-        train.setup(cfg, mesh=parallel.make_mesh(8))
+        Programs.single(cfg, mesh=parallel.make_mesh(8))
     with pytest.raises(ValueError, match="9 but 8 devices"):
         parallel.make_mesh(9)
     with pytest.raises(ValueError, match="coordinator address"):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import synthetic
-from mcr_jax import guards, train
+from mcr_jax import engine, guards, programs, train
 from mcr_jax.checkpoint import Checkpointer
 
 
@@ -123,14 +123,14 @@ def test_missing_metadata_falls_back_and_every_step_broken_is_a_clear_error(tmp_
 def test_non_finite_selected_weights_are_never_published(tmp_path, monkeypatch):
     import jax.numpy as jnp
 
-    real = train.host_copy
+    real = engine.host_copy
 
     def poisoned(tree):  # the selected weights go bad (e.g. memory corruption) after selection
         out = real(tree)
         out["params"]["fusion"]["bias"] = np.full_like(out["params"]["fusion"]["bias"], np.nan)
         return out
 
-    monkeypatch.setattr(train, "host_copy", poisoned)
+    monkeypatch.setattr(engine, "host_copy", poisoned)
     cfg = smoke_config()
     cfg.train.checkpoint = False
     with pytest.raises(FloatingPointError, match="refusing to publish"):
@@ -191,7 +191,7 @@ def test_bad_config_values_are_rejected_before_training(field, value, match, tmp
     section, key = field.split(".")
     cfg[section][key] = value
     calls = []
-    monkeypatch.setattr(train, "make_train_step", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(programs, "make_train_step", lambda *a, **k: calls.append(1))
     with pytest.raises(ValueError, match=match):
         train.train_and_evaluate(cfg, str(tmp_path))
     assert not calls, "the error must come before any training step is built"
@@ -217,14 +217,15 @@ def test_repeated_seeds_are_rejected(tmp_path):
 
 def test_an_unwritable_workdir_fails_before_any_work(tmp_path, monkeypatch):
     (tmp_path / "a_file").write_text("not a folder")
-    monkeypatch.setattr(train, "setup", lambda *a, **k: pytest.fail("setup ran before the write check"))
+    monkeypatch.setattr(programs.Programs, "__init__",
+                        lambda *a, **k: pytest.fail("the programs were built before the write check"))
     with pytest.raises(PermissionError, match="cannot write to the workdir"):
         train.train_and_evaluate(smoke_config(), str(tmp_path / "a_file" / "run"))
 
 
 def test_selection_orientation_of_lower_is_better_metrics():
     val = {"loss": 0.5, "heads": {"fused": {"mae": 0.3, "corr": 0.8, "ece": 0.1}}}
-    assert train.selection_value(val, "mae", "regression") == -0.3
-    assert train.selection_value(val, "corr", "regression") == 0.8
-    assert train.selection_value(val, "ece", "classification") == -0.1
-    assert train.selection_value(val, "loss", "regression") == -0.5
+    assert engine.selection_value(val, "mae", "regression") == -0.3
+    assert engine.selection_value(val, "corr", "regression") == 0.8
+    assert engine.selection_value(val, "ece", "classification") == -0.1
+    assert engine.selection_value(val, "loss", "regression") == -0.5

@@ -1,5 +1,5 @@
 """The Shapley modality-contribution diagnostic: the pure rule (metrics.shapley_values) against a
-brute force over orders, its axioms, and the trainer's subset values (train.shapley) against a slow
+brute force over orders, its axioms, and the trainer's subset values (evaluation.shapley) against a slow
 evaluation of every subset on a tiny model (M = 2 and M = 3). The smoke run's results.json carrying
 it is checked in tests/test_train.py (test_smoke_run_writes_everything)."""
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mcr_jax import metrics, train
+from mcr_jax import evaluation, metrics
 from mcr_jax.data.types import DatasetInfo
 from tests.helpers.method_setup import build
 
@@ -75,7 +75,8 @@ def _three_modality_build():
 
 
 def _toy_run(method, handle, params, batch):
-    """A stand-in for train.Run with what train.shapley reads: two evaluation batches of 8, the last
+    """A stand-in for mcr_jax.programs.Programs with what evaluation.shapley reads: two evaluation
+    batches of 8, the last
     three rows padding (mask 0, contents garbage)."""
     mask = np.ones(16, np.float32)
     mask[13:] = 0
@@ -89,7 +90,7 @@ def _toy_run(method, handle, params, batch):
         method=method, info=types.SimpleNamespace(modalities=method.modalities), eval_batch_size=8,
         config=ml_collections.ConfigDict({"eval": {"shapley": True, "shapley_absent": "zero_input"}}),
         batches=lambda split, bs, train, epoch: iter(batches),
-        subset_predict=jax.jit(train.make_subset_predict(method, gd)),
+        subset_predict=jax.jit(evaluation.make_subset_predict(method, gd)),
         fuse_fn=lambda p, r, z: np.asarray(fuse(p, r, {m: jnp.asarray(x) for m, x in z.items()})))
     return run, padded
 
@@ -126,9 +127,9 @@ def test_diagnostic_matches_a_slow_evaluation_of_every_subset(three):
                                        for x, k in zip(leaves, keys, strict=True)])
     run, padded = _toy_run(method, handle, params, batch)  # compiled once, every replacement
     tables = []
-    for absent in train.SHAPLEY_ABSENT:
+    for absent in evaluation.SHAPLEY_ABSENT:
         run.config.eval.shapley_absent = absent
-        res = train.shapley(run, params, handle.rest, "test")
+        res = evaluation.shapley(run, params, handle.rest, "test")
         tables.append(res["shapley_subsets"])
         want = _slow_values(method, handle, params, padded, absent)
         assert set(res["shapley_subsets"]) == {metrics.subset_key(s) for r in range(len(names) + 1)
@@ -141,4 +142,4 @@ def test_diagnostic_matches_a_slow_evaluation_of_every_subset(three):
     assert tables[0] != tables[1] != tables[2]  # the three replacements differ on this model
     assert len(set(tables[0].values())) > 2  # and the subsets' values are not all alike
     run.config.eval.shapley = False
-    assert train.shapley(run, params, handle.rest, "test") == {}
+    assert evaluation.shapley(run, params, handle.rest, "test") == {}

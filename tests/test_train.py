@@ -10,9 +10,13 @@ import pytest
 from flax import nnx
 
 from experiments.configs import synthetic
-from mcr_jax import inputs, report, train
+from mcr_jax import data as data_lib
+from mcr_jax import evaluation, report, train
 from mcr_jax.checkpoint import Checkpointer
 from mcr_jax.data.types import ArraySplit
+from mcr_jax.models import build_model
+from mcr_jax.programs import Programs, take
+from mcr_jax.steps import EVAL_PERMUTATION_SEED
 
 
 def smoke_config(**train_overrides):
@@ -81,7 +85,7 @@ def test_interrupted_run_resumes_to_the_same_result(reference_run, tmp_path, mon
 def test_model_selection_never_looks_at_the_test_split(reference_run, tmp_path, monkeypatch):
     """Scrambling the test labels must not change which epoch is selected nor the validation results."""
     _, ref = reference_run
-    real_load = inputs.load
+    real_load = data_lib.load
 
     def load_with_scrambled_test(cfg):
         data = real_load(cfg)
@@ -90,7 +94,7 @@ def test_model_selection_never_looks_at_the_test_split(reference_run, tmp_path, 
         data.splits["test"] = test.replace(label=labels)
         return data
 
-    monkeypatch.setattr(inputs, "load", load_with_scrambled_test)
+    monkeypatch.setattr(data_lib, "load", load_with_scrambled_test)
     res = train.train_and_evaluate(smoke_config(), str(tmp_path))
     assert res["best_epoch"] == ref["best_epoch"]
     assert res["validation"] == ref["validation"]
@@ -98,7 +102,7 @@ def test_model_selection_never_looks_at_the_test_split(reference_run, tmp_path, 
 
 
 def test_non_finite_loss_stops_with_step_and_term(tmp_path, monkeypatch):
-    real_load = inputs.load
+    real_load = data_lib.load
 
     def load_with_nan(cfg):
         data = real_load(cfg)
@@ -108,7 +112,7 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path, monkeypatch):
         data.splits["train"] = ArraySplit({**train_split.as_dict(), "x1": x1})
         return data
 
-    monkeypatch.setattr(inputs, "load", load_with_nan)
+    monkeypatch.setattr(data_lib, "load", load_with_nan)
     with pytest.raises(FloatingPointError, match=r"non-finite .*task.* at step 0 \(epoch 1\)"):
         train.train_and_evaluate(smoke_config(checkpoint=False), str(tmp_path))
 
@@ -139,7 +143,7 @@ def test_comparison_with_ensemble_and_frozen_uni_pre(tmp_path):
     fused = combine_logits([uni["x1"]["test_logits"], uni["x2"]["test_logits"]])
     assert ens["fused"]["accuracy"] == pytest.approx(np.mean(fused.argmax(-1) == labels))
     # Frozen uni-pre: its selected encoders are the unimodal runs' selected encoders.
-    model = inputs.build_model(cfg.model, inputs.load(cfg.data).info, seed=0)
+    model = build_model(cfg.model, data_lib.load(cfg.data).info, seed=0)
     _, params, rest = nnx.split(model, nnx.Param, ...)
     like = {"params": nnx.as_pure(params), "rest": nnx.as_pure(rest)}
     frozen = Checkpointer(str(seed_dir / "uni_pre_frozen")).restore_best(like)
@@ -176,9 +180,9 @@ def test_eval_mipd_uses_every_valid_row_and_ignores_padding():
 
     cfg = smoke_config()
     cfg.eval.batch_size = 48  # the 60 test rows: one full batch and one with 12 valid rows
-    run = train.setup(cfg)
-    params, rest = run.state.params, run.state.rest
-    res, _ = train.evaluate(run, params, rest, "test")
+    run = Programs.single(cfg)
+    params, rest = take(run.states.params, 0), take(run.states.rest, 0)
+    res, _ = evaluation.summarize(run.method, run.evaluate(run.states.params, run.states.rest, {}, "test"))
     assert set(res["mipd"]) == {"x1", "x2"}
     # Recomputed batch by batch with the pure loss, weighted by the valid rows.
     model = nnx.merge(run.graphdef_eval, params, rest)
@@ -186,7 +190,7 @@ def test_eval_mipd_uses_every_valid_row_and_ignores_padding():
     for i, batch in enumerate(run.batches("test", 48, train=False, epoch=0)):
         out = run.method.predict(model, batch)
         valid = batch["mask"] > 0
-        key = jax.random.fold_in(jax.random.PRNGKey(train.EVAL_PERMUTATION_SEED), i)
+        key = jax.random.fold_in(jax.random.PRNGKey(EVAL_PERMUTATION_SEED), i)
         perms = sample_permutations(key, int(cfg.eval.mipd_samples), 48, valid=valid)
         assert not np.any((np.asarray(perms) == np.arange(48)) & np.asarray(valid))  # never a fixed point
         d = mipd_divergences(out["logits"], lambda xs: model.fuse(dict(zip(names, xs, strict=True))),
@@ -208,8 +212,8 @@ def test_eval_mipd_uses_every_valid_row_and_ignores_padding():
 def test_eval_mipd_reported_when_the_eval_batch_exceeds_the_split():
     cfg = smoke_config()
     cfg.eval.batch_size = 256  # > 60 test rows
-    run = train.setup(cfg)
-    res, _ = train.evaluate(run, run.state.params, run.state.rest, "test")
+    run = Programs.single(cfg)
+    res, _ = evaluation.summarize(run.method, run.evaluate(run.states.params, run.states.rest, {}, "test"))
     assert set(res["mipd"]) == {"x1", "x2"} and all(v > 0 for v in res["mipd"].values())
 
 
@@ -232,28 +236,26 @@ def test_reconboost_may_stop_only_after_every_modality_had_a_stage():
 
     from mcr_jax.methods import get_method
 
-    info = inputs.load(synthetic.get_config("smoke").data).info
+    info = data_lib.load(synthetic.get_config("smoke").data).info
     rb = get_method(ml_collections.ConfigDict({"name": "reconboost"}), info)
     assert rb.earliest_stop_epoch() == 12  # stage x1 (4) + rectify (4) + stage x2 (4)
 
 
 def test_selection_ties_are_broken_by_validation_loss(tmp_path, monkeypatch):
     """Equal validation accuracy in epochs 1-3: the epoch with the lowest validation loss (2) wins."""
-    real = train.evaluate
+    real = evaluation.summarize
     losses = iter([1.0, 0.8, 0.9])
 
-    def scripted(run, params, rest, split):
-        res, out = real(run, params, rest, split)
-        if split == "validation" and scripted.training:
+    def scripted(method, out, k=0):
+        res, outputs = real(method, out, k)
+        if scripted.calls < 3:  # the validation summaries of epochs 1-3 (then the final evaluation)
+            scripted.calls += 1
             res["heads"]["fused"]["accuracy"] = 0.5
-            res["loss"] = next(losses, None)
-            if res["loss"] is None:  # the final re-evaluation of the selected weights
-                scripted.training = False
-                res, out = real(run, params, rest, split)
-        return res, out
+            res["loss"] = next(losses)
+        return res, outputs
 
-    scripted.training = True
-    monkeypatch.setattr(train, "evaluate", scripted)
+    scripted.calls = 0
+    monkeypatch.setattr(evaluation, "summarize", scripted)
     res = train.train_and_evaluate(smoke_config(num_epochs=3, checkpoint=False), str(tmp_path))
     assert res["best_epoch"] == 2
 

@@ -18,13 +18,13 @@ class ListSource:
 def kill_after_epoch(monkeypatch, epochs: int) -> None:
     """Makes the trainer raise KeyboardInterrupt right after it wrote the history of epoch
     ``epochs`` (a simulated kill); ``monkeypatch.undo()`` or a fresh monkeypatch restores it."""
-    from mcr_jax import train
+    from mcr_jax import engine
 
-    real = train._write_history
+    real = engine.write_history
 
     def die(workdir, history):
         real(workdir, history)
         if len(history) == epochs:
             raise KeyboardInterrupt(f"simulated kill after epoch {epochs}")
 
-    monkeypatch.setattr(train, "_write_history", die)
+    monkeypatch.setattr(engine, "write_history", die)

@@ -10,16 +10,17 @@ import ml_collections
 from flax import nnx
 
 from experiments.configs import synthetic
-from mcr_jax import inputs
+from mcr_jax import data as data_lib
 from mcr_jax.data.types import DatasetInfo
 from mcr_jax.methods import ModelHandle, get_method
+from mcr_jax.models import build_model
 
 
 @functools.cache
 def _load_toy_data(batch_size: int):
     """Loads the smoke data once per batch size; never handed out, only copied (see ``toy_data``)."""
     cfg = synthetic.get_config("smoke")
-    data = inputs.load(cfg.data)
+    data = data_lib.load(cfg.data)
     batch = next(data.batches("train", batch_size, train=True, seed=0, epoch=1))
     return cfg, data.info, {k: jnp.asarray(v) for k, v in batch.items()}
 
@@ -49,7 +50,7 @@ def build(method_cfg, *, fusion="linear", ceb=False, info=None, batch=None, drop
     cfg.model.fusion = fusion
     cfg.model.ceb = ceb
     cfg.model.dropout = dropout
-    model = inputs.build_model(cfg.model, info, seed=0)
+    model = build_model(cfg.model, info, seed=0)
     method = get_method(ml_collections.ConfigDict(method_cfg), info)
     handle, params = bind(method, model)
     return method, handle, params, batch, model
