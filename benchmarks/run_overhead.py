@@ -2,6 +2,7 @@
 
     python -m benchmarks.run_overhead                  # everything (5–8 minutes on 2 CPU cores)
     python -m benchmarks.run_overhead --skip-main-job  # all but item 2
+    python -m benchmarks.run_overhead --streamed-only  # items 5 and 6 (streamed TFDS data) only
     python -m benchmarks.run_overhead --epochs 10 --repeats 3
 
 1. One run (synthetic config, MCR, ``--epochs`` epochs, default the config's 40): the wall time of
@@ -21,7 +22,8 @@
    against one value (a single run), whole runs, interleaved ``--repeats`` times, medians.
 5. Streamed data (the paper's path): CREMA-D through its TFDS builder and grain, on fixture files
    in the real layout that this benchmark writes (18 clips, 16×16 frames; the tests' files), the
-   config's ResNet-18 smoke model, 2 epochs, checkpointing off: ``seeds.train_seeds`` with seeds
+   config's ResNet-18 smoke model, batch 2 (3 steps per epoch), ``--streamed-epochs`` (4)
+   epochs, checkpointing off: ``seeds.train_seeds`` with seeds
    0..4 as one program against the same five seeds as five separate ``train.train_and_evaluate``
    runs (each compiles its own program), whole runs, interleaved ``--repeats`` times, medians.
 6. Device prefetch on that streamed path: the K = 5 ``train_seeds`` run with ``train.prefetch``
@@ -289,6 +291,9 @@ def write_fixture_cremad(root: pathlib.Path) -> None:
     write_cremad(root)
 
 
+STREAMED_BATCH = 2  # 3 steps per epoch on the 6 training clips of the fixture
+
+
 def streamed_config(files, epochs: int, prefetch: int = 2):
     raw, data_dir = files
     cfg = cremad.get_config("smoke")
@@ -296,6 +301,8 @@ def streamed_config(files, epochs: int, prefetch: int = 2):
     cfg.data.data_dir = str(data_dir)
     cfg.data.builder_kwargs = {"frame_size": 16, "num_folds": 3, "fold": 0}
     cfg.train.num_epochs = int(epochs)
+    cfg.train.batch_size = STREAMED_BATCH
+    cfg.parallel.num_devices = 1
     cfg.train.patience = 0
     cfg.train.checkpoint = False
     cfg.train.prefetch = int(prefetch)
@@ -329,13 +336,56 @@ def time_streamed(files, epochs: int, k: int, *, separate: bool, prefetch: int =
         return wall, wait_fractions(wd)
 
 
+def streamed_items(epochs: int, k: int, repeats: int):
+    """Items 5 and 6: ``({variant: median wall s}, {variant: median input wait fraction}, steps per epoch)``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        files = (pathlib.Path(tmp) / "raw", pathlib.Path(tmp) / "tfds")
+        write_fixture_cremad(files[0])
+        with quiet():  # builds the TFDS dataset once (array_record), outside the timings
+            train.train_and_evaluate(streamed_config(files, 1), os.path.join(tmp, "build"))
+        streamed = {"one program": [], "separate": [], "no prefetch": []}
+        waits = {"one program": [], "no prefetch": []}
+        for _ in range(repeats):
+            for label in streamed:
+                wall, w = time_streamed(files, epochs, k, separate=label == "separate",
+                                        prefetch=0 if label == "no prefetch" else 2)
+                streamed[label].append(wall)
+                if label in waits:
+                    waits[label] += w
+        st = {label: float(np.median(v)) for label, v in streamed.items()}
+        wt = {label: float(np.median(v)) for label, v in waits.items()}
+        with quiet():
+            steps = Programs.single(streamed_config(files, epochs)).steps_per_epoch
+    return st, wt, steps
+
+
+def streamed_rows(st: dict, wt: dict, k: int, repeats: int) -> list[str]:
+    def met(ok):
+        return "yes" if ok else "**no**"
+
+    return [
+        f"| 5 | streamed: {k} separate `train_and_evaluate` runs (median of {repeats}) | {st['separate']:.2f} s | | |",
+        f"| 5 | streamed: `train_seeds`, {k} seeds as one program (median of {repeats}) "
+        f"| {st['one program']:.2f} s | | |",
+        f"| 5 | streamed: one program ÷ {k} separate runs | {st['one program'] / st['separate']:.2f}× | < 1× "
+        f"| {met(st['one program'] < st['separate'])} |",
+        f"| 6 | streamed K = {k}: `train.prefetch` 2 (median of {repeats}; input wait fraction, median "
+        f"over epochs {wt['one program']:.2f}) | {st['one program']:.2f} s | | |",
+        f"| 6 | streamed K = {k}: `train.prefetch` 0, batches made inline (input wait fraction "
+        f"{wt['no prefetch']:.2f}) | {st['no prefetch']:.2f} s | | |",
+        f"| 6 | prefetch on ÷ off, whole run | {st['one program'] / st['no prefetch']:.2f}× | ≤ 1× "
+        f"| {met(st['one program'] <= st['no prefetch'])} |",
+    ]
+
+
 # ----------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=0, help="epochs of items 1, 3 and 4 (0: the config's, 40)")
-    p.add_argument("--streamed-epochs", type=int, default=2, help="epochs of the streamed items 5 and 6")
+    p.add_argument("--streamed-epochs", type=int, default=4, help="epochs of the streamed items 5 and 6")
+    p.add_argument("--streamed-only", action="store_true", help="items 5 and 6 only")
     p.add_argument("--reps", type=int, default=20, help="compiled-epoch calls timed for the step time")
     p.add_argument("--repeats", type=int, default=2, help="whole runs per variant (interleaved)")
     p.add_argument("--seeds", type=int, default=5, help="the vectorised seed count compared with one seed")
@@ -358,6 +408,17 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as wd, quiet():  # warm-up: imports, backend, orbax
         train.train_and_evaluate(config(smoke=True), wd)
 
+    if args.streamed_only:
+        st, wt, steps = streamed_items(args.streamed_epochs, args.seeds, args.repeats)
+        print(f"\nItems 5, 6: CREMA-D fixture files through TFDS + grain, ResNet-18 smoke, "
+              f"{args.streamed_epochs} epochs × {steps} steps (batch {STREAMED_BATCH}), {args.seeds} seeds\n")
+        print("| item | measurement | value | target | met |")
+        print("|---|---|---|---|---|")
+        for row in streamed_rows(st, wt, args.seeds, args.repeats):
+            print(row)
+        print(f"\n(total benchmark time {time.perf_counter() - t_all:.0f} s)")
+        return None
+
     r1 = one_run(epochs, args.reps)
     compile_total = sum(r1["compile"].values())
     compute = r1["steps"] * r1["step"]
@@ -376,24 +437,8 @@ def main(argv=None):
             grid[kk].append(time_lambda_grid(epochs, kk))
     grid1, gridk = float(np.median(grid[1])), float(np.median(grid[len(LAMBDA_GRID)]))
 
-    with tempfile.TemporaryDirectory() as tmp:
-        files = (pathlib.Path(tmp) / "raw", pathlib.Path(tmp) / "tfds")
-        write_fixture_cremad(files[0])
-        with quiet():  # builds the TFDS dataset once (array_record), outside the timings
-            train.train_and_evaluate(streamed_config(files, 1), os.path.join(tmp, "build"))
-        se = args.streamed_epochs
-        streamed = {"one program": [], "separate": [], "no prefetch": []}
-        waits = {"one program": [], "no prefetch": []}
-        for _ in range(args.repeats):
-            for label in streamed:
-                wall, w = time_streamed(files, se, k, separate=label == "separate",
-                                        prefetch=0 if label == "no prefetch" else 2)
-                streamed[label].append(wall)
-                if label in waits:
-                    waits[label] += w
-        st = {label: float(np.median(v)) for label, v in streamed.items()}
-        wt = {label: float(np.median(v)) for label, v in waits.items()}
-        steps_streamed = Programs.single(streamed_config(files, se)).steps_per_epoch
+    st, wt, steps_streamed = streamed_items(args.streamed_epochs, k, args.repeats)
+    se = args.streamed_epochs
 
     mj = main_job() if args.main_job else None
 
@@ -402,7 +447,7 @@ def main(argv=None):
 
     print(f"\nsynthetic config, MCR; items 1, 3, 4: {epochs} epochs × {r1['steps_per_epoch']} steps "
           f"(batch 50, 500 training examples). Items 5, 6: CREMA-D fixture files through TFDS + grain, "
-          f"ResNet-18 smoke, {se} epochs × {steps_streamed} steps, {k} seeds\n")
+          f"ResNet-18 smoke, {se} epochs × {steps_streamed} steps (batch {STREAMED_BATCH}), {k} seeds\n")
     print("| item | measurement | value | target | met |")
     print("|---|---|---|---|---|")
     print(f"| 1 | wall time of `train_and_evaluate` (one run, {r1['epochs_run']} epochs) | {r1['wall']:.2f} s | | |")
@@ -428,18 +473,8 @@ def main(argv=None):
     print(f"| 4 | `train_grid`, K = {len(LAMBDA_GRID)} λ_M values as one program (median of {args.repeats}) "
           f"| {gridk:.2f} s | | |")
     print(f"| 4 | K = {len(LAMBDA_GRID)} λ-grid ÷ one value, whole run | {gridk / grid1:.2f}× | | |")
-    print(f"| 5 | streamed: {k} separate `train_and_evaluate` runs (median of {args.repeats}) "
-          f"| {st['separate']:.2f} s | | |")
-    print(f"| 5 | streamed: `train_seeds`, {k} seeds as one program (median of {args.repeats}) "
-          f"| {st['one program']:.2f} s | | |")
-    print(f"| 5 | streamed: one program ÷ {k} separate runs | {st['one program'] / st['separate']:.2f}× | < 1× "
-          f"| {met(st['one program'] < st['separate'])} |")
-    print(f"| 6 | streamed K = {k}: `train.prefetch` 2 (median of {args.repeats}; input wait fraction, median "
-          f"over epochs {wt['one program']:.2f}) | {st['one program']:.2f} s | | |")
-    print(f"| 6 | streamed K = {k}: `train.prefetch` 0, batches made inline (input wait fraction "
-          f"{wt['no prefetch']:.2f}) | {st['no prefetch']:.2f} s | | |")
-    print(f"| 6 | prefetch on ÷ off, whole run | {st['one program'] / st['no prefetch']:.2f}× | ≤ 1× "
-          f"| {met(st['one program'] <= st['no prefetch'])} |")
+    for row in streamed_rows(st, wt, k, args.repeats):
+        print(row)
 
     bd = r1["breakdown"]
     print(f"\nItem 1, where the run's {r1['wall']:.2f} s went (wall time of the engine's pieces; "

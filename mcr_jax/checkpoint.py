@@ -5,14 +5,19 @@ One checkpoint per finished epoch (the newest two are kept); each holds three it
 - ``state``: parameters, non-parameter model state, optimizer state, method state, PRNG key, step;
 - ``best``: the parameters and model state selected on validation so far;
 - ``meta``: JSON — epoch, best epoch and value, patience left, the per-epoch history, the run's
-  resolved config, and a SHA-256 checksum of ``state`` and of ``best``.
+  resolved config, the layout (paths, shapes, dtypes) of ``state`` and ``best``, and a SHA-256
+  checksum of ``state``, of ``best`` and of the rest of ``meta`` itself.
 
-Verified restores. A checkpoint is accepted only when orbax reads it, its checksums match what was
-saved and every floating-point leaf is finite. :meth:`Checkpointer.restore_latest_good` tries the
-newest step first; a step that fails is named, moved aside to ``<workdir>/broken_checkpoints/``
-and the next older one is tried, so a damaged file costs at most the epochs since the previous
-step, never a wrong result. :meth:`Checkpointer.restore_best` (the selected weights, e.g. for
-uni-pre) refuses a step that fails verification.
+Verified restores. A checkpoint is accepted only when orbax reads it, its checksums (the
+bookkeeping's included) match what was saved and every floating-point leaf is finite. Before any
+array is read, the caller's ``check(meta)`` (the engine compares the stored config) and the layout
+are compared: a checkpoint of another config or of another model/method structure is refused with
+a ``ValueError`` and left where it is — it is not damaged, only not this run's.
+:meth:`Checkpointer.restore_latest_good` tries the newest step first; a step that fails is named,
+moved aside to ``<workdir>/broken_checkpoints/`` and the next older one is tried, so a damaged
+file costs at most the epochs since the previous step, never a wrong result.
+:meth:`Checkpointer.restore_best` (the selected weights, e.g. for uni-pre) refuses a step that
+fails verification.
 
 Typed PRNG keys (NNX dropout streams) are stored as their raw key data and re-wrapped on restore.
 """
@@ -20,6 +25,7 @@ Typed PRNG keys (NNX dropout streams) are stored as their raw key data and re-wr
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from typing import Any
@@ -71,6 +77,21 @@ def checksum(tree: Any) -> str:
     return h.hexdigest()
 
 
+def layout(tree: Any) -> str:
+    """SHA-256 over every leaf's path, dtype and shape (typed keys as key data): the structure a
+    checkpoint must have to be restored into ``tree``; no array is read."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(to_saveable(_plain(tree)))[0]:
+        h.update(f"{jax.tree_util.keystr(path)}:{np.dtype(leaf.dtype).str}{tuple(np.shape(leaf))};".encode())
+    return h.hexdigest()
+
+
+def meta_checksum(meta: dict) -> str:
+    """SHA-256 of the bookkeeping (``meta`` without its ``checksums``), as JSON with sorted keys."""
+    body = {k: v for k, v in meta.items() if k != "checksums"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def non_finite_leaves(tree: Any) -> list[str]:
     """Paths of floating-point leaves holding NaN or Inf."""
     bad = []
@@ -106,7 +127,8 @@ class Checkpointer:
     def save(self, epoch: int, state: Any, best: Any, meta: dict) -> None:
         if not self.enabled:
             return
-        meta = dict(meta, checksums={"state": checksum(state), "best": checksum(best)})
+        meta = dict(meta, layout={"state": layout(state), "best": layout(best)})
+        meta["checksums"] = {"state": checksum(state), "best": checksum(best), "meta": meta_checksum(meta)}
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(to_saveable(_plain(state))),
             best=ocp.args.StandardSave(to_saveable(best)),
@@ -127,6 +149,34 @@ class Checkpointer:
         )
         state = _rebuild(from_saveable(dict(restored.state), _plain(state_like)), state_like)
         return state, from_saveable(restored.best, best_like), dict(restored.meta)
+
+    def read_meta(self, epoch: int) -> dict:
+        """Step ``epoch``'s bookkeeping alone, verified against its checksum (no array is read);
+        :class:`CheckpointError` when it is unreadable or was changed."""
+        where = self._step_dir(epoch)
+        try:
+            meta = dict(self.manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {where} is unreadable: {type(e).__name__}: {e}") from e
+        sums = meta.get("checksums") or {}
+        if "meta" not in sums:
+            raise CheckpointError(f"checkpoint {where} has no checksum of its bookkeeping (written by an older "
+                                  "version).")
+        if meta_checksum(meta) != sums["meta"]:
+            raise CheckpointError(f"checkpoint {where}: its bookkeeping (meta: epoch, history, config) does not match "
+                                  "its saved checksum (the file was changed or damaged).")
+        return meta
+
+    def check_layout(self, epoch: int, meta: dict, state_like: Any, best_like: Any) -> None:
+        """A ``ValueError`` (nothing moved) when step ``epoch`` holds trees of another structure."""
+        stored = meta.get("layout") or {}
+        for name, tree in (("state", state_like), ("best", best_like)):
+            if stored.get(name) != layout(tree):
+                raise ValueError(
+                    f"{self.directory} holds a checkpoint (epoch {epoch}) whose {name} has another structure "
+                    "(parameter paths, shapes or dtypes) than this run's: it was made with another model, method or "
+                    f"option. It was left untouched. Rerun with the config that made it, use another --workdir, or "
+                    f"delete {self.directory} to start fresh.")
 
     def _step_dir(self, epoch: int) -> str:
         return os.path.join(self.directory, str(epoch))
@@ -151,12 +201,15 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint {where}: non-finite values in {name} {bad[:3]}.")
         return state, best, meta
 
-    def restore_latest_good(self, state_like: Any, best_like: Any, log=print) -> tuple[Any, Any, dict] | None:
+    def restore_latest_good(self, state_like: Any, best_like: Any, log=print,
+                            check=None) -> tuple[Any, Any, dict] | None:
         """The newest step that passes :meth:`verified_restore` (None when there is no step at all).
 
-        Each failing step is reported through ``log``, moved to ``<workdir>/broken_checkpoints/`` (so
-        training can write that epoch again) and the next older step is tried. When every step
-        fails, raises :class:`CheckpointError` listing why."""
+        Each step's bookkeeping is read and verified first; ``check(meta)`` (e.g. the config
+        comparison) and the layout comparison then run before any array is read, and their
+        ``ValueError`` propagates with nothing moved. A damaged step is reported through ``log``,
+        moved to ``<workdir>/broken_checkpoints/`` (so training can write that epoch again) and the
+        next older step is tried. When every step fails, raises :class:`CheckpointError` listing why."""
         failures = []
         while True:
             epoch = self.latest_epoch()
@@ -168,6 +221,10 @@ class Checkpointer:
                                           "to start fresh.")
                 return None
             try:
+                meta = self.read_meta(epoch)
+                if check is not None:
+                    check(meta)
+                self.check_layout(epoch, meta, state_like, best_like)
                 return self.verified_restore(epoch, state_like, best_like)
             except CheckpointError as e:
                 failures.append(str(e))
@@ -224,6 +281,22 @@ def host_copy(tree: Any) -> Any:
     return jax.tree.map(np.array, parallel.to_host(to_saveable(tree)))
 
 
+def _check_unimodal_run(workdir: str, modality: str) -> None:
+    """A ``ValueError`` unless ``workdir``'s stored config is a unimodal run of ``modality`` (so
+    swapped or mistyped ``method.pretrained`` folders never load the wrong encoder)."""
+    path = os.path.join(workdir, "results.json")
+    try:
+        with open(path) as f:
+            method = json.load(f)["config"]["method"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"uni-pre: {path} does not record the run's config ({type(e).__name__}); retrain the "
+                         f"unimodal run of {modality!r} there.") from None
+    if method.get("name") != "unimodal" or method.get("modality") != modality:
+        raise ValueError(f"uni-pre: method.pretrained[{modality!r}] = {workdir} holds a "
+                         f"{method.get('name')!r} run of modality {method.get('modality')!r}, not a unimodal run of "
+                         f"{modality!r}; point it at that modality's unimodal run.")
+
+
 def load_pretrained(params, rest, workdirs: dict[str, str], modalities) -> tuple[Any, Any]:
     """Copies ``encoders[m]`` and ``heads[m]`` (and their model state) from unimodal runs' selected weights."""
     params, rest = jax.tree.map(lambda x: x, params), jax.tree.map(lambda x: x, rest)
@@ -235,6 +308,7 @@ def load_pretrained(params, rest, workdirs: dict[str, str], modalities) -> tuple
         if not os.path.exists(os.path.join(wd, "results.json")):
             raise FileNotFoundError(f"uni-pre: the unimodal run for {m!r} in {wd} has not finished (no results.json); "
                                     f"train it first (method.name=unimodal, method.modality={m}).")
+        _check_unimodal_run(wd, m)
         best = Checkpointer(wd).restore_best({"params": params, "rest": rest})
         best = from_saveable(best, {"params": params, "rest": rest})
         for part in ("encoders", "heads"):

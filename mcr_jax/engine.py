@@ -73,13 +73,45 @@ def checkpoint_every(config, programs: Programs) -> int:
     return max(1, int(config.train.num_epochs) // 4) if programs.compiled else 1
 
 
-def finished(workdir: str, config) -> dict | None:
-    """The stored results of a finished run in ``workdir`` (None: not finished, or its results file
-    is damaged); a finished run of another config is refused, naming the differing keys."""
-    res = guards.read_json_or_none(os.path.join(workdir, "results.json"), log=log)
+def _unusable_npz(path: str) -> str | None:
+    """Why ``path`` cannot be read back as an ``.npz`` (None: every array reads)."""
+    try:
+        with np.load(path) as f:
+            for key in f.files:
+                f[key]
+    except FileNotFoundError:
+        return "is missing"
+    except Exception as e:  # a truncated or overwritten file: BadZipFile, ValueError, EOFError, ...
+        return f"is unreadable ({type(e).__name__})"
+    return None
+
+
+def finished(workdir: str, config, *, artifacts: bool = True) -> dict | None:
+    """The stored results of a finished run in ``workdir``, or None: not finished, or unusable — its
+    results file damaged or incomplete, or (``artifacts``) a file that a later run reads from it
+    (``predictions.npz``; the selected weights in ``checkpoints/`` when the run checkpoints) missing
+    or unreadable; an unusable run is redone, with a log line naming the file. A finished run of
+    another config is refused, naming the differing keys."""
+    path = os.path.join(workdir, "results.json")
+    res = guards.read_json_or_none(path, log=log)
     if res is None:
         return None
-    guards.check_same_config(res.get("config", {}), jsonable(as_dict(config)), workdir, "a finished run")
+    if not isinstance(res, dict) or not {"config", "validation", "test"} <= set(res):
+        log(f"{path} is incomplete (it lacks the config or the validation/test results): the run is redone.")
+        return None
+    guards.check_same_config(res["config"], jsonable(as_dict(config)), workdir, "a finished run")
+    if artifacts:
+        npz = os.path.join(workdir, "predictions.npz")
+        why = _unusable_npz(npz)
+        if why:
+            log(f"{npz} {why}: the finished run in {workdir} is redone.")
+            return None
+        ckpts = os.path.join(workdir, "checkpoints")
+        if bool(config.train.checkpoint) and not (
+                os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))):
+            log(f"{ckpts} holds no checkpoint (its selected weights are read by uni-pre and UMT): the finished "
+                f"run in {workdir} is redone.")
+            return None
     return res
 
 
@@ -109,8 +141,13 @@ class _Store:
         self.single = len(specs) == 1
         self.what = "an interrupted run" if self.single else "an interrupted vectorised run"
         self.ckpt = Checkpointer(specs[0].dir if self.single else state_dir, enabled=enabled)
-        self.config_json = (jsonable(as_dict(specs[0].config)) if self.single else
-                            jsonable({"runs": [[sp.dir, as_dict(sp.config), sp.hparams] for sp in specs]}))
+        if self.single:
+            self.config_json = jsonable(as_dict(specs[0].config))
+        else:  # keyed by each run's folder, so a difference is named as runs.<folder>.config.<key>
+            root = os.path.commonpath([os.path.abspath(sp.dir) for sp in specs])
+            self.config_json = jsonable({"runs": {os.path.relpath(os.path.abspath(sp.dir), root):
+                                                  {"config": as_dict(sp.config), "hparams": dict(sp.hparams)}
+                                                  for sp in specs}})
 
     def save(self, epoch, states, best, metas):
         if self.single:
@@ -118,26 +155,45 @@ class _Store:
         else:
             self.ckpt.save(epoch, states, best, {"epoch": epoch, "per_seed": metas, "config": self.config_json})
 
-    def restore(self, states, best):
-        """``(states, best, metas)`` from the newest good checkpoint, or None."""
-        if not self.ckpt.enabled:
-            return None
-        like = (take(states, 0), take(best, 0)) if self.single else (states, best)
-        restored = self.ckpt.restore_latest_good(*like, log=log)
-        if restored is None:
-            return None
-        state, chosen, meta = restored
+    def _check_config(self, meta: dict) -> None:
+        """Before any array is restored: the checkpoint's stored config must be this run's."""
         stored = meta.get("config")
         if stored is None:
             raise ValueError(f"{self.ckpt.workdir} holds checkpoints that do not record their config (written by "
                              "an older version); delete its checkpoints/ folder to start fresh.")
         guards.check_same_config(stored, self.config_json, self.ckpt.workdir, self.what)
+
+    def restore(self, states, best):
+        """``(states, best, metas)`` from the newest good checkpoint, or None."""
+        if not self.ckpt.enabled:
+            return None
+        like = (take(states, 0), take(best, 0)) if self.single else (states, best)
+        restored = self.ckpt.restore_latest_good(*like, log=log, check=self._check_config)
+        if restored is None:
+            return None
+        state, chosen, meta = restored
         if self.single:
-            meta = {k: v for k, v in meta.items() if k not in ("config", "checksums")}
+            meta = {k: v for k, v in meta.items() if k not in ("config", "checksums", "layout")}
             meta.setdefault("steps", int(np.asarray(parallel.to_host(state.step))))
             return (jax.tree.map(lambda x: x[None], state), jax.tree.map(lambda x: np.asarray(x)[None], chosen),
                     [meta])
         return state, chosen, meta["per_seed"]
+
+
+#: inputs beyond this magnitude overflow float32 arithmetic (a square exceeds 3.4e38 above ~1.8e19).
+OVERFLOWING_INPUT = 1e18
+
+
+def _largest_input(programs: Programs) -> float | None:
+    """The largest |x| among the floating inputs of an in-memory training split (None: streamed)."""
+    data, largest = programs.data, None
+    for m in programs.info.modalities:
+        x = data.split_arrays("train", m) if data.in_memory("train") else None
+        if x is None or not np.issubdtype(np.asarray(x).dtype, np.floating):
+            continue
+        top = float(np.max(np.abs(x))) if np.size(x) else 0.0
+        largest = top if largest is None else max(largest, top)
+    return largest
 
 
 def _check_finite_steps(programs: Programs, states, active, epoch) -> None:
@@ -146,10 +202,17 @@ def _check_finite_steps(programs: Programs, states, active, epoch) -> None:
         if bad[i] >= 0:
             names = [n for j, n in enumerate(programs.metric_names) if (int(terms[i]) >> j) & 1]
             who = "" if programs.k == 1 else f"seed {programs.specs[i].seed}: "
+            largest = _largest_input(programs)
+            if largest is not None and largest > OVERFLOWING_INPUT:
+                advice = (f"The training inputs reach |x| = {largest:.1e}, beyond what float32 arithmetic can "
+                          "square (about 1.8e19): the inputs overflow, not the learning rate. Rescale or "
+                          "standardise them.")
+            else:
+                advice = ("The inputs were checked for NaN/Inf and label range when loaded, so lower "
+                          "optim.learning_rate (or check the method's own hyperparameters).")
             raise FloatingPointError(
                 f"{who}non-finite {', '.join(names)} at step {int(bad[i])} (epoch {epoch}); the update was "
-                f"skipped and training stopped. The inputs were checked for NaN/Inf and label range when loaded, "
-                f"so lower optim.learning_rate (or check the method's own hyperparameters).")
+                f"skipped and training stopped. {advice}")
 
 
 def train_runs(specs: list[RunSpec], *, state_dir: str | None = None, data=None, mesh=None,

@@ -6,12 +6,15 @@ Each guarantee and its test are listed in docs/reliability.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import tempfile
 from typing import Any
 
 from mcr_jax import parallel
+from mcr_jax.optim import check_options
 from mcr_jax.tasks import TASKS, get_task
 
 
@@ -113,6 +116,7 @@ def check_same_config(stored: dict, current: dict, workdir: str, what: str) -> N
 def validate_config(config, task: str | None = None) -> None:
     """Rejects config values that would train nothing or select wrongly, before any work is done
     (``config`` resolved by :func:`mcr_jax.config.resolve_config`)."""
+    check_options(config.optim)
     tc = config.train
     epochs = tc.num_epochs
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
@@ -125,6 +129,10 @@ def validate_config(config, task: str | None = None) -> None:
     batch = tc.batch_size
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise ValueError(f"train.batch_size must be an integer >= 1; got {batch!r}.")
+    eval_batch = config.eval.batch_size
+    if eval_batch is not None and (not isinstance(eval_batch, int) or isinstance(eval_batch, bool) or eval_batch < 0):
+        raise ValueError(f"eval.batch_size must be an integer >= 1 (or 0: the training batch size); got "
+                         f"{eval_batch!r}.")
     select = tc.select or ""
     if select:
         allowed = sorted(get_task(task).selectable if task else set().union(*(t.selectable for t in TASKS.values())))
@@ -142,6 +150,68 @@ def check_seeds(seeds) -> list[int]:
     if dup:
         raise ValueError(f"seeds must be distinct; {dup} repeated in {seeds} (it would count one run twice).")
     return seeds
+
+
+LOCK_FILE = ".mcr_jax.lock"
+
+
+def _holder(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """One process per workdir: an exclusive lock file ``<workdir>/.mcr_jax.lock`` (pid, host) held
+    while training writes there. A second process is refused in one line naming the holder; a lock
+    whose process is gone (same host) is stale and taken over. Only process 0 of a multi-process
+    run takes it (the others write nothing)."""
+    if not parallel.is_primary():
+        yield
+        return
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, LOCK_FILE)
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            held = _holder(path)
+            if held is None or (held.get("host") == me["host"] and not _alive(int(held.get("pid", -1)))):
+                try:  # stale (its process is gone) or half-written by a process killed while taking it
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
+                continue
+            if held == me:
+                raise RuntimeError(f"{workdir} is already locked by this process (a nested run into the same "
+                                   "workdir); give the inner run its own --workdir.") from None
+            raise RuntimeError(f"{workdir} is in use by process {held.get('pid')} on {held.get('host')} (lock file "
+                               f"{path}); wait for it to finish, or delete the lock file if that process is "
+                               "gone.") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:
+        raise RuntimeError(f"could not take the lock {path}: another process keeps replacing it.")
+    try:
+        yield
+    finally:
+        if _holder(path) == me:
+            os.remove(path)
 
 
 def check_writable(workdir: str) -> None:

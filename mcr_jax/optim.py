@@ -61,9 +61,40 @@ DEFAULTS = dict(name="adam_l2", learning_rate=1e-3, weight_decay=1e-4, eps=1e-7,
                 schedule="constant", min_lr=0.0, constant_steps=780, t0=4, t_mult=2, grad_clip=0.0)
 
 
+#: each numeric option's allowed range: (lowest, highest, whether the lowest is allowed).
+RANGES = {"learning_rate": (0.0, float("inf"), False), "weight_decay": (0.0, float("inf"), True),
+          "eps": (0.0, float("inf"), False), "b1": (0.0, 1.0, True), "b2": (0.0, 1.0, True),
+          "momentum": (0.0, 1.0, True), "min_lr": (0.0, float("inf"), True),
+          "constant_steps": (0, float("inf"), True), "t0": (1, float("inf"), True),
+          "t_mult": (1, float("inf"), True), "grad_clip": (0.0, float("inf"), True)}
+NAMES = ("adam_l2", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "reference")
+
+
+def check_options(cfg) -> dict:
+    """The resolved ``optim`` options, or a ``ValueError`` naming the first option out of its range
+    (a learning rate <= 0 would publish an untrained or diverging model; a beta >= 1 never forgets)."""
+    o = merge_options(DEFAULTS, cfg, where="optim")
+    if o["name"] not in NAMES:
+        raise ValueError(f"optim.name={o['name']!r} is not an optimizer; use one of {list(NAMES)}.")
+    if o["schedule"] not in SCHEDULES:
+        raise ValueError(f"optim.schedule={o['schedule']!r} is not a schedule; use one of {list(SCHEDULES)}.")
+    for key, (low, high, low_ok) in RANGES.items():
+        v = o[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            raise ValueError(f"optim.{key} must be a number; got {v!r}.")
+        if v < low or (v == low and not low_ok) or v >= high:
+            lo = f"{'>=' if low_ok else '>'} {low}"
+            hi = "" if high == float("inf") else f" and < {high}"
+            raise ValueError(f"optim.{key} must be {lo}{hi}; got {v!r}.")
+    if o["min_lr"] > o["learning_rate"]:
+        raise ValueError(f"optim.min_lr ({o['min_lr']}) must not exceed optim.learning_rate ({o['learning_rate']}).")
+    return o
+
+
 def make_schedule(cfg, total_steps: int):
     """The learning-rate schedule of an ``optim`` section."""
-    o = merge_options(DEFAULTS, cfg, where="optim")
+    o = check_options(cfg)
     lr = float(o["learning_rate"])
     kind, min_lr = o["schedule"], float(o["min_lr"])
     if kind == "constant":
@@ -79,7 +110,7 @@ def make_schedule(cfg, total_steps: int):
 def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     """The configured optimizer (see the module docstring); options missing from ``cfg`` take
     :data:`DEFAULTS`, unknown ones are refused."""
-    o = merge_options(DEFAULTS, cfg, where="optim")
+    o = check_options(cfg)
     schedule = make_schedule(cfg, total_steps)
     name, wd = o["name"], float(o["weight_decay"])
     betas = dict(b1=float(o["b1"]), b2=float(o["b2"]), eps=float(o["eps"]))

@@ -192,6 +192,11 @@ class Programs:
         info = self.info = self.data.info
         self.method = get_method(config.method, info)
         self.mesh = mesh if mesh is not None else parallel.make_mesh(int(config.parallel.num_devices))
+        for split in ("train", "validation", "test"):
+            if self.data.size(split) < 1:
+                raise ValueError(f"the {split} split of dataset {info.name!r} is empty: a run needs examples in "
+                                 "train (to learn), validation (to select) and test (to report); check the "
+                                 "config.data split sizes or the dataset files.")
         tc = config.train
         self.batch_size, epochs = int(tc.batch_size), int(tc.num_epochs)
         self.eval_batch_size = int(config.eval.batch_size or self.batch_size)

@@ -141,7 +141,8 @@ def _train_runs(config, workdir: str, specs: list[RunSpec], traced: tuple) -> li
         return done
     tag = json.dumps([[specs[i].dir, specs[i].seed, specs[i].hparams] for i in todo], sort_keys=True)
     state_dir = os.path.join(workdir, "vectorized", "runs_" + hashlib.sha1(tag.encode()).hexdigest()[:12])
-    new = engine.train_runs([specs[i] for i in todo], state_dir=state_dir, data=data)
+    with guards.workdir_lock(workdir):
+        new = engine.train_runs([specs[i] for i in todo], state_dir=state_dir, data=data)
     for i, r in zip(todo, new, strict=True):
         done[i] = r
     return done

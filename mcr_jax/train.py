@@ -37,15 +37,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir = os.path.abspath(workdir)
     config = resolve_config(config)
     guards.validate_config(config)
-    if config.method.name in ORCHESTRATORS:
-        return ORCHESTRATORS[config.method.name](config, workdir)
-    done = finished(workdir, config)
+    orchestrated = config.method.name in ORCHESTRATORS
+    done = finished(workdir, config, artifacts=not orchestrated)  # before anything can overwrite it
     if done is not None:
         log(f"[{config.method.name}] {workdir} already finished: returning its results.")
         return done
     if parallel.is_primary():
         guards.check_writable(workdir)  # before the data, the compile and an epoch of training
-    return train_runs([RunSpec(int(config.seed), {}, config, workdir)])[0]
+    with guards.workdir_lock(workdir):
+        if orchestrated:
+            return ORCHESTRATORS[config.method.name](config, workdir)
+        return train_runs([RunSpec(int(config.seed), {}, config, workdir)])[0]
 
 
 def unimodal_config(config, modality: str) -> ml_collections.ConfigDict:

@@ -16,15 +16,3 @@ import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (``-n 2 --dist loadgroup``), the tests of a file that share a module-scoped
-    fixture run on one worker, so the fixture (often a whole training run) is built once, not once
-    per worker; the other tests are spread as usual."""
-    import pytest
-
-    for item in items:
-        defs = getattr(item, "_fixtureinfo", None)
-        defs = defs.name2fixturedefs if defs is not None else {}
-        if any(d.scope == "module" for ds in defs.values() for d in ds):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

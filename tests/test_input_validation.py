@@ -75,6 +75,13 @@ def test_label_equal_to_num_classes_is_rejected(register):
     assert "[0, 5)" in str(err.value)
 
 
+def test_labels_with_a_trailing_axis_are_a_clear_error(register):
+    arrays = _splits()
+    arrays["train"]["label"] = arrays["train"]["label"][:, None]  # [N, 1]
+    with pytest.raises(ValueError, match=r"split 'train': classification labels must be .* shape \[N\]; got shape"):
+        data_lib.load(register(arrays))
+
+
 def test_negative_label_is_rejected(register):
     arrays = _splits()
     arrays["validation"]["label"][3] = -1

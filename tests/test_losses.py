@@ -376,6 +376,22 @@ def test_cross_modal_supcon_matches_brute_force(num_modalities, use_mask):
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fn", ["supervised_ntxent", "cross_modal_supcon"])
+def test_contrastive_temperature_is_checked_static_and_nan_when_traced(fn):
+    loss = getattr(losses, fn)
+    zs, labels = _con_case(2, seed=2)
+    for bad in (-1.0, 0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            loss(zs, labels, temperature=bad)
+    temps = jnp.asarray([0.05, 0.3, 1.0, 0.0, -0.5], jnp.float32)
+    traced = jax.jit(jax.vmap(lambda t: loss(zs, labels, temperature=t)))(temps)
+    refs = ref.ntxent if fn == "supervised_ntxent" else ref.cross_modal_supcon
+    for t, got in zip(np.asarray(temps)[:3], np.asarray(traced)[:3], strict=True):
+        np.testing.assert_allclose(got, refs(zs, np.asarray(labels), float(t), None), rtol=2e-5)
+        np.testing.assert_allclose(got, loss(zs, labels, temperature=float(t)), rtol=2e-5)
+    assert np.all(np.isnan(np.asarray(traced)[3:]))  # not > 0: NaN, which stops a run
+
+
 def test_ntxent_edge_cases():
     zs, _ = _con_case(2)
     # All labels different: no positive pair except each row with its other-modality copy.
@@ -518,6 +534,14 @@ def test_mipd_rejects_rows_that_are_not_permutations():
     grad = jax.jit(jax.grad(lambda z, p: jnp.sum(losses.mipd_divergences(
         fuse([z, latents[1]]), fuse, [z, latents[1]], p, check_permutations=True))))
     assert bool(jnp.all(jnp.isnan(grad(latents[0], jnp.asarray(bad)))))
+    # The same in-graph check is the default (no flag), and the opt-out leaves the values unchecked.
+    default = jax.jit(lambda p: losses.mipd_divergences(clean, fuse, latents, p))
+    assert bool(jnp.all(jnp.isnan(default(jnp.asarray(bad)))))
+    assert bool(jnp.all(jnp.isnan(default(jnp.asarray(out_of_range)))))  # a clamped index, not a silent one
+    assert bool(jnp.all(jnp.isnan(losses.mipd_divergences(clean, fuse, latents, jnp.asarray(bad)))))
+    unchecked = jax.jit(lambda p: losses.mipd_divergences(clean, fuse, latents, p, check_permutations=False))
+    assert bool(jnp.all(jnp.isfinite(unchecked(jnp.asarray(bad)))))
+    np.testing.assert_array_equal(default(perms), unchecked(perms))  # valid rows: exactly the unchecked values
     # ... and valid permutations pass untouched.
     np.testing.assert_allclose(checked(perms), losses.mipd_divergences(clean, fuse, latents, perms), rtol=1e-6)
     assert bool(jnp.all(jnp.isfinite(grad(latents[0], perms))))

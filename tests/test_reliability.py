@@ -81,6 +81,137 @@ def test_changed_config_on_a_finished_workdir_names_the_keys(reference):
         train.train_and_evaluate(other, ref_dir)
 
 
+def test_a_changed_shape_on_an_interrupted_workdir_is_refused_without_touching_a_checkpoint(tmp_path, monkeypatch):
+    _interrupt_after(3, tmp_path, monkeypatch)
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    for change in ("model", "method"):
+        other = smoke_config()
+        if change == "model":
+            other.model.latent_dim = 2 * int(other.model.latent_dim)
+        else:
+            other.method = {"name": "ogm_ge"}
+        with pytest.raises(ValueError, match="different config") as err:
+            train.train_and_evaluate(other, str(tmp_path))
+        assert len(str(err.value).splitlines()) < 40 and "Event loop" not in str(err.value)
+        assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+        assert not os.path.exists(tmp_path / "broken_checkpoints")
+
+
+def test_a_checkpoint_of_another_structure_is_refused_before_any_array_is_read(tmp_path, monkeypatch):
+    """The layout check alone (same config, other trees: e.g. code that changed a model's structure)."""
+    _interrupt_after(2, tmp_path, monkeypatch)
+    import jax.numpy as jnp
+
+    ckpt = Checkpointer(str(tmp_path))
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    with pytest.raises(ValueError, match="another structure .* left untouched"):
+        ckpt.restore_latest_good({"w": jnp.zeros(3)}, {"w": jnp.zeros(3)}, log=lambda m: None)
+    ckpt.close()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+    assert not os.path.exists(tmp_path / "broken_checkpoints")
+
+
+def test_a_changed_epoch_in_the_bookkeeping_is_detected_and_the_previous_step_used(tmp_path, monkeypatch,
+                                                                                  reference, capsys):
+    _interrupt_after(3, tmp_path, monkeypatch)
+    files = [f for f in _item_files(tmp_path, 3, "meta") if '"epoch": 3' in open(f).read()]
+    assert files, "orbax layout changed: no JSON file with the epoch in the meta item"
+    with open(files[0]) as f:
+        text = f.read()
+    with open(files[0], "w") as f:
+        f.write(text.replace('"epoch": 3', '"epoch": 1', 1))  # one field of the bookkeeping changed
+    res = train.train_and_evaluate(smoke_config(), str(tmp_path))
+    out = capsys.readouterr().out
+    assert "bookkeeping" in out and "falling back" in out and "resuming" in out and "after epoch 2" in out
+    _same_result(*reference, str(tmp_path), res)
+    assert res["epochs_run"] == 4
+
+
+def test_a_changed_option_of_interrupted_vectorised_seeds_is_named_in_a_short_message(tmp_path, monkeypatch):
+    from mcr_jax.seeds import train_seeds
+    from tests.helpers.fakes import kill_after_epoch
+
+    cfg = smoke_config()
+    kill_after_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train_seeds(cfg, str(tmp_path), [0, 1])
+    monkeypatch.undo()
+    cfg.optim.learning_rate = 3e-3
+    with pytest.raises(ValueError) as err:
+        train_seeds(cfg, str(tmp_path), [0, 1])
+    msg = str(err.value)
+    assert "runs.seed_0.config.optim.learning_rate: 0.001 -> 0.003" in msg
+    assert "runs.seed_1.config.optim.learning_rate: 0.001 -> 0.003" in msg
+    assert max(len(line) for line in msg.splitlines()) < 300
+
+
+def test_a_finished_run_is_never_overwritten_by_another_method(reference, tmp_path):
+    import shutil
+
+    ref_dir, _ = reference
+    shutil.copytree(ref_dir, tmp_path / "run")
+    before = (tmp_path / "run" / "results.json").read_bytes()
+    other = smoke_config()
+    other.method = {"name": "ensemble"}
+    with pytest.raises(ValueError, match=r"method.name: 'mcr' -> 'ensemble'"):
+        train.train_and_evaluate(other, str(tmp_path / "run"))
+    assert (tmp_path / "run" / "results.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("damage", ["empty results", "no predictions", "truncated predictions", "no checkpoints"])
+def test_an_unusable_finished_run_is_redone_with_a_line_naming_the_file(damage, reference, tmp_path, capsys):
+    import shutil
+
+    ref_dir, ref = reference
+    run = tmp_path / "run"
+    shutil.copytree(ref_dir, run)
+    if damage == "empty results":
+        (run / "results.json").write_text("{}")
+        named = "results.json is incomplete"
+    elif damage == "no predictions":
+        os.remove(run / "predictions.npz")
+        named = "predictions.npz is missing"
+    elif damage == "truncated predictions":
+        data = (run / "predictions.npz").read_bytes()
+        (run / "predictions.npz").write_bytes(data[: len(data) // 2])
+        named = "predictions.npz is unreadable"
+    else:
+        shutil.rmtree(run / "checkpoints")
+        named = "checkpoints holds no checkpoint"
+    res = train.train_and_evaluate(smoke_config(), str(run))
+    assert named in capsys.readouterr().out
+    _same_result(ref_dir, ref, str(run), res)
+    assert engine.finished(str(run), smoke_config()) is not None  # usable again
+
+
+def test_one_process_per_workdir_and_a_stale_lock_is_taken_over(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    lock = tmp_path / guards.LOCK_FILE
+    try:
+        lock.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        with pytest.raises(RuntimeError, match=f"in use by process {holder.pid} on") as err:
+            train.train_and_evaluate(smoke_config(), str(tmp_path))
+        assert len(str(err.value).splitlines()) == 1
+        assert not os.path.exists(tmp_path / "checkpoints") and lock.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    res = train.train_and_evaluate(smoke_config(), str(tmp_path))  # its process is gone: stale, taken over
+    assert res["epochs_run"] == 4 and not lock.exists()
+
+
+@pytest.mark.parametrize("split", ["validation", "test"])
+def test_an_empty_split_is_named(split, tmp_path):
+    cfg = smoke_config()
+    cfg.data[f"num_{split}"] = 0
+    with pytest.raises(ValueError, match=f"split '{split}' is empty"):
+        train.train_and_evaluate(cfg, str(tmp_path))
+
+
 # ---------------------------------------------------------------------------------- damaged checkpoints
 
 
@@ -185,6 +316,17 @@ def test_a_damaged_results_file_counts_as_not_finished(tmp_path, reference, caps
     ("train.batch_size", 0, "train.batch_size"),
     ("method.temperature", 0.0, "method.temperature"),
     ("method.temperature", -0.5, "method.temperature"),
+    ("optim.learning_rate", 0.0, "optim.learning_rate must be > 0"),
+    ("optim.learning_rate", -1e-3, "optim.learning_rate must be > 0"),
+    ("optim.b1", 1.5, r"optim.b1 must be >= 0.0 and < 1.0"),
+    ("optim.b2", 1.0, r"optim.b2 must be >= 0.0 and < 1.0"),
+    ("optim.eps", 0.0, "optim.eps must be > 0"),
+    ("optim.weight_decay", -1e-4, "optim.weight_decay must be >= 0"),
+    ("optim.momentum", -0.1, "optim.momentum"),
+    ("optim.grad_clip", -1.0, "optim.grad_clip"),
+    ("optim.min_lr", 1.0, "must not exceed optim.learning_rate"),
+    ("optim.name", "adam", "not an optimizer"),
+    ("eval.batch_size", -5, "eval.batch_size must be an integer >= 1"),
 ], ids=lambda v: str(v))
 def test_bad_config_values_are_rejected_before_training(field, value, match, tmp_path, monkeypatch):
     cfg = smoke_config()

@@ -54,9 +54,10 @@ def test_vectorised_seeds_equal_separate_runs(method, tmp_path):
 
 
 def test_vectorised_seeds_stop_early_each_on_its_own(tmp_path):
-    """Learning rate 0 and patience 1: every seed stops after epoch 2, as alone."""
+    """Learning rate 1e-30 (0 is refused; float32 weights do not move) and patience 1: every seed
+    stops after epoch 2, as alone."""
     cfg = smoke_config("joint", num_epochs=5, patience=1)
-    cfg.optim.learning_rate = 0.0
+    cfg.optim.learning_rate = 1e-30
     out = seeds_mod.train_seeds(cfg, str(tmp_path), [1, 2])
     for res in out["per_seed"]:
         assert res["stopped_early"] and res["epochs_run"] == 2 and res["best_epoch"] == 1

@@ -117,6 +117,22 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path, monkeypatch):
         train.train_and_evaluate(smoke_config(checkpoint=False), str(tmp_path))
 
 
+def test_overflowing_inputs_are_named_as_the_cause(tmp_path, monkeypatch):
+    real_load = data_lib.load
+
+    def load_huge(cfg):
+        data = real_load(cfg)
+        train_split = data.splits["train"]
+        data.splits["train"] = ArraySplit({**train_split.as_dict(), "x1": np.array(train_split["x1"]) * 1e37})
+        return data
+
+    monkeypatch.setattr(data_lib, "load", load_huge)
+    cfg = smoke_config(checkpoint=False)
+    cfg.data.standardize = False
+    with pytest.raises(FloatingPointError, match=r"inputs reach \|x\| = .*e\+3\d.* the inputs overflow"):
+        train.train_and_evaluate(cfg, str(tmp_path))
+
+
 def test_bad_batch_size_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="exceeds the 120 training examples"):
         train.train_and_evaluate(smoke_config(batch_size=1000), str(tmp_path))
@@ -150,6 +166,12 @@ def test_comparison_with_ensemble_and_frozen_uni_pre(tmp_path):
     for m in ("x1", "x2"):
         pre = Checkpointer(str(seed_dir / f"unimodal_{m}")).restore_best(like)
         jax.tree.map(np.testing.assert_array_equal, frozen["params"]["encoders"][m], pre["params"]["encoders"][m])
+    # Swapped pretrained folders never load the other modality's encoder.
+    from mcr_jax.checkpoint import load_pretrained
+
+    swapped = {"x1": str(seed_dir / "unimodal_x2"), "x2": str(seed_dir / "unimodal_x1")}
+    with pytest.raises(ValueError, match=r"pretrained\['x1'\] = .*unimodal_x2 holds a 'unimodal' run of modality 'x2'"):
+        load_pretrained(like["params"], like["rest"], swapped, ("x1", "x2"))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -219,13 +241,14 @@ def test_eval_mipd_reported_when_the_eval_batch_exceeds_the_split():
 
 @pytest.mark.parametrize("earliest", [0, 5])
 def test_early_stopping_at_a_known_epoch_and_not_before_the_method_allows(earliest, tmp_path, monkeypatch):
-    """Learning rate 0: epoch 1 is the best, every later epoch ties without improving, so patience 2
+    """Learning rate 1e-30 (0 is refused; updates this small leave float32 weights as they are): epoch 1
+    is the best, every later epoch ties without improving, so patience 2
     stops after epoch 3 — or, for a method that says early stopping may act only from epoch 5, after 5."""
     from mcr_jax.methods.base import Method
 
     monkeypatch.setattr(Method, "earliest_stop_epoch", lambda self: earliest)
     cfg = smoke_config(num_epochs=8, patience=2, checkpoint=False)
-    cfg.optim.learning_rate = 0.0
+    cfg.optim.learning_rate = 1e-30
     res = train.train_and_evaluate(cfg, str(tmp_path))
     assert res["stopped_early"] and res["best_epoch"] == 1
     assert res["epochs_run"] == max(3, earliest)

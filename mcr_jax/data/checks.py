@@ -56,6 +56,12 @@ def check_split(arrays: Mapping[str, np.ndarray], *, split: str, keys: Iterable[
         x = np.asarray(arrays[key])
         if x.ndim == 0:
             raise ValueError(f"split {split!r}, key {key!r}: expected an array [N, ...], got a scalar.")
+        if x.shape[0] == 0 and scope == "split":
+            raise ValueError(f"split {split!r} is empty ({key!r} has 0 rows): a run needs examples in train, "
+                             "validation and test; check the config.data split sizes or the dataset files.")
+        if key == label_key and task == "classification" and x.ndim != 1:
+            raise ValueError(f"split {split!r}: classification labels must be one integer per example, shape "
+                             f"[N]; got shape {x.shape} (squeeze a trailing axis of size 1).")
         where = _Rows(split, key, x.shape[0], index, valid, scope)
         if key == label_key:
             _check_labels(x, where, task=task, num_classes=num_classes)

@@ -77,6 +77,21 @@ def _prepare(latents, labels, mask):
     return num_modalities, batch, mask
 
 
+def _temperature(temperature) -> tuple[object, bool]:
+    """``(tau, static)``: a concrete temperature checked (``ValueError`` unless finite and > 0); a
+    traced one (a study axis under ``jit``/``vmap``) passed through — the loss is then NaN where it
+    is not > 0, so the run's non-finite check stops it."""
+    if isinstance(temperature, jax.core.Tracer):
+        return temperature, False
+    try:
+        tau = float(temperature)
+    except (TypeError, ValueError):
+        raise ValueError(f"temperature must be a number > 0; got {temperature!r}.") from None
+    if not (tau > 0.0 and tau < float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0; got {temperature!r}.")
+    return tau, True
+
+
 def supervised_ntxent(
     latents: Sequence[jax.Array],
     labels: jax.Array,
@@ -89,7 +104,8 @@ def supervised_ntxent(
     Args:
       latents: ``M >= 2`` arrays ``[B, D]`` (same ``D``; ``B >= 1``, else ``ValueError``).
       labels: ``[B]`` class labels (any dtype with equality; for regression, pass discretised labels).
-      temperature: ``tau > 0`` (reference 0.5).
+      temperature: ``tau > 0`` (reference 0.5); another concrete value is a ``ValueError``, a
+        traced value that is not > 0 gives NaN.
       mask: optional ``[B]`` bool/0-1, ``False`` for padded rows (they are neither anchors,
         positives nor negatives).
 
@@ -100,6 +116,7 @@ def supervised_ntxent(
     u = jnp.concatenate([l2_normalize(z) for z in latents], axis=0)  # [MB, D]
     lab = jnp.tile(labels, num_modalities)
     valid = jnp.tile(mask, num_modalities)
+    temperature, static = _temperature(temperature)
     sim = (u @ u.T) / temperature
     n = shape_of(u)[0]
     same = lab[:, None] == lab[None, :]
@@ -107,7 +124,7 @@ def supervised_ntxent(
     pos = same & both & ~jnp.eye(n, dtype=bool)
     neg = ~same & both
     # -log(e^{s_ap} / (e^{s_ap} + sum_n e^{s_an})) = log(1 + sum_n e^{s_an - s_ap})
-    if 2.0 / temperature < 60.0:
+    if static and 2.0 / temperature < 60.0:
         # |s| <= 1/tau, so exponentials shifted by 1/tau stay in [e^{-2/tau}, 1]: one exp per entry.
         e = jnp.exp(sim - 1.0 / temperature)
         neg_sum = jnp.sum(jnp.where(neg, e, 0.0), axis=1, keepdims=True)
@@ -116,7 +133,8 @@ def supervised_ntxent(
         neg_lse = jax.nn.logsumexp(jnp.where(neg, sim, _NEG), axis=1)  # ~ -1e30 when no negative
         per_pair = jnp.logaddexp(sim, neg_lse[:, None]) - sim
     num_pos = jnp.sum(pos)
-    return jnp.sum(jnp.where(pos, per_pair, 0.0)) / jnp.maximum(num_pos, 1)
+    loss = jnp.sum(jnp.where(pos, per_pair, 0.0)) / jnp.maximum(num_pos, 1)
+    return loss if static else jnp.where(temperature > 0, loss, jnp.nan)
 
 
 def cross_modal_supcon(
@@ -131,13 +149,14 @@ def cross_modal_supcon(
     Args:
       latents: ``M >= 2`` arrays ``[B, D]`` (same ``D``; ``B >= 1``, else ``ValueError``).
       labels: ``[B]`` class labels.
-      temperature: ``tau > 0``.
+      temperature: ``tau > 0`` (a concrete value otherwise is a ``ValueError``; a traced one gives NaN).
       mask: optional ``[B]``; padded rows are neither anchors nor candidates.
 
     Returns:
       scalar loss averaged over anchors with a positive and over the ``M(M-1)`` ordered pairs.
     """
     num_modalities, _, mask = _prepare(latents, labels, mask)
+    temperature, static = _temperature(temperature)
     normed = [l2_normalize(z) for z in latents]
     same = (labels[:, None] == labels[None, :]) & mask[:, None] & mask[None, :]
     candidates = mask[None, :]
@@ -152,7 +171,8 @@ def cross_modal_supcon(
             per_anchor = -jnp.sum(jnp.where(same, log_prob, 0.0), axis=1) / jnp.maximum(num_pos, 1)
             has_pos = num_pos > 0
             losses.append(jnp.sum(jnp.where(has_pos, per_anchor, 0.0)) / jnp.maximum(jnp.sum(has_pos), 1))
-    return jnp.mean(jnp.stack(losses))
+    loss = jnp.mean(jnp.stack(losses))
+    return loss if static else jnp.where(temperature > 0, loss, jnp.nan)
 
 
 def binarize_regression_labels(labels: jax.Array, *, threshold: float = 0.0) -> jax.Array:

@@ -334,7 +334,7 @@ def mipd_divergences(
     stop_perturbed: bool = False,
     perturbed_latents: Sequence[jax.Array] | None = None,
     mask: jax.Array | None = None,
-    check_permutations: bool = False,
+    check_permutations: bool | None = None,
 ) -> jax.Array:
     r"""Per-modality divergence :math:`D_m` between clean and perturbed predictions (SPEC.md §3).
 
@@ -372,20 +372,23 @@ def mipd_divergences(
       mask: optional ``[B]`` (bool or 0/1): the average runs over the valid rows only (padded
         rows of a final batch). Draw the permutations with ``sample_permutations(...,
         valid=mask)`` so that valid rows are never paired with padded ones.
-      check_permutations: verify that every row of ``permutations`` is a permutation of
-        ``0..B-1``. Rows that are not (repeated or out-of-range indices) give wrong values and
-        wrong gradients: the backward pass of the permuted gather uses the inverse permutation,
-        which is the gather's transpose only for a bijection. The shape (``[S, B]``, ``S >= 1``,
-        ``B`` the batch size) and the integer dtype are always checked (at trace time: free).
-        The values: NumPy ``permutations`` are always checked (host data, no device sync); with
-        ``check_permutations=True`` concrete device arrays are fetched and checked too (a
-        device-to-host copy per call: outside the hot path, e.g. in tests or when debugging).
-        Both raise a ``ValueError`` naming the first bad row. Traced permutations (under ``jit``,
-        ``vmap``, ``scan``) cannot raise without a host callback; with ``check_permutations=True``
-        an in-graph check (one gather of ``S·B`` indices, no host sync) turns the returned
-        divergences, and hence their gradients, into NaN when any row is not a permutation, so a bad
-        draw is loud rather than silently wrong (``jax_debug_nans`` then points at it). Off by
-        default: ``sample_permutations`` only draws valid permutations.
+      check_permutations: how every row of ``permutations`` is verified to be a permutation of
+        ``0..B-1``. Rows that are not (repeated or out-of-range indices, which a gather clamps)
+        give wrong values and wrong gradients: the backward pass of the permuted gather uses the
+        inverse permutation, which is the gather's transpose only for a bijection. The shape
+        (``[S, B]``, ``S >= 1``, ``B`` the batch size) and the integer dtype are always checked (at
+        trace time: free), and NumPy ``permutations`` (host data) always have their values checked,
+        raising a ``ValueError`` naming the first bad row. Device arrays, traced or not:
+
+        * ``None`` (default): an in-graph check (in range, and ``inverse[perm] == arange``: one
+          gather of ``S·B`` indices, no host sync) turns the returned divergences, and hence their
+          gradients, into NaN when any row is not a permutation, so a bad draw is loud rather than
+          silently wrong (the trainer's non-finite check then stops the run; ``jax_debug_nans``
+          points at it). For valid rows the values and gradients are exactly the unchecked ones.
+        * ``True``: as ``None``, and a concrete (untraced) device array is also fetched and checked
+          on the host, raising the ``ValueError`` (a device-to-host copy per call: for tests and
+          debugging).
+        * ``False``: the opt-out: no check of device arrays' values.
 
     Returns:
       ``[M]`` divergences ``D_m`` (each in ``[0, ln 2]`` for the JSD).
@@ -429,7 +432,7 @@ def mipd_divergences(
         raise ValueError(f"num_samples (S) must be >= 1; got {num_samples} (the MIPD averages over S samples).")
     uses_permutations = perturbation == "permute" and perturbed_latents is None
     if uses_permutations and not isinstance(permutations, jax.core.Tracer):
-        if check_permutations or not isinstance(permutations, jax.Array):
+        if check_permutations is True or not isinstance(permutations, jax.Array):
             bad = _first_bad_row(np.asarray(permutations))
             if bad is not None:
                 raise ValueError(bad)
@@ -456,8 +459,8 @@ def mipd_divergences(
     result = divergences_of_copies(clean_logits, fuse_fn, latents, copies, divergence=divergence,
                                    nonperturbed_transform=nonperturbed_transform, stop_perturbed=stop_perturbed,
                                    mask=mask)
-    if uses_permutations and check_permutations and isinstance(permutations, jax.core.Tracer):
-        # Traced: no raise without a host sync; NaN values and gradients instead of wrong ones.
+    if uses_permutations and check_permutations is not False and isinstance(permutations, jax.Array):
+        # Device data: no raise without a host sync; NaN values and gradients instead of wrong ones.
         result = result * jnp.where(_permutations_ok(permutations, inverse), 1.0, jnp.nan).astype(result.dtype)
     return result
 
