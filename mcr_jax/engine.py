@@ -269,7 +269,7 @@ def train_runs(specs: list[RunSpec], *, state_dir: str | None = None, data=None,
             one = take(states, i)
             ctx = EpochContext(epoch=epoch, steps_per_epoch=programs.steps_per_epoch, state=one,
                                features_fn=programs.features_fn, fresh_params_fn=programs.fresh_params,
-                               fuse_fn=programs.fuse_fn)
+                               fuse_fn=programs.fuse_fn, graphdef_eval=programs.graphdef_eval)
             new_ms = method.on_epoch_end(epoch, val, ctx.state.method_state, ctx)
             if ctx.state is not one or new_ms is not one.method_state:  # the hook changed something:
                 states = put(states, i, ctx.state._replace(method_state=new_ms))  # write this run's back

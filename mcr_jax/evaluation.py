@@ -103,8 +103,7 @@ def make_subset_predict(method, graphdef_eval):
         batch = dict(batch)
         for i, m in enumerate(method.modalities):
             batch[m] = jnp.where(keep[i] > 0, batch[m], jnp.zeros_like(batch[m]))
-        with method.tracing({k: v for k, v in hparams.items() if k != "learning_rate"}):
-            out = method.predict(model, batch)
+        out = method.with_hparams(hparams).predict(model, batch)
         return {"logits": out["logits"], "latents": out["latents"]}
 
     return subset_predict

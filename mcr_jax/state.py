@@ -80,7 +80,7 @@ def init_state(params, rest, tx: optax.GradientTransformation, method, seed: int
     """The state before the first step: fresh optimizer and method state, key from ``seed``;
     ``hparams`` (``{option: value}``) become traced float32 hyperparameters."""
     return TrainState(params=params, rest=rest, opt_state=tx.init(params),
-                      method_state=method.init_method_state(params), key=jax.random.PRNGKey(int(seed)),
+                      method_state=method.init_method_state(params, rest), key=jax.random.PRNGKey(int(seed)),
                       step=jnp.zeros((), jnp.int32), bad_step=-jnp.ones((), jnp.int32),
                       bad_terms=jnp.zeros((), jnp.int32),
                       hparams={k: jnp.asarray(v, jnp.float32) for k, v in (hparams or {}).items()})

@@ -42,7 +42,8 @@ def make_train_step(method, tx, graphdef_train, graphdef_eval, metric_names, bas
                     mesh=None):
     """``(state, batch) -> (state, metrics)`` for one batch (see the module docstring).
 
-    Traced hyperparameters (``state.hparams``) reach the method through :meth:`Method.tracing`; a
+    Traced hyperparameters (``state.hparams``) reach the method as a value: the step calls
+    ``method.with_hparams(state.hparams)`` (:meth:`Method.with_hparams`, a bound copy); a
     traced ``learning_rate`` scales the optimizer's updates by ``learning_rate / base_learning_rate``
     (every optimizer here is linear in its learning rate, so this is training at that rate, the
     whole schedule scaled). ``mesh`` reaches the method through the :class:`ModelHandle`."""
@@ -50,9 +51,8 @@ def make_train_step(method, tx, graphdef_train, graphdef_eval, metric_names, bas
     def step(state: TrainState, batch):
         key, sub = jax.random.split(state.key)
         handle = ModelHandle(graphdef_train, graphdef_eval, state.rest, mesh)
-        traced = {k: v for k, v in state.hparams.items() if k != "learning_rate"}
-        with method.tracing(traced):
-            out = StepOutput(*method.gradients(handle, state.params, batch, sub, state.method_state))
+        bound = method.with_hparams(state.hparams)
+        out = StepOutput(*bound.gradients(handle, state.params, batch, sub, state.method_state))
         mets = dict(out.metrics, grad_norm=optax.tree.norm(out.grads))
         updates, new_opt = tx.update(out.grads, state.opt_state, state.params, **out.tx_kwargs)
         if "learning_rate" in state.hparams:
@@ -117,10 +117,9 @@ def make_eval_step(method, graphdef_eval, num_samples: int):
 
     def step(params, rest, batch, index, hparams=None):
         model = nnx.merge(graphdef_eval, params, rest)
-        with method.tracing({k: v for k, v in (hparams or {}).items() if k != "learning_rate"}):
-            return _scored(model, batch, index)
+        return _scored(method.with_hparams(hparams), model, batch, index)
 
-    def _scored(model, batch, index):
+    def _scored(method, model, batch, index):
         out = method.predict(model, batch)
         res = {"logits": out["logits"], "unimodal": out["unimodal"],
                "loss": method.task.loss(out["logits"], batch["label"], batch["mask"])}

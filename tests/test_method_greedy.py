@@ -406,8 +406,7 @@ def test_traced_epsilon_equals_static():
         statics.append(jax.tree.leaves(jit_gradients(m, h)(params, batch, jax.random.PRNGKey(0), ms)))
 
     def traced(v):
-        with method.tracing({"epsilon": v}):
-            return method.gradients(handle, params, batch, jax.random.PRNGKey(0), ms)
+        return method.with_hparams({"epsilon": v}).gradients(handle, params, batch, jax.random.PRNGKey(0), ms)
 
     grid = jax.jit(jax.vmap(traced))(jnp.asarray(values, jnp.float32))
     for i, want in enumerate(statics):

@@ -159,8 +159,7 @@ def golden_case():
 
     @jax.jit
     def step(p, b, s, beta):  # one compilation for every beta (a traced option)
-        with method.tracing({"beta": beta}):
-            return method.gradients(handle, p, b, jax.random.PRNGKey(0), s)
+        return method.with_hparams({"beta": beta}).gradients(handle, p, b, jax.random.PRNGKey(0), s)
 
     return method, handle, params, global_params, batch, step
 

@@ -277,5 +277,5 @@ def test_defaults_and_clear_errors():
                       num_classes=5)
     with pytest.raises(ValueError, match="at least two modalities"):
         get_method(ml_collections.ConfigDict({"name": "pmr"}), one)
-    with pytest.raises(ValueError, match="check_model"):
+    with pytest.raises(ValueError, match="unimodal heads"):
         get_method(ml_collections.ConfigDict({"name": "pmr"}), info).init_method_state({})

@@ -1,4 +1,4 @@
-"""Traced hyperparameters (``Method.traceable``): a value traced through ``method.tracing`` under
+"""Traced hyperparameters (``Method.traceable``): a value traced through ``method.with_hparams`` under
 ``jax.jit`` (and a ``jax.vmap`` over two values) gives the gradients of a method configured with that
 value statically, for every traceable option of OGM-GE, AGM, MLB, MMPareto, MMCosine and ReconBoost."""
 
@@ -68,9 +68,9 @@ def test_traced_option_matches_static(name, option, values):
     key = jax.random.PRNGKey(3)
 
     def traced(p, b, k, s, v):
-        with method.tracing({option: v}):
-            assert method.tuned(option)
-            return method.gradients(handle, p, b, k, s)
+        bound = method.with_hparams({option: v})
+        assert bound.tuned(option) and bound is not method
+        return bound.gradients(handle, p, b, k, s)
 
     statics = [_static(name, option, v) for v in values]
     # the option matters on this batch (else the comparison below would prove nothing)
@@ -84,11 +84,10 @@ def test_traced_option_matches_static(name, option, values):
     out = jax.tree.leaves(grid(params, batch, key, state, jnp.asarray(values, jnp.float32)))
     for i, want in enumerate(statics):
         _assert_same([x[i] for x in out], want)
-    assert not method.tuned(option)  # the context is left clean
+    assert not method.tuned(option) and method.hparams == {}  # the instance itself is left unbound
 
 
 def test_untraceable_option_is_refused():
     method, *_ = _method("mmpareto")
     with pytest.raises(ValueError, match="cannot be traced"):
-        with method.tracing({"rescale_scope": jnp.float32(1.0)}):
-            pass
+        method.with_hparams({"rescale_scope": jnp.float32(1.0)})

@@ -245,7 +245,7 @@ class AGM(Method):
         if float(self.opts["clip_norm"]) < 0:
             raise ValueError(f"method.clip_norm must be >= 0 (0: no clipping); got {self.opts['clip_norm']}.")
 
-    def init_method_state(self, params):
+    def init_method_state(self, params, rest=None):
         num = len(self.modalities)
         return {"count": jnp.zeros((), jnp.int32), "score_mean": jnp.zeros((num,), jnp.float32),
                 "epoch": jnp.ones((), jnp.int32), "scale": jnp.ones((num,), jnp.float32)}

@@ -141,7 +141,7 @@ class AMCo(Method):
     def check_model(self, model) -> None:
         self.require_separable(model, "it masks each modality's branch z_m W_m + b/M of the fused prediction")
 
-    def init_method_state(self, params):
+    def init_method_state(self, params, rest=None):
         return {"epoch": jnp.ones((), jnp.int32), "step": jnp.zeros((), jnp.int32),
                 "dependent": jnp.zeros((len(self.modalities),), jnp.int32)}
 

@@ -13,7 +13,7 @@ method adapt between epochs from validation metrics.
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -77,11 +77,15 @@ class EpochContext:
     - ``fuse(latents)``: the method's fused prediction (``Method.fuse``, evaluation mode, current
       parameters) of ``{modality: [N, D_m]}`` latents, as a host array ``[N, C]``;
     - ``log(metrics)``: ``{name: float}`` added to this epoch's validation record (``metrics.jsonl``
-      ``val``, TensorBoard ``val/``), e.g. a diagnostic computed here.
+      ``val``, TensorBoard ``val/``), e.g. a diagnostic computed here;
+    - ``graphdef_eval``: the model's evaluation-mode graph definition (``nnx.merge(graphdef_eval,
+      params, rest)`` builds the model; None where the caller gives none).
     """
 
-    def __init__(self, *, epoch, steps_per_epoch, state, features_fn, fresh_params_fn, fuse_fn=None):
+    def __init__(self, *, epoch, steps_per_epoch, state, features_fn, fresh_params_fn, fuse_fn=None,
+                 graphdef_eval=None):
         self.epoch = epoch
+        self.graphdef_eval = graphdef_eval
         self.steps_per_epoch = steps_per_epoch
         self._state = state
         self._features_fn = features_fn
@@ -144,10 +148,10 @@ class Method:
     #: as one vectorised program, see mcr_jax.seeds); read them in traced code with :meth:`hp`.
     traceable: tuple[str, ...] = ()
 
-    #: the traced values of this trace (set by the trainer around ``gradients``; empty otherwise).
-    _traced: dict = {}
-
     def __init__(self, config, info: DatasetInfo):
+        #: the traced hyperparameters this instance is bound to (``{option: traced scalar}``; empty
+        #: unless the instance is a copy made by :meth:`with_hparams`).
+        self.hparams: dict = {}
         self.config = config
         self.info = info
         #: the resolved options: :meth:`option_defaults` updated by the config (unknown keys refused)
@@ -180,28 +184,30 @@ class Method:
                              f"got {type(model.fusion).__name__}.")
 
     # ---- traced hyperparameters ---------------------------------------------------------------
-    def hp(self, name: str, static):
-        """Option ``name``'s value in traced code: the traced value when the run traces it (a study
-        axis), else ``static`` (the configured value, a Python number)."""
-        return self._traced.get(name, static)
-
-    def tuned(self, name: str) -> bool:
-        """Whether option ``name`` is traced in this trace (then a term must be computed even when
-        its configured weight is 0: another run of the program may weigh it)."""
-        return name in self._traced
-
-    @contextlib.contextmanager
-    def tracing(self, hparams):
-        """While tracing a step: :meth:`hp` returns ``hparams[name]`` for the traced options."""
-        unknown = set(hparams) - set(self.traceable) - {"learning_rate"}
+    def with_hparams(self, hparams) -> Method:
+        """A shallow copy of this method bound to the traced values ``hparams`` (``{option: value}``;
+        a traced ``learning_rate`` is the trainer's and is left out): :meth:`hp` and :meth:`tuned` of
+        the copy read them. The trainer calls ``method.with_hparams(state.hparams).gradients(...)``
+        inside the traced step (as ``optax.inject_hyperparams`` rebuilds its transformation from the
+        traced values); the instance itself is left unchanged."""
+        hparams = {k: v for k, v in dict(hparams or {}).items() if k != "learning_rate"}
+        unknown = set(hparams) - set(self.traceable)
         if unknown:
             raise ValueError(f"{self.name}: options {sorted(unknown)} cannot be traced; traceable: "
                              f"{sorted(self.traceable)} and learning_rate.")
-        previous, self._traced = self._traced, dict(hparams)
-        try:
-            yield
-        finally:
-            self._traced = previous
+        bound = copy.copy(self)
+        bound.hparams = hparams
+        return bound
+
+    def hp(self, name: str, static):
+        """Option ``name``'s value in traced code: the traced value when this instance is bound to
+        one (:meth:`with_hparams`, a study axis), else ``static`` (the configured value, a Python number)."""
+        return self.hparams.get(name, static)
+
+    def tuned(self, name: str) -> bool:
+        """Whether option ``name`` is traced in this binding (then a term must be computed even when
+        its configured weight is 0: another run of the program may weigh it)."""
+        return name in self.hparams
 
     # ---- set-up (host) -----------------------------------------------------------------------
     def earliest_stop_epoch(self) -> int:
@@ -213,14 +219,22 @@ class Method:
         return 0
 
     def check_model(self, model) -> None:
-        """Raise a clear error when the model cannot serve this method (called once)."""
+        """Raise a clear error when the model cannot serve this method (called once per model).
+
+        Only checks: the method keeps nothing of the model on the instance (one instance may serve
+        models of different shapes); what it needs of the model's structure it reads from the
+        parameters (:meth:`init_method_state`), the :class:`ModelHandle` inside traced code, or the
+        :class:`EpochContext` in host hooks."""
 
     def make_optimizer(self, base: optax.GradientTransformation, params) -> optax.GradientTransformation:
         """Wraps the configured optimizer if the method needs to (default: unchanged)."""
         return base
 
-    def init_method_state(self, params) -> Any:
-        """Method-specific state carried through the steps (running averages, coefficients…)."""
+    def init_method_state(self, params, rest=None) -> Any:
+        """Method-specific state carried through the steps (running averages, coefficients…).
+
+        ``params`` / ``rest``: the model's starting parameters and non-parameter state (pure pytrees;
+        the trainer passes both, most methods read neither)."""
         return {}
 
     # ---- inside jit --------------------------------------------------------------------------

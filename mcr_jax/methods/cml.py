@@ -162,7 +162,7 @@ class CML(Method):
     def check_model(self, model) -> None:
         self.require_separable(model, "cml removes modalities by subtracting their fusion branches")
 
-    def init_method_state(self, params):
+    def init_method_state(self, params, rest=None):
         """``epoch``: the 1-based epoch about to run."""
         return {"epoch": jnp.ones((), jnp.int32)}
 

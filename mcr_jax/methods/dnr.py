@@ -178,7 +178,7 @@ class DnR(Method):
         total = fused + float(self.opts["uni_weight"]) * sum(uni.values())
         return total, {"task": fused, **{f"uni_{m}": v for m, v in uni.items()}}, model
 
-    def init_method_state(self, params):
+    def init_method_state(self, params, rest=None):
         """Counters and the last diagnosis; with ``reinit_target="initial"`` also θ⁰, the encoders'
         starting parameters (checkpointed with the run, so a resumed run re-initialises towards the
         same θ⁰)."""

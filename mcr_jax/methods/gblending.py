@@ -103,6 +103,8 @@ checkpointed and vectorised over seeds.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -183,15 +185,12 @@ class GBlending(Method):
                              f"that measures generalisation; got {f}.")
         if not 0.0 <= f < 1.0:
             raise ValueError(f"method.holdout_fraction must be in [0, 1); got {f}.")
-        self._graphdef = None
-        self._measure = None
 
     def check_model(self, model) -> None:
         heads = getattr(model, "heads", None)
         missing = [m for m in self.modalities if heads is None or m not in heads]
         if missing:
             raise ValueError(f"gblending trains a unimodal head per modality; the model has none for {missing}.")
-        self._graphdef = nnx.split(model, nnx.Param, ...)[0]  # to apply the heads in on_epoch_end
 
     # ---- training ----------------------------------------------------------------------------
     def held_out(self, batch):
@@ -220,7 +219,7 @@ class GBlending(Method):
                    **{f"w_{h}": w[k] for k, h in enumerate(self.heads)}}
         return total, metrics, model
 
-    def init_method_state(self, params):
+    def init_method_state(self, params, rest=None):
         k = len(self.heads)
         z = lambda: jnp.zeros((k,), jnp.float32)  # a buffer per leaf: the trainer donates the state
         return {"weights": jnp.asarray(self.initial, jnp.float32), "anchor_train": z(), "anchor_held": z(),
@@ -228,28 +227,10 @@ class GBlending(Method):
                 "estimates": jnp.zeros((), jnp.int32)}
 
     # ---- estimation (host) -------------------------------------------------------------------
-    def _losses_fn(self):
-        if self._measure is None:
-            if self._graphdef is None:
-                raise ValueError("gblending: check_model(model) must be called before on_epoch_end.")
-            graphdef, modalities = self._graphdef, self.modalities
-
-            def sums(params, rest, latents, labels, valid, held):
-                model = nnx.merge(graphdef, params, rest)
-                model.eval()
-                logits = [self.fuse(model, latents)] + [model.heads[m](latents[m]) for m in modalities]
-                out = []
-                for part in (valid * (1.0 - held), valid * held):
-                    n = jnp.sum(part)
-                    out.append(jnp.stack([self.task.loss(lg, labels, part) * n for lg in logits]))
-                return jnp.stack(out)  # [2, K]: loss sums over the trained rows, the held-out rows
-
-            self._measure = jax.jit(sums)
-        return self._measure
-
-    def head_losses(self, params, rest, latents, labels):
+    def head_losses(self, graphdef, params, rest, latents, labels):
         """``(train [K], held [K])``: every head's mean loss on the trained and the held-out rows of
-        the training split (``latents``: ``{m: [N, D_m]}`` in split order, row i = example i)."""
+        the training split (``latents``: ``{m: [N, D_m]}`` in split order, row i = example i;
+        ``graphdef``: the model's evaluation-mode graph, :attr:`EpochContext.graphdef_eval`)."""
         n = int(np.asarray(labels).shape[0])
         held = holdout_mask(np.arange(n), float(self.opts["holdout_fraction"]), int(self.opts["holdout_seed"]))
         counts = np.array([n - held.sum(), held.sum()], np.float64)
@@ -257,7 +238,7 @@ class GBlending(Method):
             raise ValueError(f"gblending: the training split's {n} examples give {int(counts[1])} held-out and "
                              f"{int(counts[0])} trained examples (method.holdout_fraction="
                              f"{self.opts['holdout_fraction']}); both need at least one.")
-        fn = self._losses_fn()
+        fn = functools.partial(_head_loss_sums, self, graphdef)
         total = np.zeros((2, len(self.heads)), np.float64)
         for s in range(0, n, _CHUNK):
             rows = np.arange(s, s + _CHUNK)
@@ -280,7 +261,9 @@ class GBlending(Method):
         if not self.due(int(epoch), method_state):
             return method_state
         latents, labels = ctx.features("train")  # the training split only: never validation / test
-        now_train, now_held = self.head_losses(ctx.params, ctx.rest, latents, labels)
+        if ctx.graphdef_eval is None:
+            raise ValueError("gblending: the epoch context has no model graph (the trainer passes graphdef_eval).")
+        now_train, now_held = self.head_losses(ctx.graphdef_eval, ctx.params, ctx.rest, latents, labels)
         f32 = lambda x: jnp.asarray(x, jnp.float32)
         new = {**method_state, "anchor_train": f32(now_train), "anchor_held": f32(now_held),
                "anchor_epoch": jnp.asarray(int(epoch), jnp.int32)}
@@ -296,3 +279,17 @@ class GBlending(Method):
                 f"{h} {shown[k]:.4f} (G {gain[k]:+.4f}, dO {overfit[k]:+.4f})" for k, h in enumerate(self.heads))
                 + ("" if weights is not None else " (estimate degenerate: weights kept)"), flush=True)
         return new
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _head_loss_sums(method, graphdef, params, rest, latents, labels, valid, held):
+    """``[2, K]``: every head's loss sums over the trained rows, the held-out rows of a chunk (the
+    model built from ``graphdef``, in evaluation mode)."""
+    model = nnx.merge(graphdef, params, rest)
+    model.eval()
+    logits = [method.fuse(model, latents)] + [model.heads[m](latents[m]) for m in method.modalities]
+    out = []
+    for part in (valid * (1.0 - held), valid * held):
+        n = jnp.sum(part)
+        out.append(jnp.stack([method.task.loss(lg, labels, part) * n for lg in logits]))
+    return jnp.stack(out)

@@ -276,7 +276,7 @@ class Greedy(Method):
             return base
         return optax.chain(base, scale_by_player(self._owners(params)))
 
-    def init_method_state(self, params):
+    def init_method_state(self, params, rest=None):
         m = len(self.modalities)
         dims = {n: int(params["heads"][n]["kernel"].shape[0]) for n in self.modalities}
         zero = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731

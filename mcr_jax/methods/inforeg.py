@@ -214,7 +214,7 @@ class InfoReg(Method):
     def make_optimizer(self, base, params):
         return optax.chain(add_proximal_pull(self._owners(params)), base)
 
-    def init_method_state(self, params):
+    def init_method_state(self, params, rest=None):
         """``anchor`` (the parameters at the start of the epoch; only the encoders' leaves are
         read), ``trace`` (this epoch's FIM traces so far, ``[M]``), ``history`` (``[M, window + 1]``,
         oldest first) and ``active`` (``[M]``, 1 inside the prime learning window)."""

@@ -208,7 +208,7 @@ class LFM(Method):
         if self.opts["logits"] == "branches":
             self.require_separable(model, "logits = 'branches' reads the fusion head's per-modality logits")
 
-    def init_method_state(self, params):
+    def init_method_state(self, params, rest=None):
         """``epoch`` (1-based, about to run), ``probed`` (last epoch whose weight update ran),
         ``alpha`` ``[alpha_cls, alpha_align]``, ``halvings`` (of ``lr_alpha`` so far: the current rate
         is ``lr_alpha / 2**halvings``, so that ``lr_alpha`` can be traced), ``alpha_grad`` (the last

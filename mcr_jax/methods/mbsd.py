@@ -176,7 +176,7 @@ class MBSD(Method):
             return {m: branches[m] + shared for m in self.modalities}
         return dict(out["unimodal"])
 
-    def init_method_state(self, params):
+    def init_method_state(self, params, rest=None):
         return {"epoch": jnp.ones((), jnp.int32)}
 
     def loss(self, handle, params, batch, key, method_state):

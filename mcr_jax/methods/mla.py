@@ -196,7 +196,7 @@ class MLA(Method):
         owners = jax.tree_util.tree_map_with_path(label, owners)
         return optax.chain(base, scale_by_player(owners))
 
-    def init_method_state(self, params):
+    def init_method_state(self, params, rest=None):
         d = params["heads"][self.head]["kernel"].shape[0]
         return {"steps": jnp.zeros((), jnp.int32), "epoch_step": jnp.zeros((), jnp.int32),
                 "epoch_len": jnp.zeros((), jnp.int32), "proj": jnp.eye(d, dtype=jnp.float32)}

@@ -202,7 +202,7 @@ class MSLR(Method):
             return base
         return optax.chain(base, scale_by_player(modality_owners(params, self.modalities, self.owned)))
 
-    def init_method_state(self, params):
+    def init_method_state(self, params, rest=None):
         m, w = len(self.modalities), int(self.opts["window"])
         return {"multipliers": jnp.asarray(self.base), "history": jnp.zeros((w, m), jnp.float32),
                 "count": jnp.zeros((), jnp.int32)}

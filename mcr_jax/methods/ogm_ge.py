@@ -194,7 +194,7 @@ class OGMGE(Method):
                                  f"(convolution kernels), but the encoders of {missing} have none; use "
                                  "modulate='auto' (every parameter of such an encoder) or 'encoder'.")
 
-    def init_method_state(self, params):
+    def init_method_state(self, params, rest=None):
         return {"epoch": jnp.ones((), jnp.int32)}
 
     def gradients(self, handle, params, batch, key, method_state):

@@ -179,7 +179,7 @@ class OPM(Method):
     def check_model(self, model) -> None:
         self.require_separable(model, "its per-modality score is the fused prediction's branch z_m W_m + b/M")
 
-    def init_method_state(self, params):
+    def init_method_state(self, params, rest=None):
         return {"epoch": jnp.ones((), jnp.int32)}
 
     def loss(self, handle, params, batch, key, method_state):

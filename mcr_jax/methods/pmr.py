@@ -180,22 +180,27 @@ class PMR(Method):
         if float(o["alpha"]) < 0 or float(o["entropy_weight"]) < 0:
             raise ValueError("method.alpha and method.entropy_weight must be >= 0; "
                              f"got {o['alpha']} and {o['entropy_weight']}.")
-        self._latent_dims = None
 
     def check_model(self, model) -> None:
         dims = getattr(model, "latent_dims", None)
         if dims is None or any(m not in dims for m in self.modalities):
             raise ValueError(f"pmr needs a model with per-modality latents (latent_dims); got {dims}.")
-        self._latent_dims = {m: int(dims[m]) for m in self.modalities}
 
-    def init_method_state(self, params):
+    def init_method_state(self, params, rest=None):
         """``epoch`` (1-based, the one about to run), ``ready`` (prototypes computed) and the
-        prototypes ``protos[m]`` ``[C, D_m]`` (zeros until the end of epoch 1)."""
-        if self._latent_dims is None:
-            raise ValueError("pmr: check_model(model) must be called before init_method_state.")
+        prototypes ``protos[m]`` ``[C, D_m]`` (zeros until the end of epoch 1); ``D_m`` is read from
+        the parameters (the unimodal head ``heads[m]`` maps the latent ``[D_m]`` to the classes)."""
         c = int(self.info.num_classes)
         return {"epoch": jnp.ones((), jnp.int32), "ready": jnp.zeros((), jnp.int32),
-                "protos": {m: jnp.zeros((c, d), jnp.float32) for m, d in self._latent_dims.items()}}
+                "protos": {m: jnp.zeros((c, d), jnp.float32) for m, d in self.latent_dims(params).items()}}
+
+    def latent_dims(self, params) -> dict[str, int]:
+        """``{m: D_m}`` from the parameters: the input size of the unimodal head ``heads[m]``."""
+        try:
+            return {m: int(params["heads"][m]["kernel"].shape[0]) for m in self.modalities}
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"pmr reads each modality's latent size from the parameters' unimodal heads "
+                             f"(params['heads'][m]['kernel'] [D_m, C]); these parameters have none ({e!r}).") from e
 
     # ---- training ----------------------------------------------------------------------------
     def loss(self, handle, params, batch, key, method_state):

@@ -142,7 +142,7 @@ class ReconBoost(Method):
         while boosting (:func:`~mcr_jax.players.scale_by_player`)."""
         return optax.chain(base, scale_by_player(assign_players(params, self.modalities)))
 
-    def init_method_state(self, params):
+    def init_method_state(self, params, rest=None):
         return {"epochs_done": jnp.zeros((), jnp.int32)}
 
     def phase(self, epochs_done):

@@ -135,13 +135,8 @@ class UMT(Method):
         #: ``{modality: workdir}``; empty: no teachers configured (an error when training starts, see
         #: :meth:`init_method_state`; the tests give teacher parameters directly with :func:`teacher_state`).
         self.teachers = {m: str(teachers[m]) for m in self.modalities} if teachers else {}
-        self._rest_like = None
 
     # ---- set-up (host) -----------------------------------------------------------------------
-    def check_model(self, model) -> None:
-        """Keeps the model's non-parameter state as the template for reading the teachers' checkpoints."""
-        self._rest_like = nnx.as_pure(nnx.split(model, nnx.Param, ...)[2])
-
     def load_teachers(self, params, rest) -> dict:
         """``teacher_state`` of the selected weights of the unimodal runs in ``method.teachers``."""
         from mcr_jax.checkpoint import load_pretrained
@@ -152,20 +147,23 @@ class UMT(Method):
                 raise FileNotFoundError(
                     f"umt: method.teachers[{m!r}] = {wd} holds no finished unimodal run (no results.json); train "
                     f"it first (method.name=unimodal, method.modality={m}).")
+        if rest is None:
+            raise ValueError("umt: init_method_state(params, rest) needs the model's non-parameter state (the "
+                             "template of the teachers' checkpoints; the trainer passes it).")
         loaded, loaded_rest = load_pretrained(params, rest, self.teachers, self.modalities)
         enc_rest = loaded_rest["encoders"] if "encoders" in loaded_rest else {}
         return teacher_state({m: loaded["encoders"][m] for m in self.modalities},
                              {m: enc_rest[m] if m in enc_rest else {} for m in self.modalities})
 
-    def init_method_state(self, params):
+    def init_method_state(self, params, rest=None):
         """The epoch counter (1 during the first epoch) and the frozen teachers, read from the
-        unimodal runs' checkpoints (``method.teachers``)."""
+        unimodal runs' checkpoints (``method.teachers``); ``params`` / ``rest`` (the model's starting
+        state, which the trainer passes) are the templates the checkpoints are read into."""
         if not self.teachers:
             raise ValueError("method 'umt' needs method.teachers = {modality: unimodal run workdir} (one finished "
                              "'unimodal' run per modality); the compare command fills it from its unimodal runs.")
-        if self._rest_like is None:
-            raise RuntimeError("umt: check_model(model) must be called before init_method_state (the trainer does).")
-        return {"epoch": jnp.ones((), jnp.int32), "teachers": self.load_teachers(params, self._rest_like)}
+        teachers = self.load_teachers(params, rest)  # checks the workdirs before reading
+        return {"epoch": jnp.ones((), jnp.int32), "teachers": teachers}
 
     # ---- inside jit --------------------------------------------------------------------------
     def teacher_latents(self, handle, params, batch, teachers) -> dict:

@@ -113,7 +113,7 @@ class Valuation(Method):
                              "to keep per-example copies in its method state.")
         self.num_train = int(sizes["train"])
 
-    def init_method_state(self, params):
+    def init_method_state(self, params, rest=None):
         return {"copies": jnp.zeros((len(self.modalities), self.num_train), jnp.int32),
                 "active": jnp.zeros((), jnp.int32)}
 
