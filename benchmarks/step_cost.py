@@ -72,7 +72,7 @@ def build_step(variant: dict, info, model, batch, num_perms: int):
     params, rest = jax.tree.map(jnp.copy, (params, rest))
     optim = ml_collections.ConfigDict(dict(name="adam_l2", learning_rate=1e-4, weight_decay=1e-4, eps=1e-7))
     tx = method.make_optimizer(make_optimizer(optim, 1000), params)
-    state = init_state(params, rest, tx, method, seed=0)
+    state = init_state(params, rest, tx, method, seed=0)._replace(epoch=jnp.ones((), jnp.int32))  # epoch 1
     names = sorted(jax.eval_shape(
         lambda p, r, b, k, ms: method.gradients(ModelHandle(gd, gd_eval, r), p, b, k, ms).metrics,
         params, rest, batch, state.key, state.method_state)) + ["grad_norm"]

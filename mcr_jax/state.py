@@ -23,6 +23,9 @@ class TrainState(NamedTuple):
     - ``rest``: the model's other state (batch statistics, dropout RNG streams);
     - ``opt_state``: the optimizer's state; ``method_state``: the method's (running averages…);
     - ``key``: the PRNG key the next step splits; ``step``: steps done (int32);
+    - ``epoch``: the current training epoch, 1-based (int32; 0 before the first epoch: the trainer
+      sets it before every training epoch, :meth:`mcr_jax.programs.Programs.set_epoch`); the step
+      hands it to the method as :attr:`mcr_jax.methods.ModelHandle.epoch`;
     - ``bad_step`` / ``bad_terms``: the first step with a non-finite metric (-1: none) and a
       bit mask of the offending metrics (the trainer reports them once per epoch);
     - ``hparams``: traced hyperparameters ``{option: float32 scalar}`` (empty for an ordinary run;
@@ -35,6 +38,7 @@ class TrainState(NamedTuple):
     method_state: Any
     key: jax.Array
     step: jax.Array
+    epoch: jax.Array
     bad_step: jax.Array
     bad_terms: jax.Array
     hparams: dict = {}
@@ -81,7 +85,7 @@ def init_state(params, rest, tx: optax.GradientTransformation, method, seed: int
     ``hparams`` (``{option: value}``) become traced float32 hyperparameters."""
     return TrainState(params=params, rest=rest, opt_state=tx.init(params),
                       method_state=method.init_method_state(params, rest), key=jax.random.PRNGKey(int(seed)),
-                      step=jnp.zeros((), jnp.int32), bad_step=-jnp.ones((), jnp.int32),
+                      step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32), bad_step=-jnp.ones((), jnp.int32),
                       bad_terms=jnp.zeros((), jnp.int32),
                       hparams={k: jnp.asarray(v, jnp.float32) for k, v in (hparams or {}).items()})
 

@@ -50,7 +50,7 @@ def make_train_step(method, tx, graphdef_train, graphdef_eval, metric_names, bas
 
     def step(state: TrainState, batch):
         key, sub = jax.random.split(state.key)
-        handle = ModelHandle(graphdef_train, graphdef_eval, state.rest, mesh)
+        handle = ModelHandle(graphdef_train, graphdef_eval, state.rest, mesh, epoch=state.epoch)
         bound = method.with_hparams(state.hparams)
         out = StepOutput(*bound.gradients(handle, state.params, batch, sub, state.method_state))
         mets = dict(out.metrics, grad_norm=optax.tree.norm(out.grads))
@@ -72,6 +72,7 @@ def make_train_step(method, tx, graphdef_train, graphdef_eval, metric_names, bas
             method_state=keep(out.method_state, state.method_state),
             key=key,
             step=state.step + 1,
+            epoch=state.epoch,
             bad_step=jnp.where(first & ~ok, state.step, state.bad_step),
             bad_terms=jnp.where(first & ~ok, jnp.sum(bad.astype(jnp.int32) << jnp.arange(len(metric_names))),
                                 state.bad_terms),

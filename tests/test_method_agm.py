@@ -244,7 +244,7 @@ def test_agm_matches_the_released_training_step():
     clipped, key = [], jax.random.PRNGKey(0)
 
     def check(b, epoch, state):
-        grads, kw, _, new_state, mets = step(params, b, key, state)
+        grads, kw, _, new_state, mets = step(params, b, key, state, epoch=epoch)
         want, info = ref.step(params, b, epoch)
         assert kw == {}
         np.testing.assert_allclose([mets["score_x1"], mets["score_x2"]], info["scores"], rtol=1e-5)
@@ -283,11 +283,11 @@ def test_agm_options_window_off_and_no_clipping():
     far = dict(state, score_mean=jnp.asarray([5.0, 0.0], jnp.float32))
     before = step(params, batch, jax.random.PRNGKey(0), far)  # epoch 1: before the window
     _assert_trees_close(before[0], joint_grads)
-    inside = step(params, batch, jax.random.PRNGKey(0), _advance_to_epoch(method, far, 2))
+    inside = step(params, batch, jax.random.PRNGKey(0), _advance_to_epoch(method, far, 2), epoch=2)
     k = np.array([inside[4]["coeff_x1"], inside[4]["coeff_x2"]])
     assert k.max() > 100.0  # not clipped: the fusion gradient of the boosted modality is huge
     g = np.asarray(inside[0]["fusion"]["branches"]["x2"]["kernel"])
     assert np.abs(g).max() > 1.0
-    after = step(params, batch, jax.random.PRNGKey(0), _advance_to_epoch(method, dict(inside[3]), 3))
+    after = step(params, batch, jax.random.PRNGKey(0), _advance_to_epoch(method, dict(inside[3]), 3), epoch=3)
     assert float(after[4]["coeff_x1"]) == float(after[4]["coeff_x2"]) == 1.0
     _assert_trees_close(after[0], joint_grads)

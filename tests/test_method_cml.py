@@ -131,11 +131,11 @@ def golden_case():
 
 
 def _epoch_removing(step, params, batch, removed):
+    """The first (1-based) epoch whose removal order removes ``removed`` first."""
     for epoch in range(1, 20):
-        ms = {"epoch": jnp.asarray(epoch, jnp.int32)}
-        mets = step(params, batch, jax.random.PRNGKey(0), ms)[4]
+        mets = step(params, batch, jax.random.PRNGKey(0), {}, epoch=epoch)[4]
         if float(mets[f"removed_{removed}"]) == 1.0:
-            return ms
+            return epoch
     raise AssertionError(f"no epoch removes {removed}")
 
 
@@ -157,19 +157,18 @@ def test_golden_loss_and_gradients_match_the_release(golden_case, removed, sharp
 
     (logits, u1, u2, b), vjp = jax.vjp(model_out, params)
     uni = {"x1": u1, "x2": u2}
-    ms = _epoch_removing(step, params, batch, removed)
+    epoch = _epoch_removing(step, params, batch, removed)
     random_dict = [kept, removed]  # the release pops its last entry
     want, active = _release_loss(logits, uni, b, y, random_dict, 0.5)
     g_out, g_uni, g_b, active2 = _release_grads_two(logits, uni, b, y, removed, 0.5)
     assert active == [active2]
-    grads, _, _, _, mets = step(params, batch, jax.random.PRNGKey(0), ms)
+    grads, _, _, _, mets = step(params, batch, jax.random.PRNGKey(0), {}, epoch=epoch)
     np.testing.assert_allclose(mets["loss"], want, rtol=1e-5)
     assert float(mets["conf_loss"] > 0) == float(active2)
     (ref,) = vjp(tuple(jnp.asarray(g, jnp.float32) for g in (g_out, g_uni["x1"], g_uni["x2"], g_b)))
     assert_trees_close(grads, ref, rtol=2e-4)
     # outside the window: the plain fused CE
-    late = {"epoch": jnp.asarray(82, jnp.int32)}
-    _, _, _, _, m2 = step(params, batch, jax.random.PRNGKey(0), late)
+    _, _, _, _, m2 = step(params, batch, jax.random.PRNGKey(0), {}, epoch=82)
     np.testing.assert_allclose(m2["loss"], _ce(f64(logits), y), rtol=1e-5)
     assert float(m2["active"]) == 0.0
 
@@ -183,7 +182,7 @@ def test_golden_cases_exercise_both_sides_of_the_hinge(golden_case):
             p = jax.tree_util.tree_map_with_path(
                 lambda q, x, s=sharpen, k=kept: x * s
                 if jax.tree_util.keystr(q) == f"['fusion']['branches']['{k}']['kernel']" else x, params)
-            mets = step(p, batch, jax.random.PRNGKey(0), _epoch_removing(step, p, batch, removed))[4]
+            mets = step(p, batch, jax.random.PRNGKey(0), {}, epoch=_epoch_removing(step, p, batch, removed))[4]
             seen.add(float(mets["conf_loss"]) > 0)
     assert seen == {True, False}
 
@@ -198,10 +197,10 @@ def test_padding_rows_and_step_order(golden_case):
     for k in ("loss", "task", "ce_sub", "conf_loss", "conf_gap", "removed_x1"):
         np.testing.assert_allclose(mets_pad[k], mets[k], rtol=1e-5, atol=1e-7, err_msg=k)
     # order="epoch": fixed within an epoch whatever the step key; order="step": follows the step key
-    orders = {tuple(np.asarray(method.removal_order(jax.random.PRNGKey(k), ms))) for k in range(8)}
+    orders = {tuple(np.asarray(method.removal_order(jax.random.PRNGKey(k), jnp.int32(1)))) for k in range(8)}
     assert len(orders) == 1
     per_step = get_method(ml_collections.ConfigDict({"name": "cml", "order": "step"}), _data()[1])
-    orders = {tuple(np.asarray(per_step.removal_order(jax.random.PRNGKey(k), ms))) for k in range(8)}
+    orders = {tuple(np.asarray(per_step.removal_order(jax.random.PRNGKey(k), jnp.int32(1)))) for k in range(8)}
     assert orders == {(0, 1), (1, 0)}
 
 
@@ -226,7 +225,7 @@ def test_defaults_and_clear_errors():
     method = get_method(ml_collections.ConfigDict({"name": "cml"}), info)
     assert method.name == "cml" and method.opts["lam"] == 0.1
     assert (method.opts["start_epoch"], method.opts["end_epoch"]) == (1, 81)
-    assert method.on_epoch_end(3, {}, method.init_method_state({}), None)["epoch"] == 4
+    assert method.init_method_state({}) == {}  # the epoch is the trainer's (ModelHandle.epoch)
     with pytest.raises(ValueError, match="classification only"):
         get_method(ml_collections.ConfigDict({"name": "cml"}), _regression_info())
     with pytest.raises(ValueError, match="unknown method 'cml' options"):

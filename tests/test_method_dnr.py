@@ -68,7 +68,7 @@ def test_dnr_softly_reinitialises_each_encoder_by_its_purity_gap():
         return feats[split]
 
     state = TrainState(params=params, rest={}, opt_state=None, method_state=None, key=None, step=None,
-                       bad_step=None, bad_terms=None)
+                       epoch=None, bad_step=None, bad_terms=None)
     ctx = EpochContext(epoch=1, steps_per_epoch=4, state=state, features_fn=features_fn,
                        fresh_params_fn=lambda s: pytest.fail("reinit_target='initial' must not draw new params"))
     assert method.on_epoch_end(1, {}, state0, ctx) is state0 and calls == []  # not due
@@ -101,7 +101,7 @@ def test_dnr_fresh_target_and_loss_and_errors():
     seeds = []
     fresh = jax.tree.map(jnp.zeros_like, params)
     state = TrainState(params=params, rest={}, opt_state=None, method_state=None, key=None, step=None,
-                       bad_step=None, bad_terms=None)
+                       epoch=None, bad_step=None, bad_terms=None)
     ctx = EpochContext(epoch=1, steps_per_epoch=4, state=state,
                        features_fn=lambda p, r, s: ({"x1": np.zeros((60, 8)) if s == "validation"
                                                      else _blob_features(y, 0), "x2": _blob_features(y, 1)}, y),
@@ -197,7 +197,7 @@ def test_dnr_reinitialisation_matches_the_release(dnr_case):
     state0 = method.init_method_state(initial)
     feats = {"train": (train, y_train), "validation": (val, y_val)}
     state = TrainState(params=params, rest={}, opt_state=None, method_state=None, key=None, step=None,
-                       bad_step=None, bad_terms=None)
+                       epoch=None, bad_step=None, bad_terms=None)
     ctx = EpochContext(epoch=3, steps_per_epoch=1, state=state, features_fn=lambda p, r, split: feats[split],
                        fresh_params_fn=lambda s: pytest.fail("the release re-initialises towards θ⁰"))
     new_ms = method.on_epoch_end(3, {}, state0, ctx)

@@ -118,7 +118,7 @@ def _ctx(params, handle, batch, calls):
         return _latents(handle, p, batch), np.asarray(batch["label"])
 
     state = TrainState(params=params, rest=handle.rest, opt_state=None, method_state=None, key=None, step=None,
-                       bad_step=None, bad_terms=None)
+                       epoch=None, bad_step=None, bad_terms=None)
     return EpochContext(epoch=1, steps_per_epoch=1, state=state, features_fn=features_fn,
                         fresh_params_fn=lambda s: pytest.fail("gblending never draws new parameters"),
                         graphdef_eval=handle.graphdef_eval)

@@ -27,7 +27,7 @@ from mcr_jax import train
 from mcr_jax.methods import get_method
 from mcr_jax.methods.greedy import conditional_speeds, conditional_utilization, next_mode, step_speeds
 from mcr_jax.tasks import get_task
-from tests.helpers.method_checks import NAMES, abs_sum, ce, f64, jit_gradients, leaves, reference_gradients
+from tests.helpers.method_checks import NAMES, abs_sum, at_epoch, ce, f64, jit_gradients, leaves, reference_gradients
 from tests.helpers.method_checks import inputs as inputs_of
 from tests.helpers.method_setup import build, toy_data, toy_regression_info
 
@@ -179,7 +179,7 @@ def test_guided_switching_and_speed_match_the_release(groups, rebalance):
             got = (bool(ms["rebalancing"]), int(ms["caring"]) if bool(ms["rebalancing"]) else None)
             assert got == want, f"epoch {epoch} step {t}"
             modes.append(got)
-            grads, kwargs, _, ms, mets = step(params, batch, jax.random.PRNGKey(t), ms)
+            grads, kwargs, _, ms, mets = step(params, batch, jax.random.PRNGKey(t), ms, epoch=epoch)
             release.named = release_named(params, grads, groups)
             release.on_backward_end()
             if release.d_BDR is not None:
@@ -396,17 +396,18 @@ def test_options_are_checked():
 
 def test_traced_epsilon_equals_static():
     method, handle, params, batch, _ = build({"name": "greedy", "rebalance": "branch"})
-    ms = dict(method.init_method_state(params), epochs_done=jnp.int32(1))  # epoch 2: unlocked
-    out = jit_gradients(method, handle)(params, batch, jax.random.PRNGKey(0), ms)
+    ms = method.init_method_state(params)  # in epoch 2: unlocked
+    out = jit_gradients(method, handle)(params, batch, jax.random.PRNGKey(0), ms, epoch=2)
     gap = float(out[4]["speed_gap"])
     values = (gap / 2, gap * 2)  # fires, does not fire
     statics = []
     for v in values:
         m, h, *_ = build({"name": "greedy", "rebalance": "branch", "epsilon": v})
-        statics.append(jax.tree.leaves(jit_gradients(m, h)(params, batch, jax.random.PRNGKey(0), ms)))
+        statics.append(jax.tree.leaves(jit_gradients(m, h)(params, batch, jax.random.PRNGKey(0), ms, epoch=2)))
 
     def traced(v):
-        return method.with_hparams({"epsilon": v}).gradients(handle, params, batch, jax.random.PRNGKey(0), ms)
+        return method.with_hparams({"epsilon": v}).gradients(at_epoch(handle, 2), params, batch,
+                                                              jax.random.PRNGKey(0), ms)
 
     grid = jax.jit(jax.vmap(traced))(jnp.asarray(values, jnp.float32))
     for i, want in enumerate(statics):

@@ -186,13 +186,13 @@ def test_golden_against_release(setup):
     again = step(params, batch, jax.random.PRNGKey(0), dict(ms1, alpha_grad=jnp.float32(123.0)))
     assert float(again.method_state["alpha_grad"]) == 123.0
     np.testing.assert_array_equal(again.method_state["alpha"], ms1["alpha"])
-    nxt = step(params, batch, jax.random.PRNGKey(0), method.on_epoch_end(1, {}, ms1, None))
-    assert int(nxt.method_state["epoch"]) == 2 and float(nxt.method_state["alpha_grad"]) != 123.0
+    nxt = step(params, batch, jax.random.PRNGKey(0), method.on_epoch_end(1, {}, ms1, None), epoch=2)
+    assert int(nxt.method_state["probed"]) == 2 and float(nxt.method_state["alpha_grad"]) != 123.0
     np.testing.assert_allclose(nxt.method_state["alpha"],
                                _np_alpha_update(1, list(np.asarray(ms1["alpha"], float)), 1e-4,
                                                 float(nxt.method_state["alpha_grad"]))[0], rtol=1e-6, atol=1e-7)
     # before the 21st epoch (0-based 20) lr_alpha is halved, then used
-    e21 = step(params, batch, jax.random.PRNGKey(0), dict(ms1, epoch=jnp.int32(21)))
+    e21 = step(params, batch, jax.random.PRNGKey(0), ms1, epoch=21)
     assert int(e21.method_state["halvings"]) == 1 and float(e21.metrics["lr_alpha"]) == pytest.approx(5e-5)
     np.testing.assert_allclose(e21.method_state["alpha"],
                                _np_alpha_update(20, list(np.asarray(ms1["alpha"], float)), 1e-4,
@@ -201,8 +201,8 @@ def test_golden_against_release(setup):
 
 def test_fitted_schedule_golden():
     method, handle, params, batch, _ = build({"name": "lfm", "schedule": "fitted"})
-    ms = method.on_epoch_end(3, {}, method.init_method_state(params), None)  # epoch 4 (1-based) = release's 3
-    out = jit_gradients(method, handle)(params, batch, jax.random.PRNGKey(0), ms)
+    ms = method.on_epoch_end(3, {}, method.init_method_state(params), None)
+    out = jit_gradients(method, handle)(params, batch, jax.random.PRNGKey(0), ms, epoch=4)  # = release's 3
     cls_k = _np_fitted(3)
     np.testing.assert_allclose([out.metrics["alpha_cls"], out.metrics["alpha_align"]], cls_k, rtol=1e-5)
     loss, want = _release_gradients(handle, params, batch, cls_k)

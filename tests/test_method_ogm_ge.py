@@ -78,10 +78,9 @@ def test_ogm_window_and_gaussian_noise():
     before, _, _, _, mets = _grads(method, handle, params, batch, state)  # epoch 1: outside the window
     _assert_scaled(before, joint, [1.0, 1.0], ())
     assert float(mets["coeff_x1"]) == float(mets["coeff_x2"]) == 1.0
-    state = method.on_epoch_end(1, {}, state, None)
-    assert int(state["epoch"]) == 2 and state["epoch"].dtype == jnp.int32
-    inside, _, _, _, mets = _grads(method, handle, params, batch, state, key=0)
-    other_key = _grads(method, handle, params, batch, state, key=1)[0]
+    assert state == {}  # the epoch is the trainer's (ModelHandle.epoch)
+    inside, _, _, _, mets = _grads(method, handle, params, batch, state, key=0, epoch=2)
+    other_key = _grads(method, handle, params, batch, state, key=1, epoch=2)[0]
     k = [float(mets["coeff_x1"]), float(mets["coeff_x2"])]
     assert min(k) < 1.0
     for (path, g), (_, r), (_, g2) in zip(_leaves(inside), _leaves(joint), _leaves(other_key), strict=True):
@@ -93,9 +92,31 @@ def test_ogm_window_and_gaussian_noise():
         if r.size >= 128:  # the noise has the tensor's own gradient std
             assert abs(noise.std() / r.std() - 1) < 0.3, path
             assert abs(noise.mean()) < 0.3 * r.std(), path
-    state = method.on_epoch_end(2, {}, state, None)
-    after = _grads(method, handle, params, batch, state)[0]
+    after = _grads(method, handle, params, batch, state, epoch=3)[0]
     _assert_scaled(after, joint, [1.0, 1.0], ())
+
+
+def _numpy_coefficients(handle, params, batch, alpha):
+    """OGM's k_m in float64 NumPy: branch scores z_m W_m + b/2, summed true-class probabilities, ratio."""
+    model = handle.train_model(params)
+    out = model(_inputs(batch))
+    branches = model.fusion.branch_logits(out["latents"])
+    bias = np.asarray(model.fusion.bias[...], np.float64)
+    y = np.asarray(batch["label"])
+    s = [_softmax(np.asarray(branches[m], np.float64) + bias[None] / 2)[np.arange(len(y)), y].sum() for m in NAMES]
+    return [1 - math.tanh(alpha * r) if r > 1 else 1.0 for r in (s[0] / s[1], s[1] / s[0])]
+
+
+@pytest.mark.parametrize("epoch", [1, 2, 3, 5, 6, 40])
+def test_the_window_follows_the_trainers_epoch(epoch):
+    """The coefficients of (1-based) epoch e: the NumPy k_m inside ``start_epoch <= e <= end_epoch``
+    (both ends inclusive), 1 outside; the same method state in every epoch."""
+    method, handle, params, batch = _setup({"name": "ogm_ge", "ge": False, "start_epoch": 3, "end_epoch": 5,
+                                           "alpha": 0.7})
+    mets = _grads(method, handle, params, batch, method.init_method_state(params), epoch=epoch)[4]
+    want = _numpy_coefficients(handle, params, batch, 0.7) if 3 <= epoch <= 5 else [1.0, 1.0]
+    assert min(_numpy_coefficients(handle, params, batch, 0.7)) < 1.0
+    np.testing.assert_allclose([mets["coeff_x1"], mets["coeff_x2"]], want, rtol=1e-5)
 
 
 def test_ogm_refuses_what_it_cannot_do():
@@ -185,7 +206,7 @@ def test_ogm_ge_matches_the_released_training_step(ge):
     # 1-based epochs 1 and 51 are the original's 0-based epochs 0 and 50 (modulation_starts/ends); 52 is not.
     for epoch, inside in [(1, True), (51, True), (52, False)]:
         state = _advance_to_epoch(method, method.init_method_state(params), epoch)
-        grads, kw, _, _, mets = step(params, batch, jax.random.PRNGKey(epoch), state)
+        grads, kw, _, _, mets = step(params, batch, jax.random.PRNGKey(epoch), state, epoch=epoch)
         assert kw == {}
         want_k = coeffs if inside else (1.0, 1.0)
         np.testing.assert_allclose([mets["coeff_audio"], mets["coeff_visual"]], want_k, rtol=1e-5)

@@ -140,12 +140,12 @@ def test_opm_matches_the_released_training_step(golden_setups, theta_grad):
     method, handle, params, batch = golden_setups[theta_grad]
     q_base, lam, p_exe = 0.5, 0.5, 0.7
     step = jit_gradients(method, handle)
-    state = advance_to_epoch(method, method.init_method_state(params), 7)  # 0-based epoch 6: first drop
+    state = advance_to_epoch(method, method.init_method_state(params), 7)
     label = np.asarray(batch["label"])
     seen = set()
     for k in range(12):
         key = jax.random.PRNGKey(k)
-        out = step(params, batch, key, state)
+        out = step(params, batch, key, state, epoch=7)  # 0-based epoch 6: the first with drops
         # calcu_q on the released performances (NumPy, float64)
         model = handle.train_model(params)
         z = model.encode(_inputs(batch))

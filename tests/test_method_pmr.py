@@ -91,7 +91,7 @@ def test_rule_against_numpy():
 def _ctx(params, feats):
     calls = []
     state = TrainState(params=params, rest={}, opt_state=None, method_state=None, key=None, step=None,
-                       bad_step=None, bad_terms=None)
+                       epoch=None, bad_step=None, bad_terms=None)
     ctx = EpochContext(epoch=1, steps_per_epoch=1, state=state,
                        features_fn=lambda p, r, split: calls.append(split) or feats[split],
                        fresh_params_fn=lambda s: pytest.fail("pmr must not draw new params"))
@@ -121,7 +121,7 @@ def test_epoch_hook_computes_class_means_with_momentum():
     f2 = {m: rng.normal(size=(20, 8)).astype(np.float32) for m in NAMES}
     ctx, calls = _ctx(params, {"validation": (f1, y)})
     ms1 = method.on_epoch_end(1, {}, ms, ctx)
-    assert calls == ["validation"] and int(ms1["epoch"]) == 2 and int(ms1["ready"]) == 1
+    assert calls == ["validation"] and "epoch" not in ms1 and int(ms1["ready"]) == 1
     ctx2, _ = _ctx(params, {"validation": (f2, y)})
     ms2 = method.on_epoch_end(2, {}, ms1, ctx2)
     for m in NAMES:
@@ -198,16 +198,15 @@ def test_golden_loss_and_gradients_match_the_release(golden_case, weaker):
     loss, beta, lam, g_out, g_a, g_v = _release_loss(f64(logits), f64(a), f64(v), y, f64(protos["x1"]),
                                                      f64(protos["x2"]), ALPHA)
     assert (beta, lam) == ((ALPHA, 0) if weaker == "x1" else (0, ALPHA))
-    ms = {"epoch": jnp.asarray(3, jnp.int32), "ready": jnp.ones((), jnp.int32),
-          "protos": {m: jnp.asarray(p) for m, p in protos.items()}}
-    grads, _, _, _, mets = step(params, batch, jax.random.PRNGKey(0), ms)
+    ms = {"ready": jnp.ones((), jnp.int32), "protos": {m: jnp.asarray(p) for m, p in protos.items()}}
+    grads, _, _, _, mets = step(params, batch, jax.random.PRNGKey(0), ms, epoch=3)
     np.testing.assert_allclose(mets["loss"], loss, rtol=1e-5)
     np.testing.assert_allclose([mets["coeff_x1"], mets["coeff_x2"]], [beta, lam])
     (want,) = vjp(tuple(jnp.asarray(g, jnp.float32) for g in (g_out, g_a, g_v)))
     assert_trees_close(grads, want, rtol=2e-4)
     # outside the window (and before the first prototypes): the plain fused CE
-    for late in ({**ms, "epoch": jnp.asarray(72, jnp.int32)}, {**ms, "ready": jnp.zeros((), jnp.int32)}):
-        _, _, _, _, m2 = step(params, batch, jax.random.PRNGKey(0), late)
+    for late, epoch in ((ms, 72), ({**ms, "ready": jnp.zeros((), jnp.int32)}, 3)):
+        _, _, _, _, m2 = step(params, batch, jax.random.PRNGKey(0), late, epoch=epoch)
         np.testing.assert_allclose(m2["loss"], _ce(f64(logits), y), rtol=1e-5)
         assert float(m2["coeff_x1"]) == float(m2["coeff_x2"]) == 0.0
 
@@ -215,10 +214,10 @@ def test_golden_loss_and_gradients_match_the_release(golden_case, weaker):
 def test_padding_rows_and_entropy_term():
     method, handle, params, batch, _ = build({"name": "pmr", "entropy_weight": 0.5, "entropy_epochs": 4})
     rng = np.random.default_rng(4)
-    ms = {"epoch": jnp.asarray(2, jnp.int32), "ready": jnp.ones((), jnp.int32),
+    ms = {"ready": jnp.ones((), jnp.int32),
           "protos": {m: jnp.asarray(rng.normal(size=(5, 8)), jnp.float32) for m in NAMES}}
     step = jit_gradients(method, handle)
-    _, _, _, _, mets = step(params, batch, jax.random.PRNGKey(0), ms)
+    _, _, _, _, mets = step(params, batch, jax.random.PRNGKey(0), ms, epoch=2)
     out = handle.train_model(params)(inputs(batch))
     y = np.asarray(batch["label"])
     lg = {m: _np_proto_logits(out["latents"][m], ms["protos"][m]) for m in NAMES}

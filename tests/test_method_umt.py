@@ -34,7 +34,7 @@ from mcr_jax.methods import combine_logits, get_method
 from mcr_jax.methods.umt import distill_loss, teacher_state
 from mcr_jax.models import build_model
 from mcr_jax.train import train_and_evaluate
-from tests.helpers.method_checks import NAMES, assert_trees_close, ce, cross_entropy, f64, leaves
+from tests.helpers.method_checks import NAMES, assert_trees_close, at_epoch, ce, cross_entropy, f64, leaves
 from tests.helpers.method_checks import inputs as _inputs
 from tests.helpers.method_setup import build, toy_data
 
@@ -48,16 +48,17 @@ def _teacher_model():
     return build_model(cfg.model, info, seed=1)
 
 
-def _state(teacher, epoch=1):
+def _state(teacher):
     from flax import nnx
 
     params = nnx.as_pure(nnx.split(teacher, nnx.Param, ...)[1])
-    return {"epoch": jnp.asarray(epoch, jnp.int32),
-            "teachers": teacher_state({m: params["encoders"][m] for m in NAMES}, {m: {} for m in NAMES})}
+    return {"teachers": teacher_state({m: params["encoders"][m] for m in NAMES}, {m: {} for m in NAMES})}
 
 
-def _step(method, handle, params, batch, state):
-    return jax.jit(lambda p, b, s: method.gradients(handle, p, b, jax.random.PRNGKey(0), s))(params, batch, state)
+def _step(method, handle, params, batch, state, epoch=1):
+    """One jitted step in (1-based) epoch ``epoch`` (the trainer's, through the handle)."""
+    return jax.jit(lambda p, b, s, e: method.gradients(at_epoch(handle, e), p, b, jax.random.PRNGKey(0), s))(
+        params, batch, state, jnp.int32(epoch))
 
 
 # ---- (a) the distillation term against a slow float64 NumPy version ----------------------------------------
@@ -122,12 +123,12 @@ def test_umt_loss_and_gradients_match_the_release():
 
 def test_teachers_are_frozen_and_the_window_switches_distillation_off():
     method, handle, params, batch, _ = build({"name": "umt", "start_epoch": 2, "end_epoch": 3})
-    state = _state(_teacher_model(), epoch=2)
-    out = _step(method, handle, params, batch, state)
+    state = _state(_teacher_model())
+    out = _step(method, handle, params, batch, state, epoch=2)
     # the method state (the teachers) comes back unchanged, and no gradient reaches it
     for (pa, a), (pb, b) in zip(leaves(out.method_state), leaves(state), strict=True):
         assert pa == pb and np.array_equal(a, b)
-    g = jax.grad(lambda t: _step(method, handle, params, batch, {"epoch": state["epoch"], "teachers": t})
+    g = jax.grad(lambda t: _step(method, handle, params, batch, {"teachers": t}, epoch=2)
                  .metrics["loss"])(state["teachers"])
     assert sum(float(np.abs(x).sum()) for _, x in leaves(g)) == 0.0
     assert float(out.metrics["distill_active"]) == 1.0 and float(out.metrics["loss"]) > float(out.metrics["task"])
@@ -135,13 +136,13 @@ def test_teachers_are_frozen_and_the_window_switches_distillation_off():
     joint = get_method(ml_collections.ConfigDict({"name": "joint"}), toy_data()[1])
     ref = _step(joint, handle, params, batch, {})
     for epoch in (1, 4):
-        off = _step(method, handle, params, batch, {**state, "epoch": jnp.asarray(epoch, jnp.int32)})
+        off = _step(method, handle, params, batch, state, epoch=epoch)
         assert float(off.metrics["distill_active"]) == 0.0
         np.testing.assert_allclose(float(off.metrics["loss"]), float(off.metrics["task"]), rtol=1e-7)
         assert_trees_close(off.grads, ref.grads, rtol=1e-6)
-    # the epoch hook advances the counter and keeps the teachers
+    # the epoch hook keeps the teachers (the epoch is the trainer's)
     nxt = method.on_epoch_end(2, {}, state, None)
-    assert int(nxt["epoch"]) == 3 and nxt["teachers"] is state["teachers"]
+    assert nxt["teachers"] is state["teachers"] and "epoch" not in nxt
 
 
 def test_eval_teacher_mode_gives_the_teachers_eval_features():

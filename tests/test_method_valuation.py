@@ -177,7 +177,7 @@ def _ctx(handle, params, batch):
         return np.asarray(handle.eval_model(p).fuse({m: jnp.asarray(v) for m, v in latents.items()}))
 
     state = TrainState(params=params, rest=handle.rest, opt_state=None, method_state=None, key=None, step=None,
-                       bad_step=None, bad_terms=None)
+                       epoch=None, bad_step=None, bad_terms=None)
     return EpochContext(epoch=1, steps_per_epoch=1, state=state, features_fn=features_fn,
                         fresh_params_fn=None, fuse_fn=fuse_fn)
 

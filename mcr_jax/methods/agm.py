@@ -97,8 +97,9 @@ Remaining differences from the released code
 - **Regression** (L1 scores) and non-linear fusion heads are extensions; the original's scores are
   classification cross-entropies.
 - **Optimizer**: the trainer's (the original: SGD with momentum 0.9, weight decay 1e-4, step decay).
-- **Resuming** restores the running means, the epoch and the held coefficients from the method
-  state; the original's ``--breakpoint_path`` restores the running means only (scale back to 1).
+- **Resuming** restores the running means and the held coefficients from the method state (the
+  epoch from the trainer's state); the original's ``--breakpoint_path`` restores the running means
+  only (scale back to 1).
 
 Works for classification and regression, any fusion head, any M >= 2.
 """
@@ -114,7 +115,7 @@ import jax.numpy as jnp
 import optax
 
 from mcr_jax.losses import masked_mean
-from mcr_jax.methods.base import Method, model_inputs
+from mcr_jax.methods.base import Method, current_epoch, model_inputs
 from mcr_jax.methods.common import others_mean
 from mcr_jax.players import path_keys
 from mcr_jax.state import StepOutput
@@ -248,13 +249,13 @@ class AGM(Method):
     def init_method_state(self, params, rest=None):
         num = len(self.modalities)
         return {"count": jnp.zeros((), jnp.int32), "score_mean": jnp.zeros((num,), jnp.float32),
-                "epoch": jnp.ones((), jnp.int32), "scale": jnp.ones((num,), jnp.float32)}
+                "scale": jnp.ones((num,), jnp.float32)}
 
     def gradients(self, handle, params, batch, key, method_state):
         names, o = self.modalities, self.opts
         inputs, masks = model_inputs(batch, names)
         labels, mask = batch["label"], batch.get("mask")
-        epoch = method_state["epoch"]
+        epoch = current_epoch(handle)
         active = (epoch >= int(o["start_epoch"])) & (epoch <= int(o["end_epoch"]))
         idle = method_state["scale"] if o["after_window"] == "hold" else jnp.ones_like(method_state["scale"])
         count = method_state["count"]
@@ -283,7 +284,3 @@ class AGM(Method):
                    **{f"score_{m}": scores[i] for i, m in enumerate(names)},
                    **{f"coeff_{m}": applied[i] for i, m in enumerate(names)}}
         return StepOutput(grads, {}, new_rest, new_state, metrics)
-
-    def on_epoch_end(self, epoch, val_metrics, method_state, ctx):
-        """The epoch about to start (1-based): ``epoch`` (the one just finished) + 1."""
-        return dict(method_state, epoch=jnp.asarray(int(epoch) + 1, jnp.int32))

@@ -84,7 +84,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mcr_jax.methods.base import Method
+from mcr_jax.methods.base import Method, current_epoch
 from mcr_jax.state import StepOutput
 
 DEFAULTS = dict(sigma=0.5, eps=0.3, start_epoch=1, end_epoch=81)
@@ -142,7 +142,7 @@ class AMCo(Method):
         self.require_separable(model, "it masks each modality's branch z_m W_m + b/M of the fused prediction")
 
     def init_method_state(self, params, rest=None):
-        return {"epoch": jnp.ones((), jnp.int32), "step": jnp.zeros((), jnp.int32),
+        return {"step": jnp.zeros((), jnp.int32),
                 "dependent": jnp.zeros((len(self.modalities),), jnp.int32)}
 
     def _step(self, handle, params, batch, key, method_state):
@@ -152,7 +152,7 @@ class AMCo(Method):
         out = self.forward(model, batch)
         batch_size = labels.shape[0]
         valid = jnp.ones((batch_size,), jnp.float32) if mask is None else mask.astype(jnp.float32)
-        epoch = method_state["epoch"]
+        epoch = current_epoch(handle)
         active = (epoch >= int(o["start_epoch"])) & (epoch <= int(o["end_epoch"]))
         sigma, eps = self.hp("sigma", float(o["sigma"])), self.hp("eps", float(o["eps"]))
         ratio = mask_ratio(method_state["step"], epoch - 1, eps)
@@ -172,7 +172,7 @@ class AMCo(Method):
         total = task + jnp.where(active, sum(uni.values()), 0.0)
         shares = dependence_shares([jax.lax.stop_gradient(u) for u in masked], valid)
         new_dep = jnp.where(active, (shares > sigma).astype(jnp.int32), method_state["dependent"])
-        new_state = {"epoch": epoch, "step": method_state["step"] + 1, "dependent": new_dep}
+        new_state = {"step": method_state["step"] + 1, "dependent": new_dep}
         metrics = {"task": task, "mask_ratio": jnp.where(active, ratio, 0.0),
                    "masked_classes": jnp.where(active, self.info.num_classes - jnp.sum(cmask), 0.0),
                    **{f"uni_{m}": uni[m] for m in names},
@@ -193,6 +193,6 @@ class AMCo(Method):
         return StepOutput(grads, {}, rest, jax.lax.stop_gradient(new_state), dict(metrics, loss=loss))
 
     def on_epoch_end(self, epoch, val_metrics, method_state, ctx):
-        """The next epoch (1-based ``epoch + 1``) starts at batch 0 with no modality flagged dependent."""
-        return {"epoch": jnp.asarray(int(epoch) + 1, jnp.int32), "step": jnp.zeros((), jnp.int32),
+        """The next epoch starts at batch 0 with no modality flagged dependent."""
+        return {"step": jnp.zeros((), jnp.int32),
                 "dependent": jnp.zeros((len(self.modalities),), jnp.int32)}

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -36,14 +37,18 @@ class ModelHandle:
     evaluation-mode graph (running statistics) with the same arrays — the reference's second
     encoder pass uses it. ``rest_of(model)`` reads the updated non-parameter state back.
     ``mesh``: the run's device mesh (None outside the trainer), for methods that place work on
-    devices themselves (MCR's device-local permutations).
+    devices themselves (MCR's device-local permutations). ``epoch``: the current training epoch,
+    1-based (an int32 scalar; the trainer's step fills it from ``TrainState.epoch``), for methods
+    whose rule depends on the epoch (a window of epochs, a schedule); None outside the trainer, which
+    :func:`current_epoch` reads as the first epoch.
     """
 
-    def __init__(self, graphdef_train, graphdef_eval, rest, mesh=None):
+    def __init__(self, graphdef_train, graphdef_eval, rest, mesh=None, epoch=None):
         self.graphdef_train = graphdef_train
         self.graphdef_eval = graphdef_eval
         self.rest = rest
         self.mesh = mesh
+        self.epoch = epoch
 
     def train_model(self, params):
         return nnx.merge(self.graphdef_train, params, self.rest)
@@ -54,6 +59,12 @@ class ModelHandle:
     @staticmethod
     def rest_of(model):
         return nnx.as_pure(nnx.state(model, nnx.Not(nnx.Param)))
+
+
+def current_epoch(handle: ModelHandle) -> jax.Array:
+    """The handle's current epoch (1-based, int32 scalar): ``handle.epoch``, or 1 (the first epoch)
+    for a handle that carries none (built outside the trainer's step, e.g. by a test)."""
+    return jnp.asarray(1 if handle.epoch is None else handle.epoch, jnp.int32)
 
 
 def model_inputs(batch: Mapping[str, jax.Array], modalities) -> tuple[dict, dict | None]:

@@ -77,7 +77,8 @@ Mapping onto our late-fusion model, and every difference from the release
 Step metrics: ``task`` (fused CE), ``ce_sub`` (mean CE of the sub-models), ``conf_loss`` (the hinge
 sum before :math:`\lambda`), ``conf_gap`` (the summed gaps before the hinge, per example), ``active``
 (1 inside the window) and ``removed_<m>`` (1 when modality ``m`` is removed in this step's order,
-i.e. is not the last one kept). The method state is the 1-based epoch about to run.
+i.e. is not the last one kept). The method state is empty: the epoch is the trainer's
+(``ModelHandle.epoch``, 1-based).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mcr_jax.methods.base import Method
+from mcr_jax.methods.base import Method, current_epoch
 
 DEFAULTS = dict(lam=0.1, start_epoch=1, end_epoch=81, order="epoch", order_seed=0)
 #: the tuning grid of a study (mcr_jax.study).
@@ -162,17 +163,14 @@ class CML(Method):
     def check_model(self, model) -> None:
         self.require_separable(model, "cml removes modalities by subtracting their fusion branches")
 
-    def init_method_state(self, params, rest=None):
-        """``epoch``: the 1-based epoch about to run."""
-        return {"epoch": jnp.ones((), jnp.int32)}
-
-    def removal_order(self, key, method_state) -> jax.Array:
-        """The order ``perm`` (modality indices; removal pops from its end) of this step."""
+    def removal_order(self, key, epoch) -> jax.Array:
+        """The order ``perm`` (modality indices; removal pops from its end) of this step (``epoch``:
+        the current 1-based epoch, :func:`~mcr_jax.methods.base.current_epoch`)."""
         o = self.opts
         if o["order"] == "step":
             k = jax.random.fold_in(key, 0x434D4C)
         else:
-            k = jax.random.fold_in(jax.random.PRNGKey(int(o["order_seed"])), method_state["epoch"])
+            k = jax.random.fold_in(jax.random.PRNGKey(int(o["order_seed"])), epoch)
         return jax.random.permutation(k, len(self.modalities))
 
     def loss(self, handle, params, batch, key, method_state):
@@ -184,12 +182,12 @@ class CML(Method):
         fused = out["logits"]
         branch = model.fusion.branch_logits(out["latents"])
         branches = jnp.stack([branch[m] for m in self.modalities], 0)
-        perm = self.removal_order(key, method_state)
+        epoch = current_epoch(handle)
+        perm = self.removal_order(key, epoch)
         keep = keep_masks(perm)
         subs = sub_model_logits(fused, branches, keep)
         lam = self.hp("lam", float(o["lam"]))
         cml, ce_full, ce_sub, conf, gap = cml_loss(self.task, fused, subs, labels, mask, lam)
-        epoch = method_state["epoch"]
         active = (epoch >= int(o["start_epoch"])) & (epoch <= int(o["end_epoch"]))
         total = jnp.where(active, cml, ce_full)
         n = jnp.maximum(jnp.sum(mask), 1.0) if mask is not None else fused.shape[0]
@@ -197,7 +195,3 @@ class CML(Method):
                    "active": active.astype(jnp.float32)}
         metrics.update({f"removed_{m}": 1.0 - keep[-1, i] for i, m in enumerate(self.modalities)})
         return total, metrics, model
-
-    def on_epoch_end(self, epoch, val_metrics, method_state, ctx):
-        """The next epoch is ``epoch + 1`` (1-based)."""
-        return {"epoch": jnp.asarray(int(epoch) + 1, jnp.int32)}

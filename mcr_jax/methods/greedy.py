@@ -121,7 +121,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mcr_jax.methods.base import Method, model_inputs
+from mcr_jax.methods.base import Method, current_epoch, model_inputs
 from mcr_jax.players import in_group, modality_owners, path_keys, scale_by_owner, scale_by_player
 from mcr_jax.state import StepOutput
 
@@ -280,7 +280,7 @@ class Greedy(Method):
         m = len(self.modalities)
         dims = {n: int(params["heads"][n]["kernel"].shape[0]) for n in self.modalities}
         zero = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
-        return {"epochs_done": jnp.zeros((), jnp.int32), "rebalancing": jnp.zeros((), jnp.int32),
+        return {"rebalancing": jnp.zeros((), jnp.int32),
                 "caring": jnp.zeros((), jnp.int32), "window_step": jnp.zeros((), jnp.int32),
                 "mu_main": zero(m), "mu_bypass": zero(m),
                 "latent_mean": {n: zero(d) for n, d in dims.items()}, "latent_count": jnp.zeros((), jnp.int32)}
@@ -322,7 +322,7 @@ class Greedy(Method):
         normal = jnp.where(reb, 0.0, 1.0)
         mu_main, mu_bypass = ms["mu_main"] + normal * main, ms["mu_bypass"] + normal * bypass
         bdr, gap = conditional_speeds(mu_main, mu_bypass)
-        unlocked = ms["epochs_done"] + 1 >= self.starting_epoch
+        unlocked = current_epoch(handle) >= self.starting_epoch
         new_reb, new_caring, window_step = next_mode(
             ms, bdr, gap, unlocked=unlocked, epsilon=self.hp("epsilon", self.epsilon), window=self.window,
             variant=self.opts["variant"], key=key)
@@ -335,8 +335,7 @@ class Greedy(Method):
 
     # ---- host hooks --------------------------------------------------------------------------
     def on_epoch_end(self, epoch, val_metrics, method_state, ctx):
-        """Records the finished epoch (the rule unlocks at ``starting_epoch``) and, every
-        ``utilization_every`` epochs, logs the conditional utilisation rates (``ctx.log``)."""
+        """Every ``utilization_every`` epochs, logs the conditional utilisation rates (``ctx.log``)."""
         if ctx is not None and self.every and int(epoch) % self.every == 0:
             latents, labels = ctx.features("validation")
             if self.opts["utilization_mean"] == "train":
@@ -345,7 +344,7 @@ class Greedy(Method):
             else:
                 means = {m: np.asarray(method_state["latent_mean"][m]) for m in self.modalities}
             ctx.log(conditional_utilization(ctx.fuse, latents, labels, means, self.task))
-        return {**method_state, "epochs_done": jnp.asarray(epoch, jnp.int32)}
+        return method_state
 
 
 __all__ = ["Greedy", "conditional_speeds", "conditional_utilization", "group_norms", "next_mode",

@@ -120,7 +120,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import xlogy
 
-from mcr_jax.methods.base import Method
+from mcr_jax.methods.base import Method, current_epoch
 from mcr_jax.state import StepOutput
 
 DEFAULTS = {
@@ -209,12 +209,12 @@ class LFM(Method):
             self.require_separable(model, "logits = 'branches' reads the fusion head's per-modality logits")
 
     def init_method_state(self, params, rest=None):
-        """``epoch`` (1-based, about to run), ``probed`` (last epoch whose weight update ran),
+        """``probed`` (the last 1-based epoch whose weight update ran),
         ``alpha`` ``[alpha_cls, alpha_align]``, ``halvings`` (of ``lr_alpha`` so far: the current rate
         is ``lr_alpha / 2**halvings``, so that ``lr_alpha`` can be traced), ``alpha_grad`` (the last
         update's δ)."""
         a1 = float(self.opts["alpha_init"])
-        return {"epoch": jnp.ones((), jnp.int32), "probed": jnp.zeros((), jnp.int32),
+        return {"probed": jnp.zeros((), jnp.int32),
                 "alpha": jnp.asarray([1.0 - a1, a1], jnp.float32),
                 "halvings": jnp.zeros((), jnp.int32),
                 "alpha_grad": jnp.zeros((), jnp.float32)}
@@ -263,7 +263,8 @@ class LFM(Method):
     def gradients(self, handle, params, batch, key, method_state) -> StepOutput:
         o = self.opts
         ms = method_state
-        epoch0 = ms["epoch"] - 1
+        epoch = current_epoch(handle)
+        epoch0 = epoch - 1
         he = int(o["halve_every"])
         lr_now = self.hp("lr_alpha", float(o["lr_alpha"])) * 0.5 ** ms["halvings"].astype(jnp.float32)
         if o["schedule"] == "fitted":
@@ -275,7 +276,7 @@ class LFM(Method):
                                   lo=float(o["alpha_min"]), hi=float(o["alpha_max"]))
                 return a, ms["halvings"] + halves_at(epoch0, he).astype(jnp.int32), g
 
-            alpha, halvings, grad = jax.lax.cond(ms["probed"] != ms["epoch"], update,
+            alpha, halvings, grad = jax.lax.cond(ms["probed"] != epoch, update,
                                                  lambda _: (ms["alpha"], ms["halvings"], ms["alpha_grad"]), None)
         lr = self.hp("lr_alpha", float(o["lr_alpha"])) * 0.5 ** halvings.astype(jnp.float32)
         alpha = jax.lax.stop_gradient(alpha)
@@ -288,13 +289,13 @@ class LFM(Method):
             return loss, ({"cls": cls, "align": align}, handle.rest_of(model))
 
         (loss, (metrics, rest)), grads = jax.value_and_grad(fn, has_aux=True)(params)
-        new_ms = {"epoch": ms["epoch"], "probed": ms["epoch"], "alpha": alpha.astype(jnp.float32),
+        new_ms = {"probed": epoch, "alpha": alpha.astype(jnp.float32),
                   "halvings": halvings, "alpha_grad": jnp.asarray(grad, jnp.float32)}
         metrics = dict(metrics, loss=loss, alpha_cls=alpha[0], alpha_align=alpha[1], lr_alpha=lr)
         return StepOutput(grads, {}, rest, new_ms, metrics)
 
     def on_epoch_end(self, epoch, val_metrics, method_state, ctx):
-        """Moves to epoch ``epoch + 1`` (1-based); logs the last weight update's δ."""
+        """Logs the last weight update's δ."""
         if ctx is not None:
             ctx.log({"lfm_alpha_grad": float(np.mean(np.asarray(method_state["alpha_grad"])))})
-        return dict(method_state, epoch=jnp.full_like(method_state["epoch"], int(epoch) + 1))
+        return method_state

@@ -97,7 +97,7 @@ import jax
 import jax.numpy as jnp
 
 from mcr_jax.losses import masked_mean
-from mcr_jax.methods.base import Method, unimodal_losses
+from mcr_jax.methods.base import Method, current_epoch, unimodal_losses
 from mcr_jax.models import is_separable
 
 DEFAULTS = dict(start_epoch=1, end_epoch=81, distill_weight=1.0, rs_input="auto", unimodal_source="auto")
@@ -176,9 +176,6 @@ class MBSD(Method):
             return {m: branches[m] + shared for m in self.modalities}
         return dict(out["unimodal"])
 
-    def init_method_state(self, params, rest=None):
-        return {"epoch": jnp.ones((), jnp.int32)}
-
     def loss(self, handle, params, batch, key, method_state):
         o = self.opts
         model = handle.train_model(params)
@@ -188,7 +185,7 @@ class MBSD(Method):
         uni_logits = self.unimodal_logits(model, out)
         uni = unimodal_losses({"unimodal": uni_logits}, batch, self.task, self.modalities)
         kl, rs = mbsd_terms(uni_logits, self.modalities, labels, mask, o["rs_input"])
-        epoch = method_state["epoch"]
+        epoch = current_epoch(handle)
         active = ((epoch >= int(o["start_epoch"])) & (epoch <= int(o["end_epoch"]))).astype(jnp.float32)
         weight = self.hp("distill_weight", float(o["distill_weight"]))
         total = fused + active * (sum(uni.values()) + weight * (kl + rs))
@@ -198,10 +195,6 @@ class MBSD(Method):
     def predict(self, model, batch):
         out = self.forward(model, batch)
         return {"logits": out["logits"], "unimodal": self.unimodal_logits(model, out), "latents": out["latents"]}
-
-    def on_epoch_end(self, epoch, val_metrics, method_state, ctx):
-        """The epoch about to start (1-based): ``epoch`` (the one just finished) + 1."""
-        return {"epoch": jnp.asarray(int(epoch) + 1, jnp.int32)}
 
 
 __all__ = ["MBSD", "mbsd_terms", "pair_terms"]

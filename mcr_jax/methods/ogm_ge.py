@@ -52,8 +52,8 @@ Options (``method`` section) and their defaults
 - ``alpha`` = 1.0: the value the MCR authors used for this baseline (the task's reference value),
   **not** the OGM-GE authors' CREMA-D value 0.8.
 - ``start_epoch`` = 1, ``end_epoch`` = 51: the window in the trainer's **1-based** epoch count, both
-  inclusive (the epoch is kept in the method state, 1 during the first epoch, and advanced by
-  :meth:`OGMGE.on_epoch_end`). 1 … 51 are exactly the original's 0-based epochs 0 … 50.
+  inclusive (the step reads the trainer's epoch, ``ModelHandle.epoch``: 1 during the first
+  epoch). 1 … 51 are exactly the original's 0-based epochs 0 … 50.
 - ``ge`` = True (``False``: plain OGM, the original's ``--modulation OGM``).
 - ``modulate`` — which gradients are scaled (and noised):
 
@@ -98,7 +98,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mcr_jax.methods.base import Method
+from mcr_jax.methods.base import Method, current_epoch
 from mcr_jax.methods.common import others_mean, true_class_prob
 from mcr_jax.players import modality_owners
 from mcr_jax.state import StepOutput
@@ -194,9 +194,6 @@ class OGMGE(Method):
                                  f"(convolution kernels), but the encoders of {missing} have none; use "
                                  "modulate='auto' (every parameter of such an encoder) or 'encoder'.")
 
-    def init_method_state(self, params, rest=None):
-        return {"epoch": jnp.ones((), jnp.int32)}
-
     def gradients(self, handle, params, batch, key, method_state):
         names, labels, mask = self.modalities, batch["label"], batch.get("mask")
         num = len(names)
@@ -213,7 +210,7 @@ class OGMGE(Method):
 
         (loss, (scores, new_rest)), grads = jax.value_and_grad(fn, has_aux=True)(params)
         o = self.opts
-        epoch = method_state["epoch"]
+        epoch = current_epoch(handle)
         active = (epoch >= int(o["start_epoch"])) & (epoch <= int(o["end_epoch"]))
         coeffs = jnp.where(active, ogm_coefficients(scores, self.hp("alpha", float(o["alpha"]))), 1.0)
         owners = modulated_owners(params, names, o["modulate"])
@@ -233,7 +230,3 @@ class OGMGE(Method):
         metrics = {"task": loss, "loss": loss, **{f"ratio_{m}": rho[i] for i, m in enumerate(names)},
                    **{f"coeff_{m}": coeffs[i] for i, m in enumerate(names)}}
         return StepOutput(new_grads, {}, new_rest, method_state, metrics)
-
-    def on_epoch_end(self, epoch, val_metrics, method_state, ctx):
-        """The epoch about to start (1-based): ``epoch`` (the one just finished) + 1."""
-        return {"epoch": jnp.asarray(int(epoch) + 1, jnp.int32)}

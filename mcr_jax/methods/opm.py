@@ -103,7 +103,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mcr_jax.methods.base import Method
+from mcr_jax.methods.base import Method, current_epoch
 from mcr_jax.methods.common import others_mean, true_class_prob
 
 DEFAULTS = dict(q_base=0.5, lam=0.5, p_exe=0.7, start_epoch=7, release_theta_grad=False)
@@ -179,9 +179,6 @@ class OPM(Method):
     def check_model(self, model) -> None:
         self.require_separable(model, "its per-modality score is the fused prediction's branch z_m W_m + b/M")
 
-    def init_method_state(self, params, rest=None):
-        return {"epoch": jnp.ones((), jnp.int32)}
-
     def loss(self, handle, params, batch, key, method_state):
         names, labels, mask = self.modalities, batch["label"], batch.get("mask")
         num, o = len(names), self.opts
@@ -200,7 +197,7 @@ class OPM(Method):
         p_exe = self.hp("p_exe", float(o["p_exe"]))
         scores = jax.lax.stop_gradient(scores_of(model.fusion, latents))
         q = drop_probabilities(scores, q_base, lam)
-        active = method_state["epoch"] >= int(o["start_epoch"])
+        active = current_epoch(handle) >= int(o["start_epoch"])
         q = jnp.where(active, q, 0.0)
         dims = [int(latents[m].shape[-1]) for m in names]
         theta = drop_theta(q, dims)
@@ -227,7 +224,3 @@ class OPM(Method):
                    **{f"q_{m}": q[i] for i, m in enumerate(names)},
                    **{f"kept_{m}": kept[m] for m in names}}
         return total, metrics, model
-
-    def on_epoch_end(self, epoch, val_metrics, method_state, ctx):
-        """The epoch about to start (1-based): ``epoch`` (the one just finished) + 1."""
-        return {"epoch": jnp.asarray(int(epoch) + 1, jnp.int32)}

@@ -87,7 +87,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcr_jax.losses import masked_mean
-from mcr_jax.methods.base import Method
+from mcr_jax.methods.base import Method, current_epoch
 
 DEFAULTS = dict(alpha=2.0, start_epoch=1, end_epoch=71, momentum=0.0, temperature=1.0, proto_split="train",
                 entropy_weight=0.0, entropy_epochs=10)
@@ -187,11 +187,11 @@ class PMR(Method):
             raise ValueError(f"pmr needs a model with per-modality latents (latent_dims); got {dims}.")
 
     def init_method_state(self, params, rest=None):
-        """``epoch`` (1-based, the one about to run), ``ready`` (prototypes computed) and the
+        """``ready`` (prototypes computed) and the
         prototypes ``protos[m]`` ``[C, D_m]`` (zeros until the end of epoch 1); ``D_m`` is read from
         the parameters (the unimodal head ``heads[m]`` maps the latent ``[D_m]`` to the classes)."""
         c = int(self.info.num_classes)
-        return {"epoch": jnp.ones((), jnp.int32), "ready": jnp.zeros((), jnp.int32),
+        return {"ready": jnp.zeros((), jnp.int32),
                 "protos": {m: jnp.zeros((c, d), jnp.float32) for m, d in self.latent_dims(params).items()}}
 
     def latent_dims(self, params) -> dict[str, int]:
@@ -219,7 +219,7 @@ class PMR(Method):
         pce = {m: pce_loss(logits[m], labels, mask) for m in names}
         scores = jax.lax.stop_gradient(proto_scores(logits, labels, mask, names))
         ratios = imbalance_ratios(scores)
-        epoch = method_state["epoch"]
+        epoch = current_epoch(handle)
         ready = method_state["ready"] > 0
         active = ready & (epoch >= int(o["start_epoch"])) & (epoch <= int(o["end_epoch"]))
         coeffs = jnp.where(active, pce_coefficients(ratios, self.hp("alpha", float(o["alpha"]))), 0.0)
@@ -248,8 +248,8 @@ class PMR(Method):
         return new
 
     def on_epoch_end(self, epoch, val_metrics, method_state, ctx):
-        """Prototypes of the model after ``epoch``; the next epoch is ``epoch + 1`` (1-based)."""
+        """Prototypes of the model after ``epoch``."""
         features, labels = ctx.features(self.opts["proto_split"])
         protos = self.compute_prototypes(features, labels, method_state)
-        return {"epoch": jnp.asarray(int(epoch) + 1, jnp.int32), "ready": jnp.ones((), jnp.int32),
+        return {"ready": jnp.ones((), jnp.int32),
                 "protos": protos}

@@ -85,7 +85,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mcr_jax.losses import masked_mean
-from mcr_jax.methods.base import Method, model_inputs
+from mcr_jax.methods.base import Method, current_epoch, model_inputs
 from mcr_jax.state import StepOutput
 
 DEFAULTS = dict(teachers={}, distill_weight=10.0, start_epoch=1, end_epoch=81, teacher_mode="train")
@@ -156,14 +156,14 @@ class UMT(Method):
                              {m: enc_rest[m] if m in enc_rest else {} for m in self.modalities})
 
     def init_method_state(self, params, rest=None):
-        """The epoch counter (1 during the first epoch) and the frozen teachers, read from the
+        """The frozen teachers, read from the
         unimodal runs' checkpoints (``method.teachers``); ``params`` / ``rest`` (the model's starting
         state, which the trainer passes) are the templates the checkpoints are read into."""
         if not self.teachers:
             raise ValueError("method 'umt' needs method.teachers = {modality: unimodal run workdir} (one finished "
                              "'unimodal' run per modality); the compare command fills it from its unimodal runs.")
         teachers = self.load_teachers(params, rest)  # checks the workdirs before reading
-        return {"epoch": jnp.ones((), jnp.int32), "teachers": teachers}
+        return {"teachers": teachers}
 
     # ---- inside jit --------------------------------------------------------------------------
     def teacher_latents(self, handle, params, batch, teachers) -> dict:
@@ -186,7 +186,7 @@ class UMT(Method):
 
     def gradients(self, handle, params, batch, key, method_state):
         o, mask = self.opts, batch.get("mask")
-        epoch = method_state["epoch"]
+        epoch = current_epoch(handle)
         active = (epoch >= int(o["start_epoch"])) & (epoch <= int(o["end_epoch"]))
         weight = self.hp("distill_weight", float(o["distill_weight"]))
         targets = self.teacher_latents(handle, params, batch, method_state["teachers"])
@@ -204,7 +204,3 @@ class UMT(Method):
                        distill_active=active.astype(jnp.float32), loss=loss)
         return StepOutput(grads, {}, new_rest, method_state, metrics)
 
-    # ---- host hooks --------------------------------------------------------------------------
-    def on_epoch_end(self, epoch, val_metrics, method_state, ctx):
-        """The epoch about to start (1-based): ``epoch`` (the one just finished) + 1; teachers unchanged."""
-        return {**method_state, "epoch": jnp.asarray(int(epoch) + 1, jnp.int32)}

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mcr_jax.methods import get_method
+from mcr_jax.methods import ModelHandle, get_method
 from tests.helpers.method_setup import toy_data
 
 NAMES = ("x1", "x2")  # the toy data's modalities
@@ -17,22 +17,31 @@ PREFIX = {"encoders": "['encoders']", "heads": "['heads']", "branches": "['fusio
 # ---- running a method's gradient step ---------------------------------------------------------------
 
 
-def cached_gradients(method, handle, params, batch, state, key=0):
-    """``method.gradients`` under jit (compiled once per method instance and input shapes)."""
+def at_epoch(handle, epoch):
+    """A copy of ``handle`` whose current (1-based) epoch is ``epoch``, as the trainer's step gives it."""
+    return ModelHandle(handle.graphdef_train, handle.graphdef_eval, handle.rest, handle.mesh,
+                       epoch=jnp.asarray(epoch, jnp.int32))
+
+
+def cached_gradients(method, handle, params, batch, state, key=0, epoch=1):
+    """``method.gradients`` in epoch ``epoch`` under jit (compiled once per method instance and input shapes)."""
     if not hasattr(method, "_test_step"):
-        method._test_step = jax.jit(lambda p, b, k, s: method.gradients(handle, p, b, k, s))
-    return method._test_step(params, batch, jax.random.PRNGKey(key), state)
+        method._test_step = jax.jit(lambda p, b, k, s, e: method.gradients(at_epoch(handle, e), p, b, k, s))
+    return method._test_step(params, batch, jax.random.PRNGKey(key), state, jnp.int32(epoch))
 
 
-def step_gradients(method, handle, params, batch, method_state=None):
-    """One jitted ``method.gradients`` call with key 0 (``method_state`` defaults to the initial one)."""
+def step_gradients(method, handle, params, batch, method_state=None, epoch=1):
+    """One jitted ``method.gradients`` call with key 0 in epoch ``epoch`` (``method_state`` defaults
+    to the initial one)."""
     ms = method.init_method_state(params) if method_state is None else method_state
-    return jax.jit(lambda p, b, s: method.gradients(handle, p, b, jax.random.PRNGKey(0), s))(params, batch, ms)
+    return jax.jit(lambda p, b, s, e: method.gradients(at_epoch(handle, e), p, b, jax.random.PRNGKey(0), s))(
+        params, batch, ms, jnp.int32(epoch))
 
 
 def jit_gradients(method, handle):
-    """``(params, batch, key, state) -> method.gradients(...)``, jitted."""
-    return jax.jit(lambda p, b, k, s: method.gradients(handle, p, b, k, s))
+    """``(params, batch, key, state, epoch=1) -> method.gradients(...)`` in that (1-based) epoch, jitted."""
+    step = jax.jit(lambda p, b, k, s, e: method.gradients(at_epoch(handle, e), p, b, k, s))
+    return lambda p, b, k, s, epoch=1: step(p, b, k, s, jnp.int32(epoch))
 
 
 def reference_gradients(name, handle, params, batch, **cfg):
@@ -42,7 +51,8 @@ def reference_gradients(name, handle, params, batch, **cfg):
 
 
 def advance_to_epoch(method, state, epoch):
-    """The trainer's epoch hook, called after each finished epoch (1-based) until ``epoch`` starts."""
+    """The trainer's epoch hook, called after each finished epoch (1-based) until ``epoch`` starts
+    (the epoch itself reaches the step through the handle: :func:`at_epoch`, ``epoch=`` above)."""
     for finished in range(1, epoch):
         state = method.on_epoch_end(finished, {}, state, None)
     return state
