@@ -8,6 +8,7 @@ import pytest
 import soundfile
 from PIL import Image
 
+from mcr_jax.data.builders import Ave
 from mcr_jax.data.builders.ave import AVE_CATEGORIES, parse_annotation_file
 from mcr_jax.data.builders.common import ManualDirError
 from mcr_jax.data.tfds_source import load_tfds_dataset
@@ -61,7 +62,7 @@ def write_ave(root):
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("ave_raw")
     write_ave(root)
-    sources, info = load_tfds_dataset("ave", data_dir=tmp_path_factory.mktemp("ave_tfds"), manual_dir=root,
+    sources, info = load_tfds_dataset(Ave, data_dir=tmp_path_factory.mktemp("ave_tfds"), manual_dir=root,
                                       builder_kwargs={"frame_size": SIZE})
     return root, sources, info
 
@@ -125,8 +126,8 @@ def test_missing_split_file_or_media_is_named(tmp_path):
     write_ave(root)
     os.remove(root / "valSet.txt")
     with pytest.raises(ManualDirError, match="valSet.txt") as err:
-        load_tfds_dataset("ave", data_dir=tmp_path / "tfds", manual_dir=root, builder_kwargs={"frame_size": 8})
+        load_tfds_dataset(Ave, data_dir=tmp_path / "tfds", manual_dir=root, builder_kwargs={"frame_size": 8})
     assert str(root) in str(err.value) and "Annotations.txt" in str(err.value)  # the layout is shown
     (root / "valSet.txt").write_text(HEADER + "\n" + "Bark&vidZ0000009&good&0&10\n")
     with pytest.raises(ManualDirError, match="vidZ0000009"):
-        load_tfds_dataset("ave", data_dir=tmp_path / "tfds", manual_dir=root, builder_kwargs={"frame_size": 8})
+        load_tfds_dataset(Ave, data_dir=tmp_path / "tfds", manual_dir=root, builder_kwargs={"frame_size": 8})

@@ -7,6 +7,7 @@ import socket
 import numpy as np
 import pytest
 
+from mcr_jax.data.builders import CmuMosei, CmuMosi
 from mcr_jax.data.builders.cmu_mosi import sanitize, step_masks
 from mcr_jax.data.builders.common import ManualDirError
 from mcr_jax.data.tfds_source import load_tfds_dataset, split_batches
@@ -55,7 +56,7 @@ MOSI_DIMS = {"vision": 20, "audio": 5, "text": 300}
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("mosi_raw")
     raw = write_pickle(root / "mosi_data.pkl", MOSI_DIMS)
-    sources, info = load_tfds_dataset("mosi", data_dir=tmp_path_factory.mktemp("mosi_tfds"), manual_dir=root)
+    sources, info = load_tfds_dataset(CmuMosi, data_dir=tmp_path_factory.mktemp("mosi_tfds"), manual_dir=root)
     return raw, sources, info
 
 
@@ -121,7 +122,7 @@ def test_per_modality_masks_and_sanitize_helpers():
 def test_mosei_with_other_feature_sizes(tmp_path):
     dims = {"vision": 35, "audio": 74, "text": 7}  # text size deliberately not the documented 300
     write_pickle(tmp_path / "mosei_senti_data.pkl", dims, bad=False)
-    sources, info = load_tfds_dataset("mosei", data_dir=tmp_path / "tfds", manual_dir=tmp_path,
+    sources, info = load_tfds_dataset(CmuMosei, data_dir=tmp_path / "tfds", manual_dir=tmp_path,
                                       split_names=("validation",))
     assert info["input_shapes"] == {"vision": (L, 35), "audio": (L, 74), "text": (L, 7)}
     assert info["metadata"]["nonfinite_total"] == 0
@@ -134,26 +135,26 @@ def test_bad_pickles_fail_clearly(tmp_path):
     with open(tmp_path / "mosi_data.pkl", "wb") as f:
         pickle.dump(data, f)
     with pytest.raises(ManualDirError, match="no split 'valid'"):
-        load_tfds_dataset("mosi", data_dir=tmp_path / "tfds", manual_dir=tmp_path)
+        load_tfds_dataset(CmuMosi, data_dir=tmp_path / "tfds", manual_dir=tmp_path)
     data = write_pickle(tmp_path / "mosi_data.pkl", MOSI_DIMS, bad=False)
     data["test"]["vision"] = data["test"]["vision"][..., :3]
     with open(tmp_path / "mosi_data.pkl", "wb") as f:
         pickle.dump(data, f)
     with pytest.raises(ManualDirError, match="feature sizes"):
-        load_tfds_dataset("mosi", data_dir=tmp_path / "tfds2", manual_dir=tmp_path)
+        load_tfds_dataset(CmuMosi, data_dir=tmp_path / "tfds2", manual_dir=tmp_path)
 
 
 def test_missing_pickle_names_the_directory_and_candidates(tmp_path):
     (tmp_path / "other.pkl").write_bytes(b"")
     with pytest.raises(ManualDirError, match="mosi_data.pkl") as err:
-        load_tfds_dataset("mosi", data_dir=tmp_path / "tfds", manual_dir=tmp_path)
+        load_tfds_dataset(CmuMosi, data_dir=tmp_path / "tfds", manual_dir=tmp_path)
     assert str(tmp_path) in str(err.value)
 
 
 def test_command_line_builds_and_prints_the_summary(tmp_path, capsys):
     import json
 
-    from mcr_jax.data.tfds_source import main
+    from mcr_jax.data.build import main
 
     write_pickle(tmp_path / "mine.pkl", MOSI_DIMS)
     info = main(["--dataset", "mosi", "--data_dir", str(tmp_path / "tfds"), "--manual_dir", str(tmp_path),
@@ -197,7 +198,7 @@ def test_corrupt_pickle_names_the_file(tmp_path):
     with pytest.raises(ValueError, match=f"could not unpickle {re.escape(str(path))}: "):
         load_pickle(str(path), manual_dir=str(tmp_path))
     with pytest.raises(ValueError, match=f"could not unpickle {re.escape(str(path))}: "):
-        load_tfds_dataset("mosi", data_dir=tmp_path / "tfds", manual_dir=tmp_path)
+        load_tfds_dataset(CmuMosi, data_dir=tmp_path / "tfds", manual_dir=tmp_path)
 
 
 def test_pickle_outside_the_manual_dir_is_refused_before_unpickling(tmp_path):
@@ -211,11 +212,11 @@ def test_pickle_outside_the_manual_dir_is_refused_before_unpickling(tmp_path):
         pickle.dump(_Payload(marker), f)
     (manual / "mosi_data.pkl").symlink_to(elsewhere / "mosi_data.pkl")  # a link pointing outside
     with pytest.raises(ValueError, match="outside the manual directory") as err:
-        load_tfds_dataset("mosi", data_dir=tmp_path / "tfds", manual_dir=manual)
+        load_tfds_dataset(CmuMosi, data_dir=tmp_path / "tfds", manual_dir=manual)
     assert str(elsewhere / "mosi_data.pkl") in str(err.value) and str(manual) in str(err.value)
     for name in ("../elsewhere/mosi_data.pkl", str(elsewhere / "mosi_data.pkl")):  # a path outside
         with pytest.raises(ValueError, match="outside the manual directory"):
-            load_tfds_dataset("mosi", data_dir=tmp_path / "tfds", manual_dir=manual,
+            load_tfds_dataset(CmuMosi, data_dir=tmp_path / "tfds", manual_dir=manual,
                               builder_kwargs={"pickle_name": name})
     with pytest.raises(ValueError, match="outside the manual directory"):
         load_pickle(str(manual / "mosi_data.pkl"), manual_dir=str(manual))
@@ -229,5 +230,5 @@ def test_symlinks_inside_the_manual_dir_are_followed(tmp_path):
     (manual / "mosi_data.pkl").symlink_to(manual / "files" / "real.pkl")
     link_dir = tmp_path / "link_to_manual"  # the manual directory itself may be a link
     link_dir.symlink_to(manual)
-    _, info = load_tfds_dataset("mosi", data_dir=tmp_path / "tfds", manual_dir=link_dir)
+    _, info = load_tfds_dataset(CmuMosi, data_dir=tmp_path / "tfds", manual_dir=link_dir)
     assert info["split_sizes"]["train"] == SIZES["train"]

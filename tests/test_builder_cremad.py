@@ -8,6 +8,7 @@ import pytest
 import soundfile
 from PIL import Image
 
+from mcr_jax.data.builders import CremaD
 from mcr_jax.data.builders import audio_video as av
 from mcr_jax.data.builders.common import ManualDirError
 from mcr_jax.data.builders.cremad import parse_clip_name, speaker_folds
@@ -62,7 +63,7 @@ def built(tmp_path_factory):
     stems = write_cremad(root)
     data_dir = tmp_path_factory.mktemp("cremad_tfds")
     sources, info = load_tfds_dataset(
-        "cremad", data_dir=data_dir, manual_dir=root, split_names=("train", "validation", "test"),
+        CremaD, data_dir=data_dir, manual_dir=root, split_names=("train", "validation", "test"),
         builder_kwargs={"frame_size": SIZE, "num_folds": 3, "fold": 0})
     return root, stems, data_dir, sources, info
 
@@ -128,11 +129,11 @@ def test_grain_reader_on_built_source(built):
 
 def test_rebuilding_reuses_the_built_dataset(built):
     _, _, data_dir, _, info = built
-    sources, again = load_tfds_dataset("cremad", data_dir=data_dir, manual_dir=None, split_names=("test",),
+    sources, again = load_tfds_dataset(CremaD, data_dir=data_dir, manual_dir=None, split_names=("test",),
                                        builder_kwargs={"frame_size": SIZE, "num_folds": 3, "fold": 0})
     assert again["split_sizes"] == info["split_sizes"] and list(sources) == ["test"]
     with pytest.raises(ValueError, match="unknown split"):
-        load_tfds_dataset("cremad", data_dir=data_dir, split_names=("dev",),
+        load_tfds_dataset(CremaD, data_dir=data_dir, split_names=("dev",),
                           builder_kwargs={"frame_size": SIZE, "num_folds": 3, "fold": 0})
 
 
@@ -155,7 +156,7 @@ def test_parse_clip_name():
 def test_random_split_is_labelled_not_speaker_disjoint(tmp_path):
     root = tmp_path / "raw"
     stems = write_cremad(root, rate=22050)
-    sources, info = load_tfds_dataset("cremad", data_dir=tmp_path / "tfds", manual_dir=root,
+    sources, info = load_tfds_dataset(CremaD, data_dir=tmp_path / "tfds", manual_dir=root,
                                       split_names=("train", "validation", "test"),
                                       builder_kwargs={"frame_size": 8, "split_mode": "random"})
     assert "NOT_speaker_disjoint" in info["metadata"]["split_mode"]
@@ -171,9 +172,9 @@ def test_missing_frames_fail_with_the_clip_named_unless_skipped(tmp_path):
         os.remove(root / "VideoFrames" / stems[4] / f)
     kw = {"frame_size": 8, "num_folds": 3}
     with pytest.raises(ManualDirError, match=f"VideoFrames/{stems[4]}") as err:
-        load_tfds_dataset("cremad", data_dir=tmp_path / "a", manual_dir=root, builder_kwargs=kw)
+        load_tfds_dataset(CremaD, data_dir=tmp_path / "a", manual_dir=root, builder_kwargs=kw)
     assert str(root) in str(err.value) and "skip_incomplete" in str(err.value)
-    _, info = load_tfds_dataset("cremad", data_dir=tmp_path / "b", manual_dir=root,
+    _, info = load_tfds_dataset(CremaD, data_dir=tmp_path / "b", manual_dir=root,
                                 builder_kwargs={**kw, "skip_incomplete": True})
     assert sum(info["split_sizes"].values()) == 17
     assert stems[4] in info["metadata"]["skipped_incomplete"][0]

@@ -8,6 +8,7 @@ import pytest
 import soundfile
 from PIL import Image
 
+from mcr_jax.data.builders import Ucf101
 from mcr_jax.data.builders import audio_video as av
 from mcr_jax.data.builders.common import ManualDirError
 from mcr_jax.data.builders.ucf101 import group_split, read_split_list
@@ -70,7 +71,7 @@ def raw(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def audio_visual(raw, tmp_path_factory):
-    return load_tfds_dataset("ucf101", data_dir=tmp_path_factory.mktemp("ucf_tfds"), manual_dir=raw,
+    return load_tfds_dataset(Ucf101, data_dir=tmp_path_factory.mktemp("ucf_tfds"), manual_dir=raw,
                              builder_kwargs={"frame_size": SIZE, "val_fraction": 0.25})
 
 
@@ -122,7 +123,7 @@ def test_batches_normalise_frames_and_leave_audio_untouched(audio_visual):
 
 
 def test_rgb_flow_variant(raw, tmp_path):
-    sources, info = load_tfds_dataset("ucf101", data_dir=tmp_path, manual_dir=raw,
+    sources, info = load_tfds_dataset(Ucf101, data_dir=tmp_path, manual_dir=raw,
                                       builder_kwargs={"frame_size": 8, "modality_pair": "rgb_flow",
                                                       "frame_selection": "first"})
     assert info["modalities"] == ["video", "flow"] and info["num_classes"] == 3
@@ -151,10 +152,10 @@ def test_read_split_list_and_group_split(tmp_path):
 
 def test_missing_lists_or_frames_are_named(raw, tmp_path):
     with pytest.raises(ManualDirError, match="testlist02.txt") as err:
-        load_tfds_dataset("ucf101", data_dir=tmp_path, manual_dir=raw, builder_kwargs={"split_index": 2})
+        load_tfds_dataset(Ucf101, data_dir=tmp_path, manual_dir=raw, builder_kwargs={"split_index": 2})
     assert str(raw) in str(err.value)
     with pytest.raises(ManualDirError, match="flow/u/"):
-        load_tfds_dataset("ucf101", data_dir=tmp_path, manual_dir=raw / "ucfTrainTestlist",
+        load_tfds_dataset(Ucf101, data_dir=tmp_path, manual_dir=raw / "ucfTrainTestlist",
                           builder_kwargs={"modality_pair": "rgb_flow"})
 
 
@@ -165,7 +166,7 @@ def test_clip_without_frames_fails_unless_skipped(tmp_path):
     for f in os.listdir(root / "frames" / gone):
         os.remove(root / "frames" / gone / f)
     with pytest.raises(ManualDirError, match=gone):
-        load_tfds_dataset("ucf101", data_dir=tmp_path / "a", manual_dir=root, builder_kwargs={"frame_size": 8})
-    _, info = load_tfds_dataset("ucf101", data_dir=tmp_path / "b", manual_dir=root,
+        load_tfds_dataset(Ucf101, data_dir=tmp_path / "a", manual_dir=root, builder_kwargs={"frame_size": 8})
+    _, info = load_tfds_dataset(Ucf101, data_dir=tmp_path / "b", manual_dir=root,
                                 builder_kwargs={"frame_size": 8, "skip_incomplete": True})
     assert sum(info["split_sizes"].values()) == 11

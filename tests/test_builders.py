@@ -8,9 +8,10 @@ import socket
 import pytest
 import tensorflow_datasets as tfds
 
-from mcr_jax.data.builders import BUILDERS, CremaD, ManualDirError, get_builder_class
+from mcr_jax.data.builders import CremaD, ManualDirError
 from mcr_jax.data.builders.common import config_name
 from mcr_jax.data.builders.cremad import CremaDConfig
+from mcr_jax.data.dataset import BUILDERS, get_builder_class
 from mcr_jax.data.tfds_source import load_tfds_dataset
 
 # dataset → a file or directory its error must name when the manual directory is empty.
@@ -39,7 +40,7 @@ def test_every_dataset_is_covered():
 def test_missing_manual_dir_names_directory_and_layout(name, tmp_path):
     missing = tmp_path / "not_there"
     with pytest.raises(ManualDirError) as err:
-        load_tfds_dataset(name, data_dir=tmp_path / "tfds", manual_dir=missing)
+        load_tfds_dataset(BUILDERS[name], data_dir=tmp_path / "tfds", manual_dir=missing)
     msg = str(err.value)
     assert str(missing) in msg and EXPECTED_NAMED[name] in msg and "datasets_manual.md" in msg
     assert not (tmp_path / "tfds").exists() or not any((tmp_path / "tfds").rglob("*.array_record*"))
@@ -50,13 +51,13 @@ def test_incomplete_manual_dir_names_what_is_missing(name, tmp_path):
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "unrelated.txt").write_text("x")
     with pytest.raises(ManualDirError, match=EXPECTED_NAMED[name]) as err:
-        load_tfds_dataset(name, data_dir=tmp_path / "tfds", manual_dir=tmp_path / "raw")
+        load_tfds_dataset(BUILDERS[name], data_dir=tmp_path / "tfds", manual_dir=tmp_path / "raw")
     assert str(tmp_path / "raw") in str(err.value)
 
 
 def test_not_built_and_no_manual_dir(tmp_path):
     with pytest.raises(ManualDirError, match="manual_dir") as err:
-        load_tfds_dataset("cremad", data_dir=tmp_path)
+        load_tfds_dataset(CremaD, data_dir=tmp_path)
     assert str(tmp_path) in str(err.value) and "AudioWAV" in str(err.value)
 
 
@@ -92,7 +93,7 @@ def test_options_name_the_config(tmp_path):
 
 
 def test_parse_option():
-    from mcr_jax.data.tfds_source import parse_option
+    from mcr_jax.data.build import parse_option
 
     assert parse_option("fold=2") == ("fold", 2)
     assert parse_option("val_fraction=0.25") == ("val_fraction", 0.25)

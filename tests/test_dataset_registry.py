@@ -96,7 +96,8 @@ def test_one_registry_lists_every_dataset_with_its_kind():
 
 
 def test_builders_are_a_view_of_the_registry():
-    from mcr_jax.data.builders import BUILDERS, CremaD, get_builder_class
+    from mcr_jax.data.builders import CremaD
+    from mcr_jax.data.dataset import BUILDERS, get_builder_class
 
     assert set(BUILDERS) == {n for n, s in data.DATASETS.items() if s.kind == "tfds"} == TFDS
     assert data.DATASETS["cremad"].builder_class() is CremaD is BUILDERS["cremad"]

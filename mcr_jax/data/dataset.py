@@ -118,6 +118,48 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+class _Builders(Mapping):
+    """``{name: builder class}`` of the TFDS entries of :data:`DATASETS`.
+
+    A read-only, live view: the registry is the one list of datasets, so a builder registered
+    with ``register_dataset(name, builder=...)`` appears here too.
+    """
+
+    def _names(self) -> list[str]:
+        return [name for name, spec in DATASETS.items() if spec.kind == TFDS]
+
+    def __getitem__(self, name: str) -> type:
+        if name not in self._names():
+            raise KeyError(f"{name!r} is not a TFDS dataset; the TFDS datasets are {sorted(self._names())}.")
+        return DATASETS[name].builder_class()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __repr__(self) -> str:
+        return f"BUILDERS({dict(self.items())!r})"
+
+
+BUILDERS: Mapping[str, type] = _Builders()
+
+
+def _norm(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def get_builder_class(name: str) -> type:
+    """The TFDS builder class of a registered name ("cremad", "UCF-101", ...) or of a builder's
+    own TFDS name ("mcr_cremad", ...)."""
+    key = _norm(name)
+    for short, cls in BUILDERS.items():
+        if key in (_norm(short), cls.name.replace("_", "")):
+            return cls
+    raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(BUILDERS)}")
+
+
 def register_dataset(name: str, loader: Loader | None = None, *, builder: type | str | None = None,
                      overwrite: bool = False):
     """Register a dataset under ``name`` in :data:`DATASETS`, for :func:`load`.
@@ -200,7 +242,7 @@ def _load_tfds(name: str, config, *, check: bool) -> Dataset:
     kwargs = config.get("builder_kwargs", None)
     manual_dir = config.get("manual_dir", None) or None
     sources, tinfo = load_tfds_dataset(
-        name,
+        DATASETS[name].builder_class(),
         data_dir=os.path.expanduser(data_dir),
         manual_dir=os.path.expanduser(manual_dir) if manual_dir else None,
         builder_kwargs=dict(kwargs) if kwargs else None,

@@ -34,16 +34,14 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags as absl_flags
 
-from mcr_jax.data.builders import BUILDERS, get_builder_class
 from mcr_jax.data.builders import audio_video as av
-from mcr_jax.data.builders.common import ManualDirError, logger
+from mcr_jax.data.builders.common import ManualBuilder, ManualDirError, logger
 from mcr_jax.data.layout import assemble, batch_layout
 
 Example = dict[str, Any]
 AugmentFn = Callable[[Example, np.random.Generator], Example]
 
 __all__ = [
-    "BUILDERS",
     "FrameAugment",
     "batch_layout",
     "dataset_info",
@@ -56,17 +54,19 @@ __all__ = [
 
 
 def load_tfds_dataset(
-    name: str,
+    builder_cls: type[ManualBuilder],
     *,
     data_dir: str | os.PathLike,
     manual_dir: str | os.PathLike | None = None,
     split_names: Sequence[str] = ("train", "validation", "test"),
     builder_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Builds ``name`` into ``data_dir`` if needed and returns ``({split: source}, info)``.
+    """Builds ``builder_cls`` into ``data_dir`` if needed and returns ``({split: source}, info)``.
 
     Args:
-      name: "cremad", "ave", "mosi", "mosei" or "ucf101" (or a builder's registered name).
+      builder_cls: a :class:`~mcr_jax.data.builders.common.ManualBuilder` subclass, e.g.
+        :class:`mcr_jax.data.builders.CremaD`; by registered name:
+        ``mcr_jax.data.dataset.get_builder_class("cremad")``.
       data_dir: where the array_record files live (``<data_dir>/<builder>/<config>/<version>``).
       manual_dir: the user's downloaded files (layouts in docs/datasets_manual.md); only needed
         when the dataset is not built yet.
@@ -77,7 +77,7 @@ def load_tfds_dataset(
       sources: ``{split: random-access source}`` (``len``, ``source[i]`` → example dict).
       info: see :func:`dataset_info`.
     """
-    cls = get_builder_class(name)
+    cls = builder_cls
     data_dir = os.path.expanduser(os.fspath(data_dir))
     manual_dir = None if manual_dir is None else os.path.expanduser(os.fspath(manual_dir))
     builder = cls(data_dir=data_dir, file_format="array_record", **dict(builder_kwargs or {}))
@@ -308,42 +308,3 @@ def split_batches(
         source, batch_size, shuffle=train, seed=seed, epoch=epoch, drop_remainder=train,
         augment_fn=make_augment_fn(info) if (train and augment) else None,
         process_index=process_index, process_count=process_count, worker_count=worker_count)
-
-
-# --------------------------------------------------------------------------------- command line
-def parse_option(text: str) -> tuple[str, Any]:
-    """``"fold=1"`` → ("fold", 1); values are read as int, float, true/false, else kept as str."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise ValueError(f"options are key=value, got {text!r}")
-    for cast in (int, float):
-        try:
-            return key, cast(value)
-        except ValueError:
-            pass
-    return key, {"true": True, "false": False}.get(value.lower(), value)
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """``python -m mcr_jax.data.tfds_source --dataset cremad --data_dir D --manual_dir M
-    [--option frame_size=112 ...]``: builds the dataset (if needed) and prints its summary."""
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(description="Build an mcr_jax dataset from a manual download.")
-    parser.add_argument("--dataset", required=True, choices=sorted(BUILDERS))
-    parser.add_argument("--data_dir", required=True, help="where the array_record files are written")
-    parser.add_argument("--manual_dir", default=None, help="the downloaded files (docs/datasets_manual.md)")
-    parser.add_argument("--option", action="append", default=[], help="builder option key=value")
-    args = parser.parse_args(argv)
-    kwargs = dict(parse_option(o) for o in args.option)
-    _, info = load_tfds_dataset(args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir,
-                                split_names=(), builder_kwargs=kwargs)
-    summary = {k: info[k] for k in ("name", "config", "data_dir", "modalities", "input_shapes",
-                                     "num_classes", "task", "split_sizes")}
-    print(json.dumps(summary, indent=2))
-    return info
-
-
-if __name__ == "__main__":
-    main()
