@@ -11,7 +11,7 @@
    evaluation) of a fresh :class:`~mcr_jax.programs.Programs`; step time: the compiled epoch
    alone, median over ``--reps`` calls, per step; steps: those the run took. The run's own wall
    time is split by the engine's pieces (timers wrapped around them for this measurement only).
-2. The main job: ``report.run_comparison`` on the synthetic config, every default method, seeds
+2. The main job: ``study.run_comparison`` on the synthetic config, every default method, seeds
    0, 1, 2, in a fresh Python process (so nothing compiled or imported by the other items helps
    it); both the in-process time of ``run_comparison`` and the process's wall time, and the time
    per method.
@@ -189,10 +189,10 @@ def one_run(epochs: int, reps: int) -> dict:
 
 
 def main_job_child(out_path: str) -> None:
-    """Runs ``report.run_comparison`` on the synthetic config (all default methods, seeds 0, 1, 2)
+    """Runs ``study.run_comparison`` on the synthetic config (all default methods, seeds 0, 1, 2)
     and writes its time and the time of each method to ``out_path``."""
     logging.set_verbosity(logging.WARNING)
-    from mcr_jax import report
+    from mcr_jax import report, study
 
     per_method = defaultdict(float)
 
@@ -209,7 +209,7 @@ def main_job_child(out_path: str) -> None:
     report.train_and_evaluate = timed(report.train_and_evaluate, os.path.basename)
     with tempfile.TemporaryDirectory() as wd, quiet():
         t0 = time.perf_counter()
-        report.run_comparison(synthetic.get_config(), wd, report.DEFAULT_METHODS, (0, 1, 2))
+        study.run_comparison(synthetic.get_config(), wd, report.DEFAULT_METHODS, (0, 1, 2))
         total = time.perf_counter() - t0
     with open(out_path, "w") as f:
         json.dump({"run_comparison": total, "per_method": per_method}, f)
@@ -458,7 +458,7 @@ def main(argv=None):
           f"{args.reps}) | {compute:.2f} s | | |")
     print(f"| 1 | wall ÷ (compile + steps × step) | {ratio1:.2f}× | ≤ 1.5× | {met(ratio1 <= 1.5)} |")
     if mj:
-        print(f"| 2 | main job: `report.run_comparison`, {len(mj['per_method'])} methods × seeds 0, 1, 2 "
+        print(f"| 2 | main job: `study.run_comparison`, {len(mj['per_method'])} methods × seeds 0, 1, 2 "
               f"(in-process) | {mj['run_comparison']:.1f} s | ≤ 60 s | {met(mj['run_comparison'] <= 60)} |")
         print(f"| 2 | main job: its process (Python start, imports, `run_comparison`) | {mj['process']:.1f} s "
               f"| ≤ 60 s | {met(mj['process'] <= 60)} |")

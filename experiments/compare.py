@@ -10,8 +10,9 @@ import os
 
 from absl import app, flags
 
-from experiments.flags import FLAGS, define_common_flags, int_list, start
-from mcr_jax.report import DEFAULT_METHODS, TABLE_STATISTICS, bar_chart, format_table, run_comparison
+from experiments.flags import FLAGS, define_common_flags, int_list, parse_flags, start
+from mcr_jax.report import DEFAULT_METHODS, TABLE_STATISTICS, bar_chart, format_table
+from mcr_jax.study import run_comparison
 
 define_common_flags("Directory for every run, results.json, table.md and the chart.")
 flags.DEFINE_string("methods", ",".join(DEFAULT_METHODS), "Comma-separated methods.")
@@ -36,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

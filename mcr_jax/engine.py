@@ -26,7 +26,7 @@ import numpy as np
 
 from mcr_jax import evaluation, guards, parallel, tensorboard
 from mcr_jax.checkpoint import Checkpointer, from_saveable, host_copy, non_finite_leaves
-from mcr_jax.methods.base import EpochContext, Method
+from mcr_jax.methods.base import EpochContext
 from mcr_jax.options import as_dict
 from mcr_jax.programs import Programs, RunSpec, put, take
 from mcr_jax.tasks import Task, get_task
@@ -239,7 +239,7 @@ def train_runs(specs: list[RunSpec], *, state_dir: str | None = None, data=None,
         where = specs[0].dir if k == 1 else f"{store.ckpt.workdir} (seeds {[sp.seed for sp in specs]})"
         log(f"[{config.method.name}] resuming {where} after epoch {metas[0]['epoch']}"
             + (f" (step {int(np.asarray(parallel.to_host(states.step))[0])})." if k == 1 else "."))
-    weighted = getattr(method, "gives_sampling_weights", type(method).sampling_weights is not Method.sampling_weights)
+    weighted = method.gives_sampling_weights
     start = min(m["epoch"] for m in metas) + 1
     session_time = 0.0
     for epoch in range(start, epochs + 1):

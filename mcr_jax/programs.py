@@ -43,9 +43,9 @@ from mcr_jax.checkpoint import load_pretrained
 from mcr_jax.config import resolve_config
 from mcr_jax.data.pipeline import num_batches
 from mcr_jax.evaluation import SHAPLEY_ABSENT, EvalOutput, make_subset_predict
-from mcr_jax.methods import ModelHandle, get_method
-from mcr_jax.methods.base import model_inputs
-from mcr_jax.models import build_model
+from mcr_jax.methods import get_method
+from mcr_jax.methods.base import ModelHandle, model_inputs
+from mcr_jax.models.build import build_model
 from mcr_jax.optim import make_optimizer
 from mcr_jax.state import StepOutput, TrainState, init_state, split_model
 from mcr_jax.steps import make_epoch_fn, make_eval_fn, make_eval_step, make_train_step
@@ -328,9 +328,7 @@ class Programs:
 
     # ---- programs ----------------------------------------------------------------------------
     def set_epoch(self, states: TrainState, epoch: int) -> TrainState:
-        """The states with their epoch field set to ``epoch`` (the step reads it), when the state has one."""
-        if "epoch" not in TrainState._fields:
-            return states
+        """The states with their epoch field set to ``epoch`` (1-based; the step hands it to the method)."""
         return states._replace(epoch=parallel.replicate(jnp.full((self.k,), epoch, jnp.int32), self.mesh))
 
     def train_epoch(self, states: TrainState, epoch: int, weights=None) -> tuple[TrainState, dict, float | None]:

@@ -1,20 +1,17 @@
-"""Comparing methods: run several methods × seeds on one dataset, then a table, JSON and a bar chart.
-
-Unimodal runs are shared: the ensemble and the uni-pre methods of a seed reuse that seed's unimodal
-runs (``<workdir>/seed_<s>/unimodal_<modality>``), and every run resumes or returns its stored
-results when its directory already holds them, so an interrupted comparison restarts where it was.
+"""Comparisons' labels, configs and tables: which runs a comparison makes for each method label
+(:data:`DEFAULT_METHODS`, :func:`comparison_config`), the summary over seeds, the table and the bar
+chart. Running a comparison is :func:`mcr_jax.study.run_comparison` (untuned) or
+:func:`mcr_jax.study.run_study` (tuned).
 """
 
 from __future__ import annotations
-
-import os
 
 import ml_collections
 import numpy as np
 
 from mcr_jax import guards, metrics
+from mcr_jax.methods import ORCHESTRATED, method_class
 from mcr_jax.tasks import Task, get_task
-from mcr_jax.train import train_and_evaluate, unimodal_config
 
 DEFAULT_METHODS = ("unimodal", "ensemble", "ume", "joint", "multiloss", "uni_pre_frozen", "uni_pre_finetuned", "umt",
                    "ogm_ge", "agm", "mlb", "mslr", "mmcosine", "mmpareto", "reconboost", "dnr", "greedy", "gblending",
@@ -29,8 +26,23 @@ METHOD_DEFAULTS = {
 }
 
 
-#: methods whose config differs per seed (they start from, or combine, that seed's unimodal runs).
-PER_SEED = ("ensemble", "ume", "uni_pre_frozen", "uni_pre_finetuned", "umt")
+def base_method(name: str) -> str:
+    """The registered method (or orchestrator) behind a comparison label (``"ume"`` → ``"ensemble"``)."""
+    return METHOD_DEFAULTS.get(name, {}).get("name", name)
+
+
+def needs_unimodal_runs(name: str) -> bool:
+    """Whether comparison method ``name``'s config differs per seed: it starts from (uni-pre, UMT:
+    ``Method.needs_unimodal_runs``) or combines (an orchestrator of :data:`mcr_jax.methods.ORCHESTRATED`,
+    the ensemble) that seed's unimodal runs."""
+    base = base_method(name)
+    return base in ORCHESTRATED or method_class(base).needs_unimodal_runs
+
+
+def per_modality(name: str) -> bool:
+    """Whether comparison method ``name`` makes one run per modality (``Method.per_modality``)."""
+    base = base_method(name)
+    return base not in ORCHESTRATED and method_class(base).per_modality
 
 
 def comparison_config(config, name: str, unimodal_dirs: dict[str, str]) -> ml_collections.ConfigDict:
@@ -45,53 +57,10 @@ def comparison_config(config, name: str, unimodal_dirs: dict[str, str]) -> ml_co
         section["pretrained"] = dict(unimodal_dirs)
     if section["name"] == "umt":  # the uni-modal teachers: this seed's unimodal runs
         section["teachers"] = dict(unimodal_dirs)
-    if section["name"] == "ensemble":
+    if section["name"] in ORCHESTRATED:  # the ensemble: it combines this seed's unimodal runs
         section["unimodal_workdirs"] = dict(unimodal_dirs)
     c.method = ml_collections.ConfigDict(section)
     return c
-
-
-def run_comparison(config, workdir: str, methods=DEFAULT_METHODS, seeds=(0, 1, 2)) -> dict:
-    """Runs every method for every seed; returns ``{"runs": {label: [results per seed]}, "summary": ...}``.
-
-    A method's seeds train as one vectorised program where they can (:func:`mcr_jax.seeds.train_seeds`;
-    its stacked checkpoints go to ``<workdir>/vectorized/<method>``); each seed's results land in
-    ``<workdir>/seed_<s>/<method>`` either way. The ensemble and uni-pre build on each seed's
-    unimodal runs and run seed by seed."""
-    from mcr_jax.data import load
-    from mcr_jax.seeds import train_seeds
-
-    seeds = guards.check_seeds(seeds)
-    modalities = load(config.data).info.modalities
-    runs: dict[str, list[dict]] = {}
-
-    def seed_dir(s):
-        return os.path.join(workdir, f"seed_{s}")
-
-    def all_seeds(cfg, label, name):
-        out = train_seeds(cfg, os.path.join(workdir, "vectorized", name), seeds,
-                          seed_dirs={s: os.path.join(seed_dir(s), name) for s in seeds})
-        runs[label] = out["per_seed"]
-
-    for name in methods:
-        if name == "unimodal":
-            for m in modalities:
-                all_seeds(unimodal_config(config, m), f"unimodal {m}", f"unimodal_{m}")
-        elif name in PER_SEED:
-            for s in seeds:
-                base = ml_collections.ConfigDict(config.to_dict())
-                base.seed = int(s)
-                unimodal_dirs = {m: os.path.join(seed_dir(s), f"unimodal_{m}") for m in modalities}
-                res = train_and_evaluate(comparison_config(base, name, unimodal_dirs), os.path.join(seed_dir(s), name))
-                runs.setdefault(name, []).append(res)
-        else:
-            all_seeds(comparison_config(config, name, {}), name, name)
-    summary = summarize(runs)
-    out = {"dataset": config.data.name, "modalities": list(modalities), "seeds": list(seeds), "summary": summary,
-           "runs": runs}
-    os.makedirs(workdir, exist_ok=True)
-    guards.write_json_atomic(os.path.join(workdir, "results.json"), out)
-    return out
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict:

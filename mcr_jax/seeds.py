@@ -57,14 +57,10 @@ def _seed_config(config, seed: int, options: dict | None = None) -> ml_collectio
 
 
 def vectorizable(method) -> str | None:
-    """``None`` when several runs of ``method`` can share one vectorised program, else the reason."""
-    if hasattr(method, "vectorizable"):
-        return method.vectorizable()
-    if not getattr(method, "vectorizable_seeds", True):
-        return f"method {method.name!r} keeps per-run state outside its method state"
-    if method.config.get("permutation_scope", "global") == "local":
-        return "MCR's local permutation scope runs under shard_map"
-    return None
+    """``None`` when several runs of ``method`` can share one vectorised program, else the reason
+    (the method's own declaration, :meth:`Method.vectorizable`)."""
+    ok, reason = method.vectorizable()
+    return None if ok else reason
 
 
 def train_seeds(config, workdir: str, seeds, *, seed_dirs: dict | None = None) -> dict:

@@ -27,7 +27,7 @@ from flax import nnx
 
 from mcr_jax.data.types import INDEX_KEY
 from mcr_jax.losses import mipd_divergences, sample_permutations
-from mcr_jax.methods import ModelHandle
+from mcr_jax.methods.base import ModelHandle
 from mcr_jax.state import StepOutput, TrainState
 
 #: the key of the evaluation MIPD diagnostic's permutations (folded with the batch index).

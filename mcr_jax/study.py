@@ -19,8 +19,9 @@ Protocol (what :func:`run_study` does, and what its table says it did):
 The tuning runs of a method — every grid point × every tune seed — train as **one** vectorised
 program when the grid's options are the method's traceable continuous hyperparameters (λ's,
 coefficients, the learning rate: traced inputs, :func:`mcr_jax.seeds.train_grid`); otherwise each
-point is its own program, vectorised over the seeds. :func:`mcr_jax.report.run_comparison` is the
-untuned special case (a grid of one).
+point is its own program, vectorised over the seeds. :func:`run_comparison` is the untuned special
+case (every method at its defaults, a grid of one); the tables, charts and comparison labels are in
+:mod:`mcr_jax.report`.
 """
 
 from __future__ import annotations
@@ -34,12 +35,62 @@ import numpy as np
 from mcr_jax import dynamics, guards, metrics
 from mcr_jax.engine import selection_metric
 from mcr_jax.methods import method_grid
-from mcr_jax.report import METHOD_DEFAULTS, PER_SEED, comparison_config, summarize
+from mcr_jax.report import (
+    DEFAULT_METHODS,
+    METHOD_DEFAULTS,
+    comparison_config,
+    needs_unimodal_runs,
+    per_modality,
+    summarize,
+)
 from mcr_jax.tasks import get_task
 from mcr_jax.train import train_and_evaluate, unimodal_config
 
 #: the references of the paired differences: every method is compared with each that was run
 BASELINES = ("joint", "ensemble", "mcr")
+
+
+def run_comparison(config, workdir: str, methods=DEFAULT_METHODS, seeds=(0, 1, 2)) -> dict:
+    """Runs every method for every seed; returns ``{"runs": {label: [results per seed]}, "summary": ...}``.
+
+    A method's seeds train as one vectorised program where they can (:func:`mcr_jax.seeds.train_seeds`;
+    its stacked checkpoints go to ``<workdir>/vectorized/<method>``); each seed's results land in
+    ``<workdir>/seed_<s>/<method>`` either way. The ensemble and uni-pre build on each seed's
+    unimodal runs and run seed by seed."""
+    from mcr_jax.data import load
+    from mcr_jax.seeds import train_seeds
+
+    seeds = guards.check_seeds(seeds)
+    modalities = load(config.data).info.modalities
+    runs: dict[str, list[dict]] = {}
+
+    def seed_dir(s):
+        return os.path.join(workdir, f"seed_{s}")
+
+    def all_seeds(cfg, label, name):
+        out = train_seeds(cfg, os.path.join(workdir, "vectorized", name), seeds,
+                          seed_dirs={s: os.path.join(seed_dir(s), name) for s in seeds})
+        runs[label] = out["per_seed"]
+
+    for name in methods:
+        if per_modality(name):
+            for m in modalities:
+                all_seeds(unimodal_config(config, m), f"unimodal {m}", f"unimodal_{m}")
+        elif needs_unimodal_runs(name):
+            for s in seeds:
+                base = ml_collections.ConfigDict(config.to_dict())
+                base.seed = int(s)
+                unimodal_dirs = {m: os.path.join(seed_dir(s), f"unimodal_{m}") for m in modalities}
+                res = train_and_evaluate(comparison_config(base, name, unimodal_dirs), os.path.join(seed_dir(s), name))
+                runs.setdefault(name, []).append(res)
+        else:
+            all_seeds(comparison_config(config, name, {}), name, name)
+    summary = summarize(runs)
+    out = {"dataset": config.data.name, "modalities": list(modalities), "seeds": list(seeds), "summary": summary,
+           "runs": runs}
+    os.makedirs(workdir, exist_ok=True)
+    guards.write_json_atomic(os.path.join(workdir, "results.json"), out)
+    return out
 
 
 def study_grid(label: str) -> dict:
@@ -72,9 +123,9 @@ def _train_config(config, name: str, options: dict, seeds, root: str, modalities
     """Every seed of one configuration of one method, in ``<root>/seed_<s>`` (vectorised where possible)."""
     from mcr_jax.seeds import train_seeds, with_options
 
-    if name == "unimodal":
+    if per_modality(name):
         raise ValueError("unimodal runs are made per modality by the study itself.")
-    if name in PER_SEED:
+    if needs_unimodal_runs(name):
         out = []
         for s in seeds:
             base = ml_collections.ConfigDict(config.to_dict())
@@ -111,10 +162,10 @@ def run_study(config, workdir: str, methods, *, budget: int = 4, tune_seeds=(0, 
     key = get_task(info.task).headline
     labels = []
     for name in methods:
-        labels += [f"unimodal {m}" for m in info.modalities] if name == "unimodal" else [name]
+        labels += [f"unimodal {m}" for m in info.modalities] if per_modality(name) else [name]
     tuning, chosen, runs, chosen_root = {}, {}, {}, {}
     for name in methods:
-        if name == "unimodal":
+        if per_modality(name):
             for m in info.modalities:
                 root = os.path.join(workdir, f"unimodal_{m}", "config_0")
                 from mcr_jax.seeds import train_seeds
@@ -123,7 +174,7 @@ def run_study(config, workdir: str, methods, *, budget: int = 4, tune_seeds=(0, 
                 chosen[f"unimodal {m}"] = {}
             continue
         points = [dict(fixed[name])] if fixed and name in fixed else grid_points(name, int(budget), grid_seed)
-        if len(points) > 1 and name not in PER_SEED:  # the whole grid × tune seeds: one program where traceable
+        if len(points) > 1 and not needs_unimodal_runs(name):  # the grid × tune seeds: one program
             from mcr_jax.seeds import train_grid
 
             grid = train_grid(comparison_config(config, name, {}), os.path.join(workdir, name), tune_seeds, points)
@@ -153,7 +204,7 @@ def run_study(config, workdir: str, methods, *, budget: int = 4, tune_seeds=(0, 
     out = {"dataset": info.name, "modalities": list(info.modalities), "metric": key,
            "protocol": {"budget": int(budget), "tune_seeds": list(tune_seeds), "eval_seeds": list(eval_seeds),
                         "grid_seed": int(grid_seed), "selection": f"mean validation {select} over the tune seeds",
-                        "grids": {name: study_grid(name) for name in methods if name != "unimodal"},
+                        "grids": {name: study_grid(name) for name in methods if not per_modality(name)},
                         "fixed": {k: v for k, v in (fixed or {}).items() if k in methods}},
            "tuning": tuning, "chosen": chosen, "summary": summary, "paired": paired, "runs": runs,
            "run_dirs": run_dirs}

@@ -69,3 +69,38 @@ def test_with_hparams_binds_a_copy(name):
     assert not bound.tuned("learning_rate") and method.hp("x", 3) == 3
     with pytest.raises(ValueError, match=f"{name}: options \\['not_an_option'\\] cannot be traced"):
         method.with_hparams({"not_an_option": 1.0})
+
+
+# ---- what the orchestrators ask (issue 20 item 4) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_declarations_are_as_documented(name):
+    from mcr_jax.methods import Method
+
+    method = _method(name)
+    for flag in ("needs_unimodal_runs", "per_modality", "gives_sampling_weights", "uses_fusion"):
+        assert isinstance(getattr(method, flag), bool), flag
+    ok, reason = method.vectorizable()
+    assert isinstance(ok, bool) and isinstance(reason, str) and (ok == (reason == ""))
+    overrides = type(method).sampling_weights is not Method.sampling_weights
+    assert method.gives_sampling_weights == overrides
+
+
+def test_the_declarations_reproduce_the_comparison_layout():
+    from mcr_jax import report, train
+    from mcr_jax.methods import ORCHESTRATED
+    from mcr_jax.seeds import vectorizable
+
+    assert set(ORCHESTRATED) == set(train.ORCHESTRATORS)
+    # the methods run seed by seed on their seed's unimodal runs (formerly the list report.PER_SEED)
+    assert [n for n in report.DEFAULT_METHODS if report.needs_unimodal_runs(n)] == [
+        "ensemble", "ume", "uni_pre_frozen", "uni_pre_finetuned", "umt"]
+    assert [n for n in report.DEFAULT_METHODS if report.per_modality(n)] == ["unimodal"]
+    assert sorted(n for n in METHODS if _method(n).gives_sampling_weights) == ["valuation"]
+    assert sorted(n for n in METHODS if not _method(n).vectorizable()[0]) == ["umt"]
+    _, info, _ = toy_data()
+    local = get_method(ml_collections.ConfigDict({"name": "mcr", "permutation_scope": "local"}), info)
+    assert vectorizable(local) == "MCR's local permutation scope runs under shard_map"
+    assert vectorizable(_method("mcr")) is None
+    assert "keeps per-run state" in vectorizable(_method("umt"))

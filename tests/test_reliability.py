@@ -351,10 +351,10 @@ def test_repeated_seeds_are_rejected(tmp_path):
         from mcr_jax.seeds import train_seeds
 
         train_seeds(smoke_config(), str(tmp_path), [0, 0])
-    from mcr_jax import report
+    from mcr_jax import study
 
     with pytest.raises(ValueError, match="distinct"):
-        report.run_comparison(smoke_config(), str(tmp_path), ["joint"], seeds=[1, 1])
+        study.run_comparison(smoke_config(), str(tmp_path), ["joint"], seeds=[1, 1])
 
 
 def test_an_unwritable_workdir_fails_before_any_work(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from flax import nnx
 
 from experiments.configs import synthetic
 from mcr_jax import data as data_lib
-from mcr_jax import evaluation, report, train
+from mcr_jax import evaluation, report, study, train
 from mcr_jax.checkpoint import Checkpointer
 from mcr_jax.data.types import ArraySplit
 from mcr_jax.models import build_model
@@ -141,7 +141,7 @@ def test_bad_batch_size_is_a_clear_error(tmp_path):
 def test_comparison_with_ensemble_and_frozen_uni_pre(tmp_path):
     cfg = synthetic.get_config("smoke")
     cfg.parallel.num_devices = 1
-    out = report.run_comparison(cfg, str(tmp_path), ["unimodal", "ensemble", "uni_pre_frozen"], seeds=[0])
+    out = study.run_comparison(cfg, str(tmp_path), ["unimodal", "ensemble", "uni_pre_frozen"], seeds=[0])
     assert set(out["summary"]) == {"unimodal x1", "unimodal x2", "ensemble", "uni_pre_frozen"}
     table = report.format_table(out["summary"], out["modalities"])
     assert "| ensemble |" in table and "(n = 1)" in table  # one seed: no spread to report

@@ -41,7 +41,15 @@ METHODS: dict[str, type[Method] | str] = {
     "amco": "mcr_jax.methods.amco:AMCo",
     "mbsd": "mcr_jax.methods.mbsd:MBSD",
 }
-ORCHESTRATED = ("ensemble",)
+#: the names of :data:`mcr_jax.train.ORCHESTRATORS` (runs combined, not one trained model; the trainer
+#: owns the functions), each with the module holding its options (``DEFAULTS``) and tuning grid (``GRID``).
+ORCHESTRATED = {"ensemble": "mcr_jax.methods.ensemble"}
+
+
+def _orchestrator_module(name: str):
+    import importlib
+
+    return importlib.import_module(ORCHESTRATED[name])
 
 
 def method_class(name: str) -> type[Method]:
@@ -60,10 +68,8 @@ def method_class(name: str) -> type[Method]:
 def method_defaults(name: str) -> dict:
     """The options of method ``name`` with their defaults (its module's ``DEFAULTS``): what a config's
     ``method`` section holds for it, besides ``name``."""
-    if name == "ensemble":
-        from mcr_jax.methods.ensemble import DEFAULTS
-
-        return dict(DEFAULTS)
+    if name in ORCHESTRATED:
+        return dict(getattr(_orchestrator_module(name), "DEFAULTS", {}))
     return method_class(name).option_defaults()
 
 
@@ -72,8 +78,8 @@ def method_grid(name: str) -> dict[str, list]:
     to tune), used by :mod:`mcr_jax.study`."""
     import sys
 
-    if name == "ensemble":
-        return {}
+    if name in ORCHESTRATED:
+        return {k: list(v) for k, v in getattr(_orchestrator_module(name), "GRID", {}).items()}
     cls = method_class(name)
     return {k: list(v) for k, v in getattr(sys.modules[cls.__module__], "GRID", {}).items()}
 

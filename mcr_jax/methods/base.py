@@ -151,9 +151,17 @@ class Method:
     #: leaves them at their initialisation, so their accuracy and the error groups would mislead.
     reports_unimodal_heads = False
 
-    #: whether several seeds may share one instance in a vectorised program (mcr_jax.seeds); False
-    #: for a method that keeps per-run state on the instance rather than in its method state.
-    vectorizable_seeds = True
+    # ---- what the orchestrators (mcr_jax.report, mcr_jax.study, mcr_jax.seeds, mcr_jax.engine) ask
+    #: whether a run of this method starts from, or combines, its seed's unimodal runs (uni-pre
+    #: initialises from them, UMT distils from them): a comparison then trains those first and runs
+    #: the method seed by seed, its config naming that seed's unimodal run directories.
+    needs_unimodal_runs: bool = False
+    #: whether the method trains one modality per run (the unimodal method): a comparison or a study
+    #: then makes one run per modality (``unimodal <m>``) instead of one run.
+    per_modality: bool = False
+    #: whether :meth:`sampling_weights` may return weights (True exactly for the methods overriding
+    #: it): the engine asks for them before every training epoch only then.
+    gives_sampling_weights: bool = False
 
     #: continuous options that may be *traced* hyperparameters (a grid of their values then trains
     #: as one vectorised program, see mcr_jax.seeds); read them in traced code with :meth:`hp`.
@@ -188,7 +196,7 @@ class Method:
 
     def require_separable(self, model, why: str) -> None:
         """A clear ``ValueError`` unless the model's fusion head is separable (per-modality branches)."""
-        from mcr_jax.models import is_separable
+        from mcr_jax.models.fusion import is_separable
 
         if not is_separable(model.fusion):
             raise ValueError(f"{self.name} needs a separable fusion head (e.g. model.fusion = 'linear'): {why}; "
@@ -221,6 +229,14 @@ class Method:
         return name in self.hparams
 
     # ---- set-up (host) -----------------------------------------------------------------------
+    def vectorizable(self) -> tuple[bool, str]:
+        """``(ok, reason)``: whether several runs (seeds, grid points) of this method may share one
+        instance in one vectorised program (:mod:`mcr_jax.seeds`), and why not when they may not (the
+        reason is logged; empty when ``ok``). Default: they may (everything per-run lives in the
+        method state). A method that keeps per-run configuration on the instance, or whose step
+        cannot be stacked, returns ``(False, reason)``."""
+        return True, ""
+
     def earliest_stop_epoch(self) -> int:
         """The first epoch after which early stopping may end the run (default 0: any epoch).
 

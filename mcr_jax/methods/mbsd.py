@@ -98,7 +98,7 @@ import jax.numpy as jnp
 
 from mcr_jax.losses import masked_mean
 from mcr_jax.methods.base import Method, current_epoch, unimodal_losses
-from mcr_jax.models import is_separable
+from mcr_jax.models.fusion import is_separable
 
 DEFAULTS = dict(start_epoch=1, end_epoch=81, distill_weight=1.0, rs_input="auto", unimodal_source="auto")
 #: the tuning grid of a study (mcr_jax.study): around the release's implicit weight 1.

@@ -47,7 +47,7 @@ from mcr_jax import game, parallel
 from mcr_jax.losses import CONTRASTIVE, binarize_regression_labels, ceb_term, mipd_divergences, sample_permutations
 from mcr_jax.losses.mipd import perturb_latent
 from mcr_jax.methods.base import Method, model_inputs, unimodal_losses
-from mcr_jax.models import is_separable
+from mcr_jax.models.fusion import is_separable
 from mcr_jax.state import StepOutput
 
 #: the weighted loss terms of the ``grad_norms`` diagnostic, in order
@@ -116,6 +116,12 @@ class MCR(Method):
         # λ's that may be traced (a grid as one program); the optax form's λ_M lives in its optimizer
         self.traceable = (("mipd_weight",) if o["game_form"] == "single_backward" else ()) + (
             "uni_weight", "con_weight", "ceb_weight")
+
+    def vectorizable(self) -> tuple[bool, str]:
+        """Not vectorisable with ``permutation_scope="local"``: the step runs under ``shard_map``."""
+        if self.opts["permutation_scope"] == "local":
+            return False, "MCR's local permutation scope runs under shard_map"
+        return True, ""
 
     def check_model(self, model) -> None:
         o = self.opts

@@ -80,7 +80,7 @@ from __future__ import annotations
 
 from mcr_jax.losses import l2_normalize
 from mcr_jax.methods.base import Method, model_inputs
-from mcr_jax.models import is_separable
+from mcr_jax.models.fusion import is_separable
 
 DEFAULTS = dict(scale=10.0, eval_logits="cosine")
 #: the tuning grid of a study (mcr_jax.study).

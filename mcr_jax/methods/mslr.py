@@ -97,7 +97,7 @@ import numpy as np
 import optax
 
 from mcr_jax.methods.base import Method, unimodal_losses
-from mcr_jax.models import is_separable
+from mcr_jax.models.fusion import is_separable
 from mcr_jax.players import modality_owners, scale_by_owner, scale_by_player
 from mcr_jax.state import StepOutput
 

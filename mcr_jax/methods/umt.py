@@ -69,7 +69,7 @@ Differences from the release (all of them)
   projection, when it has one), the input of the fusion head, as the release's ``encoder_result[m]``.
 - Any number of modalities (the release: as many as its model has; the same).
 
-Seeds: ``vectorizable_seeds = False``: each seed's config names its own teachers, and a vectorised
+Seeds: not vectorisable (:meth:`UMT.vectorizable`): each seed's config names its own teachers, and a vectorised
 program shares one method instance (one ``teachers`` option) between its seeds, so the seeds of a
 UMT comparison run one by one (as ``uni_pre``'s do).
 
@@ -114,9 +114,8 @@ class UMT(Method):
 
     name = "umt"
     traceable = ("distill_weight",)
-    #: each seed has its own teachers (its own unimodal runs, named in its config); a vectorised
-    #: program shares one method instance, and with it one ``teachers`` option, between seeds.
-    vectorizable_seeds = False
+    #: the teachers are this seed's unimodal runs.
+    needs_unimodal_runs = True
 
     def __init__(self, config, info):
         super().__init__(config, info)
@@ -137,6 +136,11 @@ class UMT(Method):
         self.teachers = {m: str(teachers[m]) for m in self.modalities} if teachers else {}
 
     # ---- set-up (host) -----------------------------------------------------------------------
+    def vectorizable(self) -> tuple[bool, str]:
+        """Not vectorisable: each seed has its own teachers (its own unimodal runs, named in its
+        config); a vectorised program shares one method instance, and with it one ``teachers`` option."""
+        return False, f"method {self.name!r} keeps per-run state outside its method state (each seed's teachers)"
+
     def load_teachers(self, params, rest) -> dict:
         """``teacher_state`` of the selected weights of the unimodal runs in ``method.teachers``."""
         from mcr_jax.checkpoint import load_pretrained

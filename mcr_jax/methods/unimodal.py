@@ -15,6 +15,8 @@ class Unimodal(Method):
 
     name = "unimodal"
     uses_fusion = False
+    #: one run per modality in a comparison or a study (``unimodal <m>``).
+    per_modality = True
 
     def __init__(self, config, info):
         super().__init__(config, info)

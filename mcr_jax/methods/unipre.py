@@ -20,6 +20,8 @@ class UniPre(Method):
 
     name = "uni_pre"
     reports_unimodal_heads = True
+    #: it starts from its seed's unimodal runs (``method.pretrained``).
+    needs_unimodal_runs = True
 
     def __init__(self, config, info):
         super().__init__(config, info)

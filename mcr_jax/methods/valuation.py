@@ -99,6 +99,8 @@ def resample_copies(contribution):
 
 class Valuation(Method):
     name = "valuation"
+    #: its epochs draw rows ∝ the valuation's copies (:meth:`sampling_weights`).
+    gives_sampling_weights = True
 
     def __init__(self, config, info):
         super().__init__(config, info)
