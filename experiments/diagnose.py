@@ -37,15 +37,15 @@ def _ci(values, scale: float = 100.0, digits: int = 1) -> str:
     return f"{scale * ms['mean']:+.{digits}f} [{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]"
 
 
-def gradient_study(flags_, tuned_mcr_config) -> tuple[str, dict]:
+def gradient_study(options, tuned_mcr_config) -> tuple[str, dict]:
     from mcr_jax.dynamics import read_history
     from mcr_jax.seeds import train_grid
 
     base, chosen = tuned_mcr_config()
     base.method.grad_norms = True
     lambdas = sorted({float(base.method.mipd_weight), *LAMBDAS})
-    seeds = [int(s) for s in flags_.eval_seeds.split(",") if s.strip()]
-    root = os.path.join(flags_.workdir, "diagnosis", "grad_norms")
+    seeds = list(options.eval_seeds)
+    root = os.path.join(options.workdir, "diagnosis", "grad_norms")
     grid = train_grid(base, root, seeds, [{"mipd_weight": v} for v in lambdas])
     modalities = grid[0]["per_seed"][0]["modalities"]
     histories = {v: [read_history(os.path.join(root, f"config_{i}", f"seed_{s}")) for s in seeds]
@@ -152,11 +152,14 @@ def batch_composition(config) -> str:
             f"{100 * (b / data.info.num_classes - 1) / (b - 1):.1f} %).")
 
 
-def study_diagnosis(flags_, tuned_mcr_config, write, points) -> None:
-    """Runs the three diagnoses (module docstring); ``points``: the synthetic sweep points to read."""
-    grad_text, grad_data = gradient_study(flags_, tuned_mcr_config)
-    gradient_chart(grad_data, os.path.join(flags_.out, "diagnosis_grad_norms.png"))
-    mipd_text, _ = mipd_study(flags_.workdir, points)
+def study_diagnosis(options, tuned_mcr_config, write, points) -> None:
+    """Runs the three diagnoses (module docstring). ``options``: the reproduction's options
+    (:class:`experiments.reproduce.Options`: ``eval_seeds``, ``workdir``, ``out``); ``tuned_mcr_config()``
+    → (config, chosen options); ``write(name, text)`` writes a table; ``points``: the synthetic sweep
+    points to read."""
+    grad_text, grad_data = gradient_study(options, tuned_mcr_config)
+    gradient_chart(grad_data, os.path.join(options.out, "diagnosis_grad_norms.png"))
+    mipd_text, _ = mipd_study(options.workdir, points)
     base, _ = tuned_mcr_config()
     text = ("## Diagnosis\n\n### Gradient norms per player\n\n" + grad_text
             + "\n\n### The MIPD diagnostic (e)\n\nTest MIPD ×100 per modality (mean over the tuned studies' "

@@ -1,8 +1,9 @@
-"""Command-line flags shared by main.py and compare.py, and the start-up they drive."""
+"""Command-line flags shared by main.py, compare.py and study.py, and the start-up they drive.
 
-import sys
+Each entry point runs ``app.run(main, flags_parser=parse_flags)``; nothing here touches ``sys.argv``.
+"""
 
-from absl import flags, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mcr_jax import parallel
@@ -37,8 +38,14 @@ def method_into_config_arg(argv: list[str]) -> list[str]:
     return out
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """The ``flags_parser`` of the entry points: parses ``argv`` with ``method_into_config_arg``
+    applied (so ``--config.method.name=<name>`` selects that method's config section), printing the
+    usage and exiting on a bad flag like absl's default parser. Returns the remaining arguments."""
+    return app.parse_flags_with_usage(method_into_config_arg(argv))
+
+
 def define_common_flags(workdir_help: str) -> None:
-    sys.argv[:] = method_into_config_arg(sys.argv)
     config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config(arg)).", lock_config=False)
     flags.DEFINE_string("workdir", None, workdir_help)
     flags.DEFINE_string("coordinator_address", None,

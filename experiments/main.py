@@ -9,7 +9,7 @@ interrupted run from its last finished epoch (or returns a finished run's result
 
 from absl import app, flags
 
-from experiments.flags import FLAGS, define_common_flags, int_list, start
+from experiments.flags import FLAGS, define_common_flags, int_list, parse_flags, start
 from mcr_jax.seeds import train_seeds
 from mcr_jax.train import train_and_evaluate
 
@@ -34,4 +34,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -22,10 +22,13 @@ their names say, over ``--variant_seeds`` (sensitivity and diagnosis: ``--eval_s
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 import json
 import os
 import time
+from collections.abc import Callable
 
 import ml_collections
 import numpy as np
@@ -36,8 +39,6 @@ from experiments.diagnose import group_accuracy
 from mcr_jax import guards, metrics, study
 from mcr_jax.report import DEFAULT_METHODS, TABLE_STATISTICS, format_table
 
-STUDIES = ("synthetic", "sweep_ratio", "sweep_u2", "mfeat", "ablation", "game", "perturbation", "perturbation_ref",
-           "balanced", "sensitivity", "diagnosis")
 #: the paper's Fig. 1 axis: unique-to-x1 : shared = 0, 1/3, 1, 3 with unique-to-x2 fixed at 0.2
 RATIO_SWEEP = ((0.8, 0.0, 0.2), (0.6, 0.2, 0.2), (0.4, 0.4, 0.2), (0.2, 0.6, 0.2))
 #: the weak modality's unique share u2 = 0.1 … 0.5, no unique-to-x1 examples
@@ -74,20 +75,27 @@ BALANCED = {f"λ_M = {lam:g}, scales (5, 5)": {"data.embedding_scale": (5.0, 5.0
 SENSITIVITY_MIPD = (0.0, 0.001, 0.01, 0.1, 1.0, 3.0)
 SENSITIVITY_S = (1, 4, 16, 32, 64)
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "experiments/configs/synthetic.py", "Synthetic base config.",
-                                lock_config=False)
-config_flags.DEFINE_config_file("mfeat_config", "experiments/configs/mfeat.py", "mfeat base config.",
-                                lock_config=False)
-flags.DEFINE_string("study", "synthetic", f"Comma-separated studies: {', '.join(STUDIES)}, or all.")
-flags.DEFINE_string("workdir", "runs/repro", "Where the runs go.")
-flags.DEFINE_string("out", "docs/reproduction", "Where the tables (.md) and figures (.png) go.")
-flags.DEFINE_string("methods", ",".join(DEFAULT_METHODS), "Methods of the tuned studies.")
-flags.DEFINE_integer("budget", 4, "Configurations per method (the same for every method with hyperparameters).")
-flags.DEFINE_string("tune_seeds", "0,1,2", "Seeds for choosing configurations (validation).")
-flags.DEFINE_string("eval_seeds", "0,1,2,3,4", "Seeds the chosen configuration is reported on (test).")
-flags.DEFINE_string("variant_seeds", "0,1,2,3,4,5,6,7,8,9", "Seeds of the MCR variant studies.")
-flags.DEFINE_string("settings", "", "Restrict a sweep / mfeat study to these setting indices (e.g. 0,1).")
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What every study reads: built once from the command line (:meth:`from_flags`) in :func:`main`."""
+
+    config: ml_collections.ConfigDict  # the synthetic base config
+    mfeat_config: ml_collections.ConfigDict
+    workdir: str  # where the runs go
+    out: str  # where the tables (.md) and figures (.png) go
+    methods: tuple[str, ...]  # the methods of the tuned studies
+    budget: int  # configurations per method with hyperparameters
+    tune_seeds: tuple[int, ...]  # choosing configurations (validation)
+    eval_seeds: tuple[int, ...]  # reporting the chosen configuration (test)
+    variant_seeds: tuple[int, ...]  # the MCR variant studies
+    settings: tuple[int, ...]  # a sweep / mfeat study restricted to these setting indices (empty: all)
+
+    @classmethod
+    def from_flags(cls, f) -> Options:
+        return cls(config=f.config, mfeat_config=f.mfeat_config, workdir=f.workdir, out=f.out,
+                   methods=tuple(m.strip() for m in f.methods.split(",") if m.strip()), budget=int(f.budget),
+                   tune_seeds=tuple(_ints(f.tune_seeds)), eval_seeds=tuple(_ints(f.eval_seeds)),
+                   variant_seeds=tuple(_ints(f.variant_seeds)), settings=tuple(_ints(f.settings)))
 
 
 def _ints(text: str) -> list[int]:
@@ -126,15 +134,11 @@ def _timed(path: str, fn):
     return out, previous
 
 
-def _study(config, workdir: str, fixed: dict | None = None) -> tuple[dict, float]:
+def _study(opts: Options, config, workdir: str, fixed: dict | None = None) -> tuple[dict, float]:
     os.makedirs(workdir, exist_ok=True)
     return _timed(os.path.join(workdir, "wall_time.json"), lambda: study.run_study(
-        config, workdir, _methods(), budget=FLAGS.budget, tune_seeds=_ints(FLAGS.tune_seeds),
-        eval_seeds=_ints(FLAGS.eval_seeds), fixed=fixed))
-
-
-def _methods() -> list[str]:
-    return [m.strip() for m in FLAGS.methods.split(",") if m.strip()]
+        config, workdir, list(opts.methods), budget=opts.budget, tune_seeds=list(opts.tune_seeds),
+        eval_seeds=list(opts.eval_seeds), fixed=fixed))
 
 
 def _protocol_line(out: dict) -> str:
@@ -148,9 +152,9 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-def _write(name: str, text: str) -> str:
-    os.makedirs(FLAGS.out, exist_ok=True)
-    path = os.path.join(FLAGS.out, f"{name}.md")
+def _write(opts: Options, name: str, text: str) -> str:
+    os.makedirs(opts.out, exist_ok=True)
+    path = os.path.join(opts.out, f"{name}.md")
     with open(path, "w") as f:
         f.write(text.rstrip() + "\n")
     print(text)
@@ -175,37 +179,37 @@ def _chosen_lines(out: dict) -> str:
 
 
 # ---- (a) the default point and the two synthetic sweeps ------------------------------------------
-def synthetic_point(proportions) -> tuple[dict, float]:
-    c = ml_collections.ConfigDict(FLAGS.config.to_dict())
+def synthetic_point(opts: Options, proportions) -> tuple[dict, float]:
+    c = ml_collections.ConfigDict(opts.config.to_dict())
     c.data.proportions = tuple(float(p) for p in proportions)
-    return _study(c, os.path.join(FLAGS.workdir, "synthetic", _tag(proportions)))
+    return _study(opts, c, os.path.join(opts.workdir, "synthetic", _tag(proportions)))
 
 
-def study_synthetic() -> None:
-    out, wall = synthetic_point(tuple(FLAGS.config.data.proportions))
-    study.paired_chart(out, os.path.join(FLAGS.out, "synthetic_paired.png"))
-    study.write_dynamics(out, os.path.join(FLAGS.out, "synthetic_dynamics.png"), per_run=False)
-    text = (f"## The default synthetic point, proportions {tuple(FLAGS.config.data.proportions)} "
+def study_synthetic(opts: Options) -> None:
+    out, wall = synthetic_point(opts, tuple(opts.config.data.proportions))
+    study.paired_chart(out, os.path.join(opts.out, "synthetic_paired.png"))
+    study.write_dynamics(out, os.path.join(opts.out, "synthetic_dynamics.png"), per_run=False)
+    text = (f"## The default synthetic point, proportions {tuple(opts.config.data.proportions)} "
             f"(wall time {_minutes(wall)})\n\n{_protocol_line(out)}\n\n"
             + format_table(out["summary"], out["modalities"])
             + "\n\nMCR against the best other method by mean validation accuracy: " + _versus_best(out)
             + "\n\nPaired test differences (same seeds), points, mean [95 % t-interval]:\n\n"
             + study.format_paired(out) + "\n\nChosen options (validation):\n\n" + _chosen_lines(out))
-    _write("synthetic", text)
+    _write(opts, "synthetic", text)
 
 
-def _selected(points):
-    chosen = _ints(FLAGS.settings)
+def _selected(opts: Options, points):
+    chosen = opts.settings
     return [p for i, p in enumerate(points) if not chosen or i in chosen]
 
 
-def study_sweep(name: str, points, axis_label: str, axis_values) -> None:
+def study_sweep(opts: Options, name: str, points, axis_label: str, axis_values) -> None:
     outs, walls = [], []
-    for p in _selected(points):
-        out, wall = synthetic_point(p)
+    for p in _selected(opts, points):
+        out, wall = synthetic_point(opts, p)
         outs.append(out)
         walls.append(wall)
-    values = [axis_values(p) for p in _selected(points)]
+    values = [axis_values(p) for p in _selected(opts, points)]
     labels = list(outs[0]["runs"])
     modalities = outs[0]["modalities"]
     types = sorted({t for o in outs for t in o["summary"][labels[0]].get("by_sample_type", {})}, key=int)
@@ -245,8 +249,8 @@ def study_sweep(name: str, points, axis_label: str, axis_values) -> None:
     lines += ["", "Chosen options per point (validation):"]
     for v, o in zip(values, outs, strict=True):
         lines += ["", f"{axis_label} = {v}:", "", _chosen_lines(o)]
-    _write(name, "\n".join(lines))
-    _sweep_chart(outs, values, axis_label, type_names, os.path.join(FLAGS.out, f"{name}.png"))
+    _write(opts, name, "\n".join(lines))
+    _sweep_chart(outs, values, axis_label, type_names, os.path.join(opts.out, f"{name}.png"))
 
 
 def _versus_best(out: dict) -> str:
@@ -306,27 +310,27 @@ def mfeat_settings(tune_views=()) -> list[tuple[str, ...]]:
     return [tuple(tune_views) if set(v) == set(tune_views) else v for v in sets]
 
 
-def study_mfeat() -> None:
+def study_mfeat(opts: Options) -> None:
     """Every method tuned once, on the mfeat config's own view pair (validation), then reported with
     those options on every view set (the cut that makes 18 view sets fit this machine's budget)."""
     from mcr_jax.data.mfeat import parse_views
 
-    tune_views = parse_views(FLAGS.mfeat_config.data.views)
-    settings = _selected(mfeat_settings(tune_views))
+    tune_views = parse_views(opts.mfeat_config.data.views)
+    settings = _selected(opts, mfeat_settings(tune_views))
 
     def config_for(views):
-        c = ml_collections.ConfigDict(FLAGS.mfeat_config.to_dict())
+        c = ml_collections.ConfigDict(opts.mfeat_config.to_dict())
         c.data.views = tuple(views)
         return c
 
-    tuned, tune_wall = _study(config_for(tune_views), os.path.join(FLAGS.workdir, "mfeat", "_".join(tune_views)))
+    tuned, tune_wall = _study(opts, config_for(tune_views), os.path.join(opts.workdir, "mfeat", "_".join(tune_views)))
     fixed = {k: v for k, v in tuned["chosen"].items() if not k.startswith("unimodal")}
     outs, walls = [], []
     for views in settings:
         if tuple(views) == tune_views:
             out, wall = tuned, tune_wall
         else:
-            out, wall = _study(config_for(views), os.path.join(FLAGS.workdir, "mfeat", "_".join(views)), fixed)
+            out, wall = _study(opts, config_for(views), os.path.join(opts.workdir, "mfeat", "_".join(views)), fixed)
         outs.append(out)
         walls.append(wall)
     labels = [k for k in outs[0]["runs"] if not k.startswith("unimodal")]
@@ -357,9 +361,9 @@ def study_mfeat() -> None:
     lines += _wins_table(outs, labels, "view sets")
     if competition:
         lines += _wins_table([o for _, o in competition], labels, "view sets with competition")
-    _write("mfeat", "\n".join(lines))
-    _mfeat_chart(settings, outs, others, os.path.join(FLAGS.out, "mfeat.png"))
-    study.write_dynamics(tuned, os.path.join(FLAGS.out, "mfeat_dynamics.png"), per_run=False)
+    _write(opts, "mfeat", "\n".join(lines))
+    _mfeat_chart(settings, outs, others, os.path.join(opts.out, "mfeat.png"))
+    study.write_dynamics(tuned, os.path.join(opts.out, "mfeat_dynamics.png"), per_run=False)
 
 
 def _wins_table(outs, labels, where: str) -> list[str]:
@@ -407,24 +411,24 @@ def _mfeat_chart(settings, outs, labels, path) -> str:
 _TUNED: dict = {}
 
 
-def tuned_mcr_config() -> tuple[ml_collections.ConfigDict, dict]:
+def tuned_mcr_config(opts: Options) -> tuple[ml_collections.ConfigDict, dict]:
     """MCR at the options its tuning chose (validation) on the default synthetic point."""
     from mcr_jax.report import comparison_config
     from mcr_jax.seeds import with_options
 
     if "mcr" not in _TUNED:
-        out, _ = synthetic_point(tuple(FLAGS.config.data.proportions))
+        out, _ = synthetic_point(opts, tuple(opts.config.data.proportions))
         _TUNED["mcr"] = out["chosen"]["mcr"]
     chosen = _TUNED["mcr"]
-    return with_options(comparison_config(FLAGS.config, "mcr", {}), chosen), chosen
+    return with_options(comparison_config(opts.config, "mcr", {}), chosen), chosen
 
 
-def run_variants(name: str, variants: dict, reference: str):
+def run_variants(opts: Options, name: str, variants: dict, reference: str):
     from mcr_jax.seeds import train_seeds
 
-    base, chosen = tuned_mcr_config()
-    seeds = _ints(FLAGS.variant_seeds)
-    root = os.path.join(FLAGS.workdir, name)
+    base, chosen = tuned_mcr_config(opts)
+    seeds = list(opts.variant_seeds)
+    root = os.path.join(opts.workdir, name)
 
     def run():
         return {label: train_seeds(_override(base, ov), os.path.join(root, f"variant_{i}"), seeds)["per_seed"]
@@ -473,25 +477,25 @@ def _variant_chart(runs: dict, reference: str, path: str, title: str) -> str:
     return path
 
 
-def study_variants(name: str, variants: dict, title: str, extra=None) -> None:
+def study_variants(opts: Options, name: str, variants: dict, title: str, extra=None) -> None:
     reference = next(iter(variants))
-    runs, wall, chosen, seeds = run_variants(name, variants, reference)
+    runs, wall, chosen, seeds = run_variants(opts, name, variants, reference)
     modalities = runs[reference][0]["modalities"]
     text = (f"## {title} (wall time {_minutes(wall)})\n\nEvery variant changes MCR's tuned configuration "
             f"{chosen} (chosen on validation on the default synthetic point) as its name says; test over seeds "
             f"{seeds}; differences to the first row are paired per seed, mean [95 % t-interval].\n\n"
             + _variant_table(runs, reference, modalities))
     if extra is not None:
-        text += "\n\n" + extra(runs)
-    _write(name, text)
-    _variant_chart(runs, reference, os.path.join(FLAGS.out, f"{name}.png"), title)
+        text += "\n\n" + extra(opts, runs)
+    _write(opts, name, text)
+    _variant_chart(runs, reference, os.path.join(opts.out, f"{name}.png"), title)
 
 
-def _perturbation_cost(runs) -> str:
+def _perturbation_cost(opts: Options, runs) -> str:
     """Step time of every perturbation, timed side by side on the synthetic model."""
-    from benchmarks.step_cost import build_step, model_and_batch, time_side_by_side
+    from experiments.step_cost import build_step, model_and_batch, time_side_by_side
 
-    base, _ = tuned_mcr_config()
+    base, _ = tuned_mcr_config(opts)
     info, model, batch = model_and_batch("mlp", int(base.train.batch_size))
     steps = {}
     for label, ov in PERTURBATIONS.items():
@@ -503,18 +507,19 @@ def _perturbation_cost(runs) -> str:
     ref = times[next(iter(PERTURBATIONS))]
     lines = [f"Cost: one training step of the synthetic model (batch {batch['label'].shape[0]}, "
              f"S = {int(base.method.num_permutations)}), compiled, medians of 7 interleaved rounds of 20 steps "
-             "in one process (benchmarks.step_cost):", "", "| variant | step ms | × permute latent |", "|---|---|---|"]
+             "in one process (experiments/step_cost.py):", "",
+             "| variant | step ms | × permute latent |", "|---|---|---|"]
     for label, t in times.items():
         lines.append(f"| {label} | {1e3 * t:.2f} | {t / ref:.2f} |")
     return "\n".join(lines)
 
 
-def study_sensitivity() -> None:
+def study_sensitivity(opts: Options) -> None:
     from mcr_jax.seeds import train_grid
 
-    base, chosen = tuned_mcr_config()
-    seeds = _ints(FLAGS.eval_seeds)
-    root = os.path.join(FLAGS.workdir, "sensitivity")
+    base, chosen = tuned_mcr_config(opts)
+    seeds = list(opts.eval_seeds)
+    root = os.path.join(opts.workdir, "sensitivity")
     os.makedirs(root, exist_ok=True)
 
     def run():
@@ -539,8 +544,8 @@ def study_sensitivity() -> None:
             mipd = [f"{100 * np.mean([r['test']['mipd'][m] for r in rs]):.2f}" for m in modalities]
             lines.append(f"| {v} | {_ci_abs(val)} | {_ci_abs(test)} | {100 * np.mean(u2):.1f} | "
                          + " | ".join(mipd) + " |")
-    _write("sensitivity", "\n".join(lines))
-    _sensitivity_chart(runs, os.path.join(FLAGS.out, "sensitivity.png"))
+    _write(opts, "sensitivity", "\n".join(lines))
+    _sensitivity_chart(runs, os.path.join(opts.out, "sensitivity.png"))
 
 
 def _sensitivity_chart(runs, path) -> str:
@@ -567,6 +572,48 @@ def _sensitivity_chart(runs, path) -> str:
     return path
 
 
+def _diagnosis(opts: Options) -> None:
+    from experiments.diagnose import study_diagnosis
+
+    study_diagnosis(opts, functools.partial(tuned_mcr_config, opts), functools.partial(_write, opts),
+                    list(dict.fromkeys(RATIO_SWEEP + U2_SWEEP)))
+
+
+#: every study, by name (``--study`` picks some; ``all`` runs them in this order)
+STUDIES: dict[str, Callable[[Options], None]] = {
+    "synthetic": study_synthetic,
+    "sweep_ratio": lambda opts: study_sweep(opts, "sweep_ratio", RATIO_SWEEP, "u1 : shared",
+                                            lambda p: round(p[1] / p[0], 2)),
+    "sweep_u2": lambda opts: study_sweep(opts, "sweep_u2", U2_SWEEP, "u2", lambda p: p[2]),
+    "mfeat": study_mfeat,
+    "ablation": lambda opts: study_variants(opts, "ablation", ABLATIONS, "Game strategy and loss-term ablation"),
+    "game": lambda opts: study_variants(opts, "game", GAME, "The game strategies at λ_M = 0.1 and 1"),
+    "perturbation": lambda opts: study_variants(opts, "perturbation", PERTURBATIONS, "Perturbation ablation",
+                                             extra=_perturbation_cost),
+    "perturbation_ref": lambda opts: study_variants(opts, "perturbation_ref", PERTURBATIONS_REF,
+                                                 "Perturbation ablation at λ_M = 0.1"),
+    "balanced": lambda opts: study_variants(opts, "balanced", BALANCED, "λ_M when the two modalities are equally easy"),
+    "sensitivity": study_sensitivity,
+    "diagnosis": _diagnosis,
+}
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "experiments/configs/synthetic.py", "Synthetic base config.",
+                                lock_config=False)
+config_flags.DEFINE_config_file("mfeat_config", "experiments/configs/mfeat.py", "mfeat base config.",
+                                lock_config=False)
+flags.DEFINE_string("study", "synthetic", f"Comma-separated studies: {', '.join(STUDIES)}, or all.")
+flags.DEFINE_string("workdir", "runs/repro", "Where the runs go.")
+flags.DEFINE_string("out", "docs/reproduction", "Where the tables (.md) and figures (.png) go.")
+flags.DEFINE_string("methods", ",".join(DEFAULT_METHODS), "Methods of the tuned studies.")
+flags.DEFINE_integer("budget", 4, "Configurations per method (the same for every method with hyperparameters).")
+flags.DEFINE_string("tune_seeds", "0,1,2", "Seeds for choosing configurations (validation).")
+flags.DEFINE_string("eval_seeds", "0,1,2,3,4", "Seeds the chosen configuration is reported on (test).")
+flags.DEFINE_string("variant_seeds", "0,1,2,3,4,5,6,7,8,9", "Seeds of the MCR variant studies.")
+flags.DEFINE_string("settings", "", "Restrict a sweep / mfeat study to these setting indices (e.g. 0,1).")
+
+
+
 def main(argv):
     del argv
     from absl import logging
@@ -575,36 +622,14 @@ def main(argv):
 
     logging.set_verbosity(logging.WARNING)
     enable_compilation_cache()
-    os.makedirs(FLAGS.out, exist_ok=True)
-    names = STUDIES if FLAGS.study == "all" else [s.strip() for s in FLAGS.study.split(",") if s.strip()]
+    names = list(STUDIES) if FLAGS.study == "all" else [s.strip() for s in FLAGS.study.split(",") if s.strip()]
     unknown = sorted(set(names) - set(STUDIES))
     if unknown:
         raise app.UsageError(f"unknown studies {unknown}; choose from {list(STUDIES)} or all.")
+    options = Options.from_flags(FLAGS)
+    os.makedirs(options.out, exist_ok=True)
     for name in names:
-        if name == "synthetic":
-            study_synthetic()
-        elif name == "sweep_ratio":
-            study_sweep(name, RATIO_SWEEP, "u1 : shared", lambda p: round(p[1] / p[0], 2))
-        elif name == "sweep_u2":
-            study_sweep(name, U2_SWEEP, "u2", lambda p: p[2])
-        elif name == "mfeat":
-            study_mfeat()
-        elif name == "ablation":
-            study_variants(name, ABLATIONS, "Game strategy and loss-term ablation")
-        elif name == "game":
-            study_variants(name, GAME, "The game strategies at λ_M = 0.1 and 1")
-        elif name == "perturbation":
-            study_variants(name, PERTURBATIONS, "Perturbation ablation", extra=_perturbation_cost)
-        elif name == "perturbation_ref":
-            study_variants(name, PERTURBATIONS_REF, "Perturbation ablation at λ_M = 0.1")
-        elif name == "balanced":
-            study_variants(name, BALANCED, "λ_M when the two modalities are equally easy")
-        elif name == "sensitivity":
-            study_sensitivity()
-        elif name == "diagnosis":
-            from experiments.diagnose import study_diagnosis
-
-            study_diagnosis(FLAGS, tuned_mcr_config, _write, list(dict.fromkeys(RATIO_SWEEP + U2_SWEEP)))
+        STUDIES[name](options)
 
 
 if __name__ == "__main__":

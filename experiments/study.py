@@ -14,7 +14,7 @@ import os
 
 from absl import app, flags
 
-from experiments.flags import FLAGS, define_common_flags, int_list, start
+from experiments.flags import FLAGS, define_common_flags, int_list, parse_flags, start
 from mcr_jax.report import DEFAULT_METHODS, TABLE_STATISTICS, format_table
 from mcr_jax.study import format_paired, paired_chart, run_study
 
@@ -46,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
