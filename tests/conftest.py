@@ -16,3 +16,12 @@ import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+# One persistent compilation cache per test session, shared by its xdist workers: the many smoke runs
+# compile the same programs, and an identical program is then compiled once. A fresh folder per
+# session (xdist's run id; the process id without xdist), so nothing carries over between sessions.
+if os.environ.get("MCR_JAX_TEST_COMPILATION_CACHE", "1") != "0":
+    _run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+    jax.config.update("jax_compilation_cache_dir", os.path.join("/tmp", "mcr_jax_test_xla_cache", _run))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+

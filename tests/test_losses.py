@@ -2,6 +2,7 @@
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -460,7 +461,7 @@ def test_jit_equals_no_jit():
         (lambda k: losses.sample_permutations(k, 4, 6), (jax.random.key(0),)),
     ]
     for fn, args in cases:
-        np.testing.assert_allclose(jax.jit(fn)(*args), fn(*args), rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(jax.jit(fn)(*args), fn(*args), rtol=1e-5, atol=1e-6)
 
 
 def test_vmap_equals_loop():
@@ -483,10 +484,10 @@ def test_vmap_equals_loop():
         batched = jax.vmap(fn)(*args)
         one = jax.jit(fn)
         looped = jnp.stack([one(*(a[i] for a in args)) for i in range(n)])
-        np.testing.assert_allclose(batched, looped, rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(batched, looped, rtol=1e-5, atol=1e-6)
     keys = jax.random.split(jax.random.key(0), n)
     batched_perms = jax.vmap(lambda k: losses.sample_permutations(k, 2, batch))(keys)
-    np.testing.assert_array_equal(batched_perms, jnp.stack([losses.sample_permutations(k, 2, batch) for k in keys]))
+    chex.assert_trees_all_equal(batched_perms, jnp.stack([losses.sample_permutations(k, 2, batch) for k in keys]))
 
 
 def test_top_level_exports():

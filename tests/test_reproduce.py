@@ -1,6 +1,7 @@
 """The reproduction driver (experiments.reproduce) end to end on smoke configs: its tables are the
 numbers of the runs it made, its variants change exactly one thing of MCR's tuned configuration."""
 
+import fcntl
 import json
 import os
 import re
@@ -14,15 +15,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def repro(tmp_path_factory):
-    work, out = tmp_path_factory.mktemp("work"), tmp_path_factory.mktemp("out")
-    subprocess.run([sys.executable, "-m", "experiments.reproduce", "--config=experiments/configs/synthetic.py:smoke",
-                    "--config.parallel.num_devices=1", "--mfeat_config=experiments/configs/mfeat.py:smoke",
-                    "--mfeat_config.parallel.num_devices=1", "--mfeat_config.data.views=fou,fac",
-                    "--methods=unimodal,ensemble,joint,mcr", "--budget=2",
-                    "--tune_seeds=0,1", "--eval_seeds=0,1,2,3,4", "--variant_seeds=0,1,2",
-                    "--study=synthetic,sweep_u2,mfeat,ablation", "--settings=0,1", f"--workdir={work}", f"--out={out}"],
-                   cwd=ROOT, check=True, capture_output=True, text=True)
+def repro(tmp_path_factory, worker_id):
+    """One reproduction run per test session, shared by the xdist workers (the first to get here runs
+    it under a lock; the others wait for it and read the same files; the tests only read)."""
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent  # the session's folder above every worker's own
+    work, out, done = root / "repro_work", root / "repro_out", root / "repro_done"
+    with open(root / "repro.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            subprocess.run([sys.executable, "-m", "experiments.reproduce",
+                            "--config=experiments/configs/synthetic.py:smoke", "--config.parallel.num_devices=1",
+                            "--mfeat_config=experiments/configs/mfeat.py:smoke",
+                            "--mfeat_config.parallel.num_devices=1", "--mfeat_config.data.views=fou,fac",
+                            "--methods=unimodal,ensemble,joint,mcr", "--budget=2",
+                            "--tune_seeds=0,1", "--eval_seeds=0,1,2,3,4", "--variant_seeds=0,1,2",
+                            "--study=synthetic,sweep_u2,mfeat,ablation", "--settings=0,1", f"--workdir={work}",
+                            f"--out={out}"], cwd=ROOT, check=True, capture_output=True, text=True)
+            done.write_text("ok")
     return work, out
 
 
