@@ -23,6 +23,22 @@ def test_method_name_flag_becomes_the_config_argument():
     assert method_into_config_arg(["main", "--config=a.py"]) == ["main", "--config=a.py"]
 
 
+def test_importing_an_entry_point_leaves_argv_alone_and_parse_flags_routes_the_method():
+    # A fresh interpreter: the entry point defines its flags on import (once per process).
+    code = ("import sys, json\n"
+            "argv = ['main', '--config', 'experiments/configs/synthetic.py:smoke', "
+            "'--config.method.name', 'ogm_ge', '--config.method.alpha=0.3', '--workdir=w', 'extra']\n"
+            "sys.argv = list(argv)\n"
+            "import experiments.main\n"
+            "from experiments.flags import FLAGS, parse_flags\n"
+            "assert sys.argv == argv, sys.argv\n"
+            "rest = parse_flags(argv)\n"
+            "print(json.dumps([rest, FLAGS.config.method.name, FLAGS.config.method.alpha, FLAGS.workdir]))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [["main", "extra"], "ogm_ge", 0.3, "w"]
+
+
 @pytest.mark.parametrize("name", sorted(set(METHODS) - {"uni_pre", "unimodal"}))
 def test_every_method_gets_its_own_section_and_accepts_it(name):
     cfg = synthetic.get_config(f"smoke,method={name}")
