@@ -1,4 +1,4 @@
-r"""The competition game: how the modalities' MIPD gradients are combined (SPEC.md §4).
+r"""The competition game: how the modalities' MIPD gradients are combined.
 
 Players are the modalities. Player ``m`` owns its encoder (and, for separable fusions such as
 linear late fusion, its own fusion branch ``W_m``). With :math:`k \in \{-1, 0, +1\}` and weight

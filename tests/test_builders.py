@@ -55,6 +55,11 @@ def test_incomplete_manual_dir_names_what_is_missing(name, tmp_path):
     assert str(tmp_path / "raw") in str(err.value)
 
 
+def test_a_name_instead_of_a_builder_class_is_a_clear_error(tmp_path):
+    with pytest.raises(TypeError, match="get_builder_class"):
+        load_tfds_dataset("cremad", data_dir=tmp_path)
+
+
 def test_not_built_and_no_manual_dir(tmp_path):
     with pytest.raises(ManualDirError, match="manual_dir") as err:
         load_tfds_dataset(CremaD, data_dir=tmp_path)

@@ -137,7 +137,8 @@ def _sgdr_by_iteration(t, base, t0, mult, min_lr=0.0):
 
 
 def test_reference_schedule_runs_sgdr_on_the_global_step():
-    """SPEC §7: constant for 780 steps, then SGDR (T0 4, Tmult 2) at the *global* step: no clock reset."""
+    """The reference schedule: constant for 780 steps, then SGDR (T0 4, Tmult 2) at the *global* step;
+    no clock reset."""
     import ml_collections
 
     from mcr_jax.optim import make_schedule

@@ -176,7 +176,7 @@ def test_comparison_with_ensemble_and_frozen_uni_pre(tmp_path):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_mipd_is_larger_for_the_modality_with_unique_information(seed, tmp_path):
-    """SPEC §10: once trained, the modality that carries unique label information has the larger
+    """The MIPD diagnostic: once trained, the modality that carries unique label information has the larger
     MIPD. Here x1 carries the label for every sample, x2 only for the shared 40 %."""
     cfg = synthetic.get_config("smoke")
     cfg.seed = seed

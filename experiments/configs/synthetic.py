@@ -1,4 +1,4 @@
-"""The synthetic benchmark of SPEC.md §9 (the README's default): 2 modalities, MLP encoders,
+"""The synthetic benchmark of docs/data.md (the README's default): 2 modalities, MLP encoders,
 linear late fusion. ``--config experiments/configs/synthetic.py:smoke`` runs in seconds."""
 
 from experiments.configs.base import base_config, set_mcr, switches

@@ -1,4 +1,4 @@
-"""The synthetic unique/shared benchmark of SPEC.md §9 (paper §4.1), in plain numpy.
+"""The synthetic unique/shared benchmark (paper §4.1; docs/data.md), in plain numpy.
 
 Generative process for ``M`` modalities and ``C`` classes (all from one seed):
 

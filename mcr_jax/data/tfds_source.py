@@ -77,6 +77,10 @@ def load_tfds_dataset(
       sources: ``{split: random-access source}`` (``len``, ``source[i]`` → example dict).
       info: see :func:`dataset_info`.
     """
+    if not (isinstance(builder_cls, type) and issubclass(builder_cls, ManualBuilder)):
+        raise TypeError(f"load_tfds_dataset takes a builder class (a ManualBuilder subclass, e.g. "
+                        f"mcr_jax.data.builders.CremaD), got {builder_cls!r}; by registered name: "
+                        "mcr_jax.data.dataset.get_builder_class(name).")
     cls = builder_cls
     data_dir = os.path.expanduser(os.fspath(data_dir))
     manual_dir = None if manual_dir is None else os.path.expanduser(os.fspath(manual_dir))

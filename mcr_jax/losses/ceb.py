@@ -1,7 +1,7 @@
 r"""The irrelevant-information term: a conditional entropy bottleneck (CEB) penalty.
 
 A decoder :math:`h` maps the class information to the concatenated latents; the penalty is their
-mean squared error (SPEC.md §6):
+mean squared error:
 
 .. math:: L_{CEB} = \frac{1}{B \sum_m D_m}\sum_b \big\| [z_1, \dots, z_M]_b - h(c_b) \big\|^2
 
@@ -101,6 +101,6 @@ def ceb_term(
     num_classes: int | None = None,
     mask: jax.Array | None = None,
 ) -> jax.Array:
-    """``ceb_loss(latents, decoder(ceb_condition(...)))`` in one call (SPEC.md §6)."""
+    """``ceb_loss(latents, decoder(ceb_condition(...)))`` in one call."""
     cond = ceb_condition(condition=condition, fused_logits=fused_logits, labels=labels, num_classes=num_classes)
     return ceb_loss(latents, decoder(cond), mask=mask)

@@ -1,6 +1,6 @@
 r"""The shared-information term: supervised contrastive losses over the modalities' latents.
 
-Two forms (SPEC.md §5):
+Two forms:
 
 ``supervised_ntxent`` (the reference code's form, default). Rows
 :math:`u = [\hat z_1; \dots; \hat z_M]` (``M·B`` rows, :math:`\hat z = z / \|z\|`, no projection

@@ -2,7 +2,7 @@ r"""The unique-information term: MIPD estimated by perturbing one modality's lat
 
 For modality :math:`m` the Mutual Information Perturbation Difference is lower-bounded through the
 divergence between the clean prediction and the prediction with :math:`z_m` replaced by a sample
-from its marginal (SPEC.md §3; Kontras et al. 2025, §3.2):
+from its marginal (Kontras et al. 2025, §3.2):
 
 .. math::
    D_m = \mathbb{E}_{\sigma}\Big[\tfrac{1}{B}\sum_b
@@ -336,7 +336,7 @@ def mipd_divergences(
     mask: jax.Array | None = None,
     check_permutations: bool | None = None,
 ) -> jax.Array:
-    r"""Per-modality divergence :math:`D_m` between clean and perturbed predictions (SPEC.md §3).
+    r"""Per-modality divergence :math:`D_m` between clean and perturbed predictions.
 
     For each modality ``m`` the fusion head runs once on ``S·B`` stacked rows: the perturbed
     latent of ``m`` and the other modalities' latents tiled ``S`` times. The result is averaged
@@ -494,7 +494,7 @@ def divergences_of_copies(
     stop_perturbed: bool = False,
     mask: jax.Array | None = None,
 ) -> jax.Array:
-    r"""The core of SPEC §3: ``D_m = mean over S·B rows of div(p(y | x), p(y | x with z_m → copy))``.
+    r"""The core of the MIPD term: ``D_m = mean over S·B rows of div(p(y | x), p(y | x with z_m → copy))``.
 
     For each modality ``m`` the fusion head runs once on ``S·B`` stacked rows: ``copies[m]``
     (``[S, B, ...]``) in place of ``z_m`` and every other latent tiled ``S`` times (through

@@ -18,7 +18,7 @@ METHODS: dict[str, type[Method] | str] = {
     "unimodal": Unimodal,
     "uni_pre": UniPre,
     "mcr": MCR,
-    # The baselines of SPEC.md §8, imported when first used ("module:Class").
+    # The baselines, imported when first used ("module:Class").
     "ogm_ge": "mcr_jax.methods.ogm_ge:OGMGE",
     "agm": "mcr_jax.methods.agm:AGM",
     "mlb": "mcr_jax.methods.mlb:MLB",

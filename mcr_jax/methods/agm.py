@@ -1,4 +1,4 @@
-r"""AGM: adaptive gradient modulation from zero-input counterfactuals (SPEC.md §8).
+r"""AGM: adaptive gradient modulation from zero-input counterfactuals.
 
 Li, Li, Hu, Lei, Li, Zhou, *Boosting Multi-modal Model Performance with Adaptive Gradient
 Modulation*, ICCV 2023. The loss is the joint (fused) task loss; the gradient that reaches each

@@ -1,4 +1,4 @@
-"""Ensemble of separately trained unimodal models (SPEC.md §8).
+"""Ensemble of separately trained unimodal models.
 
 No training of its own: the trainer trains one unimodal run per modality (or reuses finished
 ones) and combines their predictions with :func:`combine_logits`.

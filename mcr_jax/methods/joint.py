@@ -1,4 +1,4 @@
-"""Joint training: the fused head's task loss only (SPEC.md §8, "Joint training")."""
+"""Joint training: the fused head's task loss only."""
 
 from mcr_jax.methods.base import Method
 

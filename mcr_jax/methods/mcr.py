@@ -1,4 +1,4 @@
-r"""MCR: the Multimodal Competition Regularizer (SPEC.md §3–§7).
+r"""MCR: the Multimodal Competition Regularizer.
 
 .. math::
    L = \mathrm{CE}(\ell, y) + \lambda_{uni}\sum_m \mathrm{CE}(u_m, y) + \lambda_{Con} L_{Con}

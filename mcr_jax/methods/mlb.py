@@ -1,4 +1,4 @@
-r"""MLB: multi-loss training with balancing gradient coefficients (SPEC.md §8).
+r"""MLB: multi-loss training with balancing gradient coefficients.
 
 Kontras, Chatzichristos, Blaschko, De Vos, *Improving Multimodal Learning with Multi-Loss Gradient
 Modulation*, BMVC 2024 (and *Self-Balancing Multimodal Models via Multi-Loss Gradient Modulation*,

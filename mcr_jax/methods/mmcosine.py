@@ -1,4 +1,4 @@
-r"""MMCosine: modality-wise cosine logits (SPEC.md §8).
+r"""MMCosine: modality-wise cosine logits.
 
 Xu, Feng, Zhang, Hu, *MMCosine: Multi-Modal Cosine Loss Towards Balanced Audio-Visual Fine-Grained
 Learning*, ICASSP 2023 (arXiv 2303.05338). Each modality's branch of the linear late fusion head

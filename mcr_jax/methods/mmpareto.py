@@ -1,4 +1,4 @@
-r"""MMPareto: Pareto integration of the fused and unimodal gradients (SPEC.md §8).
+r"""MMPareto: Pareto integration of the fused and unimodal gradients.
 
 Wei & Hu, *MMPareto: Boosting Multimodal Learning with Innocent Unimodal Assistance*, ICML 2024
 (arXiv 2405.17730). The loss is the multi-loss :math:`L = L_{mm} + \sum_m L_m` (fused task loss plus

@@ -1,4 +1,4 @@
-r"""MSLR: modality-specific learning rates adapted from unimodal validation accuracy (SPEC.md §8).
+r"""MSLR: modality-specific learning rates adapted from unimodal validation accuracy.
 
 Yao & Mihalcea, *Modality-specific Learning Rates for Effective Multimodal Additive Late-fusion*,
 Findings of ACL 2022 (no code released with the paper that we could find). The rule follows the

@@ -1,4 +1,4 @@
-r"""OGM-GE: on-the-fly gradient modulation with generalisation enhancement (SPEC.md §8).
+r"""OGM-GE: on-the-fly gradient modulation with generalisation enhancement.
 
 Peng, Wei, Deng, Wang, Hu, *Balanced Multimodal Learning via On-the-fly Gradient Modulation*,
 CVPR 2022. The loss is the joint (fused) cross-entropy; only the gradients are edited.

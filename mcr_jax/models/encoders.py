@@ -1,4 +1,4 @@
-"""Per-modality encoders f_m(x_m; θ_m) → z_m ∈ R^{D_m} (SPEC.md §1) and their factory.
+"""Per-modality encoders f_m(x_m; θ_m) → z_m ∈ R^{D_m} and their factory.
 
 Every encoder is an ``nnx.Module`` taking ``rngs`` as a keyword, exposes ``out_features`` (its
 latent size D), ``input_ranks`` (the input ranks it accepts, batch axis included) and

@@ -1,4 +1,4 @@
-"""Fusion heads f_c([z_1, …, z_M]) → fused logits ℓ (SPEC.md §1) and the CEB decoder (§6).
+"""Fusion heads f_c([z_1, …, z_M]) → fused logits ℓ and the CEB decoder.
 
 Every fusion head is built from the ordered modality names, their latent sizes ``D_m`` and the
 number of outputs ``C``, and maps ``latents: dict[name, [..., D_m]]`` → ``[..., C]``. Leading axes
@@ -314,7 +314,7 @@ class TransformerFusion(FusionHead):
 
 
 class CEBDecoder(nnx.Module):
-    """CEB decoder h (SPEC.md §6): Linear(C→D, no bias) → ReLU → Linear(D→ΣD_m, no bias).
+    """CEB decoder h: Linear(C→D, no bias) → ReLU → Linear(D→ΣD_m, no bias).
 
     Maps class information ``[..., C]`` (stop-gradient fused logits, or one-hot labels) to a
     reconstruction of the concatenated latents ``[..., total_dim]``.

@@ -1,4 +1,4 @@
-"""Slow, obvious float64 NumPy versions of every formula in SPEC.md, for the tests to compare with."""
+"""Slow, obvious float64 NumPy versions of every formula the library implements, for the tests to compare with."""
 
 from __future__ import annotations
 
