@@ -8,15 +8,15 @@ Runs resume: re-running the command skips finished runs and resumes interrupted 
 
 import os
 
-from absl import app, flags
+from absl import flags
 
-from experiments.flags import FLAGS, define_common_flags, int_list, parse_flags, start
+from experiments.flags import FLAGS, define_common_flags, define_int_list, int_list, run, start
 from mcr_jax.report import DEFAULT_METHODS, TABLE_STATISTICS, bar_chart, format_table
 from mcr_jax.study import run_comparison
 
 define_common_flags("Directory for every run, results.json, table.md and the chart.")
 flags.DEFINE_string("methods", ",".join(DEFAULT_METHODS), "Comma-separated methods.")
-flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
+define_int_list("seeds", "0,1,2", "Comma-separated seeds.")
 
 
 def main(argv):
@@ -37,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    run(main)

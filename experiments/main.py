@@ -7,14 +7,13 @@
 interrupted run from its last finished epoch (or returns a finished run's results).
 """
 
-from absl import app, flags
 
-from experiments.flags import FLAGS, define_common_flags, int_list, parse_flags, start
+from experiments.flags import FLAGS, define_common_flags, define_int_list, int_list, run, start
 from mcr_jax.seeds import train_seeds
 from mcr_jax.train import train_and_evaluate
 
 define_common_flags("Where checkpoints, metrics.jsonl and results.json go.")
-flags.DEFINE_string("seeds", "", "Comma-separated seeds, trained as one vectorised program where possible; each "
+define_int_list("seeds", "", "Comma-separated seeds, trained as one vectorised program where possible; each "
                     "seed's results in <workdir>/seed_<s>, mean ± std in <workdir>/summary.json.")
 
 
@@ -34,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    run(main)

@@ -36,6 +36,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments.diagnose import group_accuracy
+from experiments.flags import define_int_list, int_list, run
 from mcr_jax import guards, metrics, study
 from mcr_jax.report import DEFAULT_METHODS, TABLE_STATISTICS, format_table
 
@@ -94,12 +95,8 @@ class Options:
     def from_flags(cls, f) -> Options:
         return cls(config=f.config, mfeat_config=f.mfeat_config, workdir=f.workdir, out=f.out,
                    methods=tuple(m.strip() for m in f.methods.split(",") if m.strip()), budget=int(f.budget),
-                   tune_seeds=tuple(_ints(f.tune_seeds)), eval_seeds=tuple(_ints(f.eval_seeds)),
-                   variant_seeds=tuple(_ints(f.variant_seeds)), settings=tuple(_ints(f.settings)))
-
-
-def _ints(text: str) -> list[int]:
-    return [int(s) for s in text.split(",") if s.strip()]
+                   tune_seeds=tuple(int_list(f.tune_seeds)), eval_seeds=tuple(int_list(f.eval_seeds)),
+                   variant_seeds=tuple(int_list(f.variant_seeds)), settings=tuple(int_list(f.settings)))
 
 
 def _tag(proportions) -> str:
@@ -607,10 +604,10 @@ flags.DEFINE_string("workdir", "runs/repro", "Where the runs go.")
 flags.DEFINE_string("out", "docs/reproduction", "Where the tables (.md) and figures (.png) go.")
 flags.DEFINE_string("methods", ",".join(DEFAULT_METHODS), "Methods of the tuned studies.")
 flags.DEFINE_integer("budget", 4, "Configurations per method (the same for every method with hyperparameters).")
-flags.DEFINE_string("tune_seeds", "0,1,2", "Seeds for choosing configurations (validation).")
-flags.DEFINE_string("eval_seeds", "0,1,2,3,4", "Seeds the chosen configuration is reported on (test).")
-flags.DEFINE_string("variant_seeds", "0,1,2,3,4,5,6,7,8,9", "Seeds of the MCR variant studies.")
-flags.DEFINE_string("settings", "", "Restrict a sweep / mfeat study to these setting indices (e.g. 0,1).")
+define_int_list("tune_seeds", "0,1,2", "Seeds for choosing configurations (validation).")
+define_int_list("eval_seeds", "0,1,2,3,4", "Seeds the chosen configuration is reported on (test).")
+define_int_list("variant_seeds", "0,1,2,3,4,5,6,7,8,9", "Seeds of the MCR variant studies.")
+define_int_list("settings", "", "Restrict a sweep / mfeat study to these setting indices (e.g. 0,1).")
 
 
 
@@ -633,4 +630,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

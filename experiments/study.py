@@ -12,17 +12,17 @@ finished runs.
 
 import os
 
-from absl import app, flags
+from absl import flags
 
-from experiments.flags import FLAGS, define_common_flags, int_list, parse_flags, start
+from experiments.flags import FLAGS, define_common_flags, define_int_list, int_list, run, start
 from mcr_jax.report import DEFAULT_METHODS, TABLE_STATISTICS, format_table
 from mcr_jax.study import format_paired, paired_chart, run_study
 
 define_common_flags("Directory for every run, results.json, table.md and the chart.")
 flags.DEFINE_string("methods", ",".join(DEFAULT_METHODS), "Comma-separated methods.")
 flags.DEFINE_integer("budget", 4, "Configurations tried per method (the same for every method with hyperparameters).")
-flags.DEFINE_string("tune_seeds", "0,1,2", "Seeds the configurations are compared on (validation only).")
-flags.DEFINE_string("eval_seeds", "0,1,2,3,4", "Seeds the chosen configuration is reported on (test).")
+define_int_list("tune_seeds", "0,1,2", "Seeds the configurations are compared on (validation only).")
+define_int_list("eval_seeds", "0,1,2,3,4", "Seeds the chosen configuration is reported on (test).")
 flags.DEFINE_integer("grid_seed", 0, "Seed of the draw from a grid larger than the budget.")
 
 
@@ -46,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    run(main)

@@ -114,6 +114,9 @@ class Checkpointer:
         self.directory = os.path.join(self.workdir, "checkpoints")
         self.enabled = enabled
         self.max_to_keep = max_to_keep
+        if enabled and os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise NotADirectoryError(f"{self.directory} is a file, not a checkpoint folder; move or delete it "
+                                     "(the run then starts from scratch), or choose another --workdir.")
         self.manager = self._open()
 
     def _open(self):

@@ -8,7 +8,6 @@ modality's MIPD (how much the fused prediction moves when its latent is permuted
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -19,12 +18,9 @@ from mcr_jax import guards
 
 
 def read_history(run_dir: str) -> list[dict]:
-    """The per-epoch records of a finished or running run (``[]`` when it has none yet)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The per-epoch records of a finished or running run (``[]`` when it has none yet); a damaged
+    ``metrics.jsonl`` is a ValueError naming the file and the line."""
+    return guards.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
 
 
 def curves(history: Sequence[Mapping], modalities: Sequence[str], *, metric: str = "accuracy") -> dict:

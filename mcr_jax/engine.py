@@ -86,9 +86,22 @@ def _unusable_npz(path: str) -> str | None:
     return None
 
 
+def _complete(res) -> bool:
+    """Whether a stored results object has what its readers take from it: the config and, for
+    validation and test, the fused head's metrics."""
+    if not isinstance(res, dict) or not isinstance(res.get("config"), dict):
+        return False
+    for split in ("validation", "test"):
+        heads = res.get(split, {}).get("heads") if isinstance(res.get(split), dict) else None
+        if not isinstance(heads, dict) or not isinstance(heads.get("fused"), dict):
+            return False
+    return True
+
+
 def finished(workdir: str, config, *, artifacts: bool = True) -> dict | None:
     """The stored results of a finished run in ``workdir``, or None: not finished, or unusable — its
-    results file damaged or incomplete, or (``artifacts``) a file that a later run reads from it
+    results file damaged or incomplete, its ``metrics.jsonl`` damaged, or (``artifacts``) a file that a
+    later run reads from it
     (``predictions.npz``; the selected weights in ``checkpoints/`` when the run checkpoints) missing
     or unreadable; an unusable run is redone, with a log line naming the file. A finished run of
     another config is refused, naming the differing keys."""
@@ -96,10 +109,16 @@ def finished(workdir: str, config, *, artifacts: bool = True) -> dict | None:
     res = guards.read_json_or_none(path, log=log)
     if res is None:
         return None
-    if not isinstance(res, dict) or not {"config", "validation", "test"} <= set(res):
+    if not _complete(res):
         log(f"{path} is incomplete (it lacks the config or the validation/test results): the run is redone.")
         return None
     guards.check_same_config(res["config"], jsonable(as_dict(config)), workdir, "a finished run")
+    history = os.path.join(workdir, "metrics.jsonl")
+    try:
+        guards.read_jsonl(history)
+    except (OSError, ValueError) as e:
+        log(f"{e} The finished run in {workdir} is redone.")
+        return None
     if artifacts:
         npz = os.path.join(workdir, "predictions.npz")
         why = _unusable_npz(npz)
@@ -140,6 +159,7 @@ class _Store:
     def __init__(self, programs: Programs, specs: list[RunSpec], state_dir: str, enabled: bool):
         self.single = len(specs) == 1
         self.what = "an interrupted run" if self.single else "an interrupted vectorised run"
+        self.saved = 0  # the newest checkpointed epoch
         self.ckpt = Checkpointer(specs[0].dir if self.single else state_dir, enabled=enabled)
         if self.single:
             self.config_json = jsonable(as_dict(specs[0].config))
@@ -150,6 +170,7 @@ class _Store:
                                                   for sp in specs}})
 
     def save(self, epoch, states, best, metas):
+        self.saved = epoch
         if self.single:
             self.ckpt.save(epoch, take(states, 0), take(best, 0), dict(metas[0], config=self.config_json))
         else:
@@ -172,6 +193,7 @@ class _Store:
         if restored is None:
             return None
         state, chosen, meta = restored
+        self.saved = int(meta["epoch"])
         if self.single:
             meta = {k: v for k, v in meta.items() if k not in ("config", "checksums", "layout")}
             meta.setdefault("steps", int(np.asarray(parallel.to_host(state.step))))
@@ -221,14 +243,10 @@ def train_runs(specs: list[RunSpec], *, state_dir: str | None = None, data=None,
     and returns each run's results (also in ``<spec.dir>/results.json``). ``state_dir``: where K > 1
     runs checkpoint their stacked state."""
     programs = programs if programs is not None else Programs(specs, data=data, mesh=mesh)
-    config, method, info, k = programs.config, programs.method, programs.info, programs.k
-    tc = config.train
-    epochs, patience = int(tc.num_epochs), int(tc.patience or 0)
-    earliest_stop = int(method.earliest_stop_epoch())
+    config, info, k = programs.config, programs.info, programs.k
     select = selection_metric(config, info.task)
-    headline = get_task(info.task).headline
     every = checkpoint_every(config, programs)
-    store = _Store(programs, specs, state_dir or specs[0].dir, bool(tc.checkpoint))
+    store = _Store(programs, specs, state_dir or specs[0].dir, bool(config.train.checkpoint))
     states = programs.states
     best = host_copy({"params": states.params, "rest": states.rest})
     metas = [_fresh_meta() for _ in specs]
@@ -236,11 +254,34 @@ def train_runs(specs: list[RunSpec], *, state_dir: str | None = None, data=None,
     if restored is not None:
         states, best, metas = restored
         states = parallel.replicate(states, programs.mesh)
+        for sp, m in zip(specs, metas, strict=True):  # the records up to the checkpoint (a damaged or longer
+            write_history(sp.dir, m["history"])        # metrics.jsonl is rewritten from the checkpoint's)
         where = specs[0].dir if k == 1 else f"{store.ckpt.workdir} (seeds {[sp.seed for sp in specs]})"
         log(f"[{config.method.name}] resuming {where} after epoch {metas[0]['epoch']}"
             + (f" (step {int(np.asarray(parallel.to_host(states.step))[0])})." if k == 1 else "."))
-    weighted = method.gives_sampling_weights
     start = min(m["epoch"] for m in metas) + 1
+    try:
+        states, best, metas = _epochs(programs, specs, store, states, best, metas, start, every, select)
+    except KeyboardInterrupt:
+        where = (f"the last checkpoint holds epoch {store.saved}" if store.saved and store.ckpt.enabled
+                 else "no epoch is checkpointed yet")
+        log(f"[{config.method.name}] interrupted ({where}); rerun the same command to resume.")
+        raise
+    store.ckpt.close()
+    for sp in specs:
+        tensorboard.close(sp.dir)
+    return _finish(programs, specs, states, best, metas, select)
+
+
+def _epochs(programs: Programs, specs: list[RunSpec], store: _Store, states, best, metas, start: int, every: int,
+            select: str):
+    """The epochs ``start``… of :func:`train_runs`: returns the final ``(states, best, metas)``."""
+    config, method, info, k = programs.config, programs.method, programs.info, programs.k
+    tc = config.train
+    epochs, patience = int(tc.num_epochs), int(tc.patience or 0)
+    earliest_stop = int(method.earliest_stop_epoch())
+    headline = get_task(info.task).headline
+    weighted = method.gives_sampling_weights
     session_time = 0.0
     for epoch in range(start, epochs + 1):
         active = [i for i, m in enumerate(metas) if not m["stopped_early"]]
@@ -302,10 +343,7 @@ def train_runs(specs: list[RunSpec], *, state_dir: str | None = None, data=None,
                 + f"  {epoch_time * len(active):5.2f}s  ETA {eta:5.0f}s")
         if epoch % every == 0 or epoch == epochs or done:
             store.save(epoch, states, best, metas)
-    store.ckpt.close()
-    for sp in specs:
-        tensorboard.close(sp.dir)
-    return _finish(programs, specs, states, best, metas, select)
+    return states, best, metas
 
 
 def _finish(programs: Programs, specs: list[RunSpec], states, best, metas, select) -> list[dict]:

@@ -67,6 +67,27 @@ def read_json_or_none(path: str, log=print) -> dict | None:
     return out
 
 
+def read_jsonl(path: str) -> list[dict]:
+    """The JSON records of ``path``, one per line (``[]`` when the file is missing); a line that is not
+    a JSON object (a file truncated by a crash, or overwritten) is a ValueError naming the file and
+    the line."""
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}, line {n}: not a JSON record ({e}); the file is damaged.") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}, line {n}: not a JSON object; the file is damaged.")
+            out.append(rec)
+    return out
+
+
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (lists stay values)."""
     if isinstance(tree, dict):

@@ -149,8 +149,21 @@ def _summarize(config, workdir, seeds, per_seed) -> dict:
     for head, mets in per_seed[0]["test"]["heads"].items():
         summary["test"][head] = {k: metrics.mean_std([r["test"]["heads"][head][k] for r in per_seed]) for k in mets}
     if parallel.is_primary():
-        guards.write_json_atomic(os.path.join(workdir, "summary.json"), engine.jsonable(summary))
+        _write_summary(os.path.join(workdir, "summary.json"), engine.jsonable(summary))
     return {"per_seed": per_seed, "summary": summary}
+
+
+def _write_summary(path: str, summary: dict) -> None:
+    """Writes ``summary.json`` unless it already holds ``summary`` (a rerun of finished runs then
+    writes nothing, and works on a read-only copy); a failed write is a log line, not an error: every
+    run's own results are written already, and the summary is returned."""
+    if guards.read_json_or_none(path, log=lambda _: None) == summary:
+        return
+    try:
+        guards.write_json_atomic(path, summary)
+    except OSError as e:
+        engine.log(f"could not write {path} ({type(e).__name__}: {e}); every run's results.json is in place "
+                   "and the summary is returned, not saved.")
 
 
 __all__ = ["RunSpec", "put", "stack", "take", "train_grid", "train_seeds", "vectorizable", "with_options"]

@@ -66,3 +66,42 @@ def test_unimodal_and_a_baseline_option_from_the_command_line(tmp_path):
         key, value = extra[len("--config.method."):].split("=")
         assert method["name"] == name and str(method[key]) == value
         assert set(method) == {"name", *method_defaults(name)}
+
+
+@pytest.mark.parametrize("flag, says", [
+    ("--config.method.lambda_m=0.1", "config.method has no option 'lambda_m'. Its options: "),
+    ("--config.trian.num_epochs=2", "config has no option 'trian'. Did you mean config.train?"),
+    ("--seeds=0,a", "--seeds must be comma-separated integers"),
+])
+def test_a_bad_flag_is_a_one_line_error_before_any_work(flag, says, tmp_path):
+    cmd = [sys.executable, "-m", "experiments.main", "--config=experiments/configs/synthetic.py:smoke",
+           f"--workdir={tmp_path / 'w'}", flag]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("FATAL Flags parsing error: ") and says in lines[0], out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "w").exists()
+
+
+def test_ctrl_c_is_one_line_naming_the_checkpointed_epoch_and_exit_130(tmp_path):
+    # A fresh interpreter whose checkpoint writer raises KeyboardInterrupt (as Ctrl-C does) right
+    # after saving epoch 2; the entry point must exit 130 with no traceback.
+    code = ("import sys\n"
+            "from mcr_jax.checkpoint import Checkpointer\n"
+            "save = Checkpointer.save\n"
+            "def save_then_interrupt(self, epoch, *a, **k):\n"
+            "    save(self, epoch, *a, **k)\n"
+            "    if epoch == 2:\n"
+            "        raise KeyboardInterrupt\n"
+            "Checkpointer.save = save_then_interrupt\n"
+            "import experiments.main as m\n"
+            "from experiments.flags import run\n"
+            "sys.argv = ['main', '--config=experiments/configs/synthetic.py:smoke', '--config.train.num_epochs=4', "
+            "'--config.train.checkpoint_every=1', '--config.parallel.num_devices=1', "
+            f"'--workdir={tmp_path / 'w'}']\n"
+            "run(m.main)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 130, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert "interrupted (the last checkpoint holds epoch 2); rerun the same command to resume." in out.stdout
+    assert out.stderr.strip().splitlines()[-1].startswith("interrupted; finished epochs and runs are kept")

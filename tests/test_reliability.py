@@ -158,7 +158,8 @@ def test_a_finished_run_is_never_overwritten_by_another_method(reference, tmp_pa
     assert (tmp_path / "run" / "results.json").read_bytes() == before
 
 
-@pytest.mark.parametrize("damage", ["empty results", "no predictions", "truncated predictions", "no checkpoints"])
+@pytest.mark.parametrize("damage", ["empty results", "no test results", "truncated history", "no predictions",
+                                    "truncated predictions", "no checkpoints"])
 def test_an_unusable_finished_run_is_redone_with_a_line_naming_the_file(damage, reference, tmp_path, capsys):
     import shutil
 
@@ -168,6 +169,15 @@ def test_an_unusable_finished_run_is_redone_with_a_line_naming_the_file(damage, 
     if damage == "empty results":
         (run / "results.json").write_text("{}")
         named = "results.json is incomplete"
+    elif damage == "no test results":
+        stored = json.loads((run / "results.json").read_text())
+        del stored["test"]
+        (run / "results.json").write_text(json.dumps(stored))
+        named = "results.json is incomplete"
+    elif damage == "truncated history":
+        data = (run / "metrics.jsonl").read_bytes()
+        (run / "metrics.jsonl").write_bytes(data[: len(data) - 40])
+        named = "metrics.jsonl, line 4: not a JSON record"
     elif damage == "no predictions":
         os.remove(run / "predictions.npz")
         named = "predictions.npz is missing"
@@ -371,3 +381,49 @@ def test_selection_orientation_of_lower_is_better_metrics():
     assert engine.selection_value(val, "corr", "regression") == 0.8
     assert engine.selection_value(val, "ece", "classification") == -0.1
     assert engine.selection_value(val, "loss", "regression") == -0.5
+
+
+def test_a_damaged_history_is_an_error_naming_the_file_and_line(tmp_path):
+    from mcr_jax import dynamics
+
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2, "val": {"lo')
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a JSON record"):
+        dynamics.read_history(str(tmp_path))
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n[2]\n')
+    with pytest.raises(ValueError, match=r"line 2: not a JSON object"):
+        dynamics.read_history(str(tmp_path))
+    assert dynamics.read_history(str(tmp_path / "none")) == []
+
+
+def test_checkpoints_as_a_regular_file_is_refused_before_training(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match=r"checkpoints is a file, not a checkpoint folder; move or delete"):
+        train.train_and_evaluate(smoke_config(), str(run))
+    assert not (run / "metrics.jsonl").exists()  # refused before the first epoch
+    assert (run / "checkpoints").read_text() == "not a folder"  # and left as it was
+
+
+def test_ctrl_c_names_the_checkpointed_epoch(tmp_path, monkeypatch, capsys):
+    cfg = smoke_config()
+    cfg.train.checkpoint_every = 1
+    _interrupt_after(2, tmp_path / "run", monkeypatch, cfg)
+    assert "interrupted (the last checkpoint holds epoch 2); rerun the same command to resume." in capsys.readouterr().out
+
+
+def test_a_finished_seeds_workdir_reruns_without_writing(tmp_path, monkeypatch, capsys):
+    from mcr_jax import seeds
+
+    cfg = smoke_config()
+    cfg.train.num_epochs = 2
+    first = seeds.train_seeds(cfg, str(tmp_path), [0, 1])["summary"]
+
+    def read_only(path, *a, **k):
+        raise OSError(30, "Read-only file system", path)
+
+    monkeypatch.setattr(guards, "write_json_atomic", read_only)  # as on a read-only copy of the workdir
+    assert seeds.train_seeds(cfg, str(tmp_path), [0, 1])["summary"] == first  # identical summary: nothing written
+    os.remove(tmp_path / "summary.json")
+    assert seeds.train_seeds(cfg, str(tmp_path), [0, 1])["summary"] == first
+    assert "summary.json (OSError: [Errno 30] Read-only file system" in capsys.readouterr().out
