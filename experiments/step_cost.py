@@ -25,23 +25,34 @@ from mcr_jax.optim import make_optimizer
 from mcr_jax.state import init_state, split_model
 from mcr_jax.steps import make_train_step
 
+#: the model kinds of :func:`model_and_batch`: a small MLP pair, a reduced ResNet pair on small
+#: inputs, and the full ResNet-18 pair at CREMA-D's real input shapes (docs/data.md: a 257×188
+#: log-STFT and 3 frames of 224×224 RGB; 6 classes)
+KINDS = ("mlp", "cnn", "cremad")
 
-def model_and_batch(kind: str, batch_size: int, seed: int = 0):
+
+def model_and_batch(kind: str, batch_size: int, seed: int = 0, dtype: str = "float32"):
+    """``(info, model, batch)`` for a benchmark: ``kind`` one of :data:`KINDS`, the model computing in
+    ``dtype`` (``float32`` or ``bfloat16``), a random batch of ``batch_size`` on the device."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; choose from {KINDS}.")
     r = np.random.default_rng(seed)
     if kind == "mlp":
         info = DatasetInfo("bench_mlp", ("x1", "x2"), {"x1": (100,), "x2": (100,)}, 5)
         encoders = {m: {"kind": "mlp", "in_features": 100, "hidden": (128,), "out_dim": 64} for m in info.modalities}
         batch = {m: r.normal(size=(batch_size, 100)).astype(np.float32) for m in info.modalities}
     else:
-        info = DatasetInfo("bench_cnn", ("audio", "video"), {"audio": (128, 96), "video": (3, 64, 64, 3)}, 6)
-        widths, blocks = (32, 64, 128, 256), (2, 2, 2, 2)
+        audio, frame, widths = ((128, 96), 64, (32, 64, 128, 256)) if kind == "cnn" else ((257, 188), 224,
+                                                                                          (64, 128, 256, 512))
+        info = DatasetInfo(f"bench_{kind}", ("audio", "video"), {"audio": audio, "video": (3, frame, frame, 3)}, 6)
+        blocks = (2, 2, 2, 2)
         encoders = {"audio": {"kind": "resnet18", "in_channels": 1, "widths": widths, "blocks": blocks},
                     "video": {"kind": "resnet18", "in_channels": 3, "widths": widths, "blocks": blocks}}
-        batch = {"audio": r.normal(size=(batch_size, 128, 96)).astype(np.float32),
-                 "video": r.normal(size=(batch_size, 3, 64, 64, 3)).astype(np.float32)}
+        batch = {"audio": r.normal(size=(batch_size, *audio)).astype(np.float32),
+                 "video": r.normal(size=(batch_size, 3, frame, frame, 3)).astype(np.float32)}
     batch["label"] = r.integers(0, info.num_classes, size=batch_size).astype(np.int32)
     batch["mask"] = np.ones(batch_size, np.float32)
-    model = MultimodalModel(info.modalities, encoders, num_classes=info.num_classes, rngs=nnx.Rngs(seed))
+    model = MultimodalModel(info.modalities, encoders, num_classes=info.num_classes, dtype=dtype, rngs=nnx.Rngs(seed))
     return info, model, {k: jnp.asarray(v) for k, v in batch.items()}
 
 

@@ -81,8 +81,13 @@ def resolve_config(config) -> ml_collections.ConfigDict:
 
 
 def flat_defaults() -> dict:
-    """``{"train.patience": 10, ...}``: every section option's default, by dotted key."""
-    return {f"{s}.{k}": v for s, d in SECTIONS.items() for k, v in d.items()}
+    """``{"train.patience": 10, ...}``: every section option's default, by dotted key (and the
+    model section's common fields, :data:`mcr_jax.models.build.DEFAULTS`)."""
+    from mcr_jax.models.build import DEFAULTS as MODEL
+
+    out = {f"{s}.{k}": v for s, d in SECTIONS.items() for k, v in d.items()}
+    out.update({f"model.{k}": v for k, v in MODEL.items()})
+    return out
 
 
 __all__ = ["EVAL", "INIT", "SECTIONS", "TOP_LEVEL", "TRAIN", "flat_defaults", "resolve_config", "section_defaults"]

@@ -114,18 +114,22 @@ def config_diff(old: dict, new: dict) -> list[str]:
 #: config sections that change only what is written beside the results (not the results): a
 #: difference there, or their absence in an older run's config, never blocks a resume or a reuse
 OUTPUT_ONLY = ("log.",)
+#: options that change how fast a run goes, never its results (the batches are the same for every
+#: reader worker count and prefetch depth): not compared either, so a run can resume on a machine
+#: with another core count
+SPEED_ONLY = ("train.prefetch:", "data.worker_count:")
 
 
 def check_same_config(stored: dict, current: dict, workdir: str, what: str) -> None:
     """Raises when ``workdir`` holds a run (``what``) made with another config (keys under
-    :data:`OUTPUT_ONLY` are not compared). A section option missing from the stored config that
+    :data:`OUTPUT_ONLY` and :data:`SPEED_ONLY` are not compared). A section option missing from the stored config that
     is now at its default (an option added since that run, whose behaviour it had) is no difference."""
     from mcr_jax.config import flat_defaults
 
     defaults, old, now = flat_defaults(), flatten(stored), flatten(current)
     added = {k for k in set(now) - set(old) if k in defaults and now[k] == defaults[k]}
     diff = [line for line in config_diff(stored, current)
-            if not line.startswith(OUTPUT_ONLY) and line.split(":", 1)[0] not in added]
+            if not line.startswith(OUTPUT_ONLY + SPEED_ONLY) and line.split(":", 1)[0] not in added]
     if diff:
         raise ValueError(
             f"{workdir} holds {what} made with a different config; differing keys (stored -> now):\n  "
@@ -138,6 +142,10 @@ def validate_config(config, task: str | None = None) -> None:
     """Rejects config values that would train nothing or select wrongly, before any work is done
     (``config`` resolved by :func:`mcr_jax.config.resolve_config`)."""
     check_options(config.optim)
+    if "model" in config:
+        from mcr_jax.models.layers import compute_dtype
+
+        compute_dtype(config.model.get("dtype", "float32"))  # a ValueError naming the allowed ones
     tc = config.train
     epochs = tc.num_epochs
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:

@@ -25,7 +25,7 @@ __all__ = ["DEFAULTS", "build_model", "encoder_spec"]
 #: the ``model`` section's common fields and their defaults (the experiment configs start from
 #: these); encoder- and fusion-specific fields (``encoders``, ``widths``, ``blocks``,
 #: ``fusion_kwargs``) are optional.
-DEFAULTS = dict(hidden=(128,), latent_dim=64, dropout=0.0, fusion="linear", ceb=False)
+DEFAULTS = dict(hidden=(128,), latent_dim=64, dropout=0.0, fusion="linear", ceb=False, dtype="float32")
 
 
 def encoder_spec(modality: str, shape: tuple[int, ...], model_cfg) -> dict:
@@ -65,7 +65,9 @@ def build_model(model_cfg, info: DatasetInfo, *, seed: int) -> MultimodalModel:
 
     ``model`` fields: ``encoder`` (kind for every modality) or ``encoders.<modality>`` (full spec),
     ``latent_dim``, ``hidden`` (MLP), ``widths``/``blocks`` (ResNet), ``dropout``, ``fusion``
-    (``linear``, ``concat_mlp``, ``film``, ``gated``, ``transformer``), ``fusion_kwargs``, ``ceb``.
+    (``linear``, ``concat_mlp``, ``film``, ``gated``, ``transformer``), ``fusion_kwargs``, ``ceb``,
+    ``dtype`` (``float32`` or ``bfloat16``: the encoders' and fusion's compute dtype, see
+    :class:`MultimodalModel`).
     Parameters are drawn from ``nnx.Rngs(params=seed, dropout=seed + 1)``.
     """
     encoders = {m: encoder_spec(m, info.input_shapes[m], model_cfg) for m in info.modalities}
@@ -77,5 +79,6 @@ def build_model(model_cfg, info: DatasetInfo, *, seed: int) -> MultimodalModel:
         fusion=model_cfg.get("fusion", DEFAULTS["fusion"]),
         fusion_kwargs=dict(fusion_kwargs) if fusion_kwargs else None,
         ceb=bool(model_cfg.get("ceb", DEFAULTS["ceb"])),
+        dtype=str(model_cfg.get("dtype", DEFAULTS["dtype"])),
         rngs=nnx.Rngs(params=seed, dropout=seed + 1),
     )

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mcr_jax.models.layers import MLP, TransformerBlock, check_modality_names
+from mcr_jax.models.layers import MLP, TransformerBlock, at_least_float32, check_modality_names
 
 Latents = Mapping[str, jax.Array]
 
@@ -96,7 +96,7 @@ class FusionHead(nnx.Module):
         """``{name: [..., D_m]}`` → fused logits ``[..., C]``."""
         lead = self._check(latents)
         flat = {m: latents[m].reshape((-1, self.latent_dims[m])) for m in self.modalities}
-        return self._fuse(flat).reshape((*lead, self.num_classes))
+        return at_least_float32(self._fuse(flat)).reshape((*lead, self.num_classes))
 
     def fuse(self, latents: Latents) -> jax.Array:
         """Same as calling the head: ``{name: [..., D_m]}`` → ``[..., C]``."""

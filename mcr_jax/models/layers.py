@@ -23,6 +23,36 @@ def check_modality_names(modalities: Sequence[str], owner: str) -> tuple[str, ..
     return modalities
 
 
+#: the compute dtypes a model may use (``model.dtype``); parameters are float32 either way
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str):
+    """The jnp dtype of a ``model.dtype`` name; a ValueError naming the allowed ones otherwise."""
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(COMPUTE_DTYPES)}; got {name!r}.")
+    return COMPUTE_DTYPES[name]
+
+
+def compute_in(module: nnx.Module, dtype) -> nnx.Module:
+    """Makes every flax layer inside ``module`` (Linear, Conv, LayerNorm, BatchNorm, attention: the
+    layers with a ``param_dtype``) compute in ``dtype``: inputs and parameters are cast to it for the
+    computation, while the parameters themselves (and batch-norm statistics, which flax keeps in at
+    least float32) stay as they were created. Returns ``module``."""
+    for _, sub in nnx.iter_modules(module):
+        if hasattr(sub, "param_dtype") and hasattr(sub, "dtype"):
+            sub.dtype = dtype
+    return module
+
+
+def at_least_float32(x: jax.Array) -> jax.Array:
+    """``x`` in float32 when it is a lower-precision float (bf16 compute), unchanged otherwise
+    (float32, float64, integers)."""
+    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32:
+        return x.astype(jnp.float32)
+    return x
+
+
 def make_dropout(rate: float, *, rngs: nnx.Rngs) -> nnx.Dropout:
     """An ``nnx.Dropout`` that only holds an RNG stream when it actually drops something.
 

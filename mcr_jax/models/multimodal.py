@@ -18,8 +18,8 @@ import jax
 from flax import nnx
 
 from mcr_jax.models.encoders import make_encoder
-from mcr_jax.models.fusion import CEBDecoder, make_fusion
-from mcr_jax.models.layers import check_modality_names
+from mcr_jax.models.fusion import CEBDecoder, is_separable, make_fusion
+from mcr_jax.models.layers import at_least_float32, check_modality_names, compute_dtype, compute_in
 
 Arrays = Mapping[str, jax.Array]
 
@@ -53,6 +53,12 @@ class MultimodalModel(nnx.Module):
       fusion_kwargs: extra constructor arguments of the fusion head.
       ceb: build the CEB decoder ``ceb_decoder`` (``C → ceb_latent_dim → ΣD_m``).
       ceb_latent_dim: its hidden size D (default: the largest D_m).
+      dtype: the compute dtype of the encoders and of a non-separable fusion head, ``"float32"``
+        (default) or ``"bfloat16"`` (mixed precision). Parameters, optimizer state and batch-norm
+        statistics stay float32; latents and logits leave the model in float32, so every loss,
+        softmax, JSD, contrastive and CEB reduction is computed in float32. The unimodal heads,
+        the CEB decoder and the linear late-fusion head (one D_m × C matmul per modality, whose
+        per-branch logits the game reads) compute in float32 always: their cost is negligible.
       rngs: ``nnx.Rngs``.
 
     The model starts in training mode (batch norm uses batch statistics, dropout is on);
@@ -70,6 +76,7 @@ class MultimodalModel(nnx.Module):
         fusion_kwargs: Mapping[str, Any] | None = None,
         ceb: bool = False,
         ceb_latent_dim: int | None = None,
+        dtype: str = "float32",
         rngs: nnx.Rngs,
     ):
         modalities = check_modality_names(modalities, "MultimodalModel")
@@ -99,6 +106,13 @@ class MultimodalModel(nnx.Module):
         self.encoders = nnx.Dict(built)
         self.heads = nnx.Dict({m: nnx.Linear(dims[m], self.num_classes, rngs=rngs) for m in modalities})
         self.fusion = make_fusion(fusion, modalities, dims, self.num_classes, rngs=rngs, **dict(fusion_kwargs or {}))
+        self.compute_dtype = str(dtype)
+        low = compute_dtype(self.compute_dtype)
+        if self.compute_dtype != "float32":
+            for m in modalities:
+                compute_in(self.encoders[m], low)
+            if not is_separable(self.fusion):
+                compute_in(self.fusion, low)
         if ceb:
             hidden = int(ceb_latent_dim) if ceb_latent_dim is not None else max(dims.values())
             self.ceb_decoder = CEBDecoder(self.num_classes, hidden, sum(dims.values()), rngs=rngs)
@@ -145,7 +159,8 @@ class MultimodalModel(nnx.Module):
             mask = masks.get(m)
             if mask is not None and not getattr(enc, "accepts_mask", False):
                 raise ValueError(f"a mask was given for {m!r}, but {type(enc).__name__} takes no mask")
-            latents[m] = enc(x, mask=mask) if getattr(enc, "accepts_mask", False) else enc(x)
+            z = enc(x, mask=mask) if getattr(enc, "accepts_mask", False) else enc(x)
+            latents[m] = at_least_float32(z)  # a bf16 encoder's latents leave in float32
         return latents
 
     def fuse(self, latents: Arrays) -> jax.Array:
