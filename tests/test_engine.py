@@ -222,6 +222,17 @@ def test_streamed_seeds_run_as_one_program_equal_to_separate_runs(streamed_refer
     assert not np.allclose(a, b)  # the seeds really trained differently
 
 
+def test_reader_worker_processes_give_the_same_run(streamed_reference, tmp_path):
+    # grain worker processes read and augment the examples; the batches, and so the run, are those
+    # of the in-process reader (seed 0 of the reference, itself equal to a separate run)
+    cfg, ref_dir, ref, _ = streamed_reference
+    one = cfg.copy_and_resolve_references()
+    one.seed, one.data.worker_count = 0, 1
+    res = train.train_and_evaluate(one, str(tmp_path / "workers"))
+    _same_run(ref[0], res, ref_dir / "seed_0", tmp_path / "workers")
+    assert res["config"]["data"]["worker_count"] == 1
+
+
 def test_an_interrupted_streamed_vectorised_run_resumes_to_the_uninterrupted_result(streamed_reference, tmp_path,
                                                                                      monkeypatch):
     cfg, ref_dir, ref, _ = streamed_reference

@@ -15,6 +15,7 @@ def av_config(name: str, arg, *, mipd_weight: float, uni_weight: float, builder_
     c.data.manual_dir = ""
     c.data.builder_kwargs = dict(builder_kwargs or {})
     c.data.modalities = ()
+    c.data.worker_count = 0  # grain reader processes; on a GPU machine set it to the spare cores (docs/data.md)
     c.model.encoder = "resnet18"
     c.model.widths = (64, 128, 256, 512)
     c.model.blocks = (2, 2, 2, 2)

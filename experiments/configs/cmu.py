@@ -13,6 +13,7 @@ def cmu_config(name: str, arg, *, mipd_weight: float, uni_weight: float, ceb_wei
     c.data.manual_dir = ""
     c.data.builder_kwargs = {}
     c.data.modalities = ("vision", "text")
+    c.data.worker_count = 0  # grain reader processes (docs/data.md)
     c.model.encoder = "transformer"
     c.model.latent_dim = 64
     c.model.ceb = ceb_weight > 0

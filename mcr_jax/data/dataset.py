@@ -254,7 +254,11 @@ def _load_tfds(name: str, config, *, check: bool) -> Dataset:
                        input_shapes={m: tuple(s) for m, s in tinfo["input_shapes"].items()},
                        num_classes=int(tinfo["num_classes"]), task=tinfo["task"],
                        extra={k: v for k, v in tinfo.items() if k not in ("modalities", "input_shapes")})
-    return Dataset(sources, info, tfds_info=tinfo, check=check)
+    workers = config.get("worker_count", 0) or 0
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+        raise ValueError(f"config.data.worker_count must be an integer >= 0 (0 = read in this process); "
+                         f"got {workers!r}.")
+    return Dataset(sources, info, tfds_info=tinfo, check=check, worker_count=workers)
 
 
 def _select(available: tuple[str, ...], wanted) -> tuple[str, ...]:
@@ -281,16 +285,21 @@ class Dataset:
         :func:`mcr_jax.data.tfds_source.load_tfds_dataset`; its splits are read through grain.
       check: validate the inputs (see the module docstring): in-memory splits here, in full;
         streamed ones as their batches are read in :meth:`batches`.
+      worker_count: for a TFDS dataset, the grain worker processes that read, decode and augment
+        the examples (``config.data.worker_count``; 0 = in this process). The batches are the same
+        for every count (grain keeps their order); more workers read faster
+        (``benchmarks/pipeline.py`` measures it).
     """
 
     def __init__(self, splits: Mapping[str, Any], info: DatasetInfo, *, tfds_info: dict | None = None,
-                 check: bool = True):
+                 check: bool = True, worker_count: int = 0):
         self.splits = {name: (ArraySplit(source) if tfds_info is None and isinstance(source, Mapping)
                               and not isinstance(source, ArraySplit) else source)
                        for name, source in splits.items()}
         self.info = info
         self.tfds_info = tfds_info
         self.check = check
+        self.worker_count = int(worker_count)
         if check:
             for name, source in self.splits.items():
                 if self.in_memory(name):
@@ -384,7 +393,8 @@ class Dataset:
                                           "use an in-memory dataset.")
 
             it = split_batches(source, self.tfds_info, batch_size, train=train, seed=seed, epoch=epoch,
-                               process_index=process_index, process_count=process_count)
+                               process_index=process_index, process_count=process_count,
+                               worker_count=self.worker_count)
         else:
             it = array_batches(source, batch_size, shuffle=train, seed=seed, epoch=epoch, drop_remainder=train,
                                process_index=process_index, process_count=process_count, index_key=INDEX_KEY,

@@ -28,6 +28,22 @@ import scipy.signal
 import soundfile
 from PIL import Image
 
+#: the stored format of the audio-visual builders: 1.1.0 keeps every tensor as raw bytes
+#: (``tfds.features.Encoding.BYTES``); 1.0.0 kept them as protobuf number lists, about 50× slower
+#: to decode (26 ms against 0.5 ms for one CREMA-D example here) and a third larger
+VERSION = "1.1.0"
+RELEASE_NOTES = {"1.0.0": "First mcr_jax release.",
+                 "1.1.0": "Tensors stored as raw bytes: about 50x faster to decode, a quarter smaller on disk. "
+                          "A 1.0.0 build is not read by this version: build again from the manual download."}
+
+
+def stored_tensor(shape, dtype):
+    """A TFDS tensor feature stored as raw bytes (decoded by a copy, not a protobuf number list)."""
+    import tensorflow_datasets as tfds
+
+    return tfds.features.Tensor(shape=tuple(shape), dtype=dtype, encoding=tfds.features.Encoding.BYTES)
+
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -161,7 +177,11 @@ def load_frames(paths: Sequence[str], size: int, *, mode: str = "RGB") -> np.nda
 
 def normalize_frames(frames: np.ndarray) -> np.ndarray:
     """uint8 RGB ``[..., 3]`` → float32 ``(x / 255 - mean) / std`` with ImageNet statistics."""
-    return ((frames.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+    x = frames.astype(np.float32)  # one float32 copy, then in place (the same values, fewer passes)
+    x /= np.float32(255.0)
+    x -= IMAGENET_MEAN
+    x /= IMAGENET_STD
+    return x
 
 
 def normalize_flow(flow: np.ndarray) -> np.ndarray:
@@ -203,7 +223,10 @@ def random_resized_crop_box(
 
 
 def _crop_resize(image: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
-    """Crops ``box`` out of ``[H, W, C]`` uint8 and resizes it to ``size`` = (H, W), bilinear."""
+    """Crops ``box`` out of ``[H, W, C]`` uint8 and resizes it to ``size`` = (H, W), bilinear (an RGB
+    image in one call, which gives the same values as band by band; other channel counts band by band)."""
+    if image.shape[-1] == 3:
+        return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR, box=box), np.uint8)
     chans = [
         np.asarray(
             Image.fromarray(image[..., c]).resize((size[1], size[0]), Image.BILINEAR, box=box), np.uint8

@@ -92,6 +92,8 @@ class Ave(ManualBuilder):
     """
 
     name = "mcr_ave"
+    VERSION = tfds.core.Version(av.VERSION)
+    RELEASE_NOTES = av.RELEASE_NOTES
     DATASET = "AVE"
     LAYOUT = LAYOUT
     HOMEPAGE = "https://github.com/YapengTian/AVE-ECCV18"
@@ -112,8 +114,8 @@ class Ave(ManualBuilder):
         cfg = self.builder_config
         s = cfg.frame_size
         return tfds.features.FeaturesDict({
-            "audio": tfds.features.Tensor(shape=self._audio_shape(), dtype=np.float32),
-            "video": tfds.features.Tensor(shape=(cfg.num_frames, s, s, 3), dtype=np.uint8),
+            "audio": av.stored_tensor(self._audio_shape(), np.float32),
+            "video": av.stored_tensor((cfg.num_frames, s, s, 3), np.uint8),
             "label": tfds.features.Scalar(dtype=np.int32),
             "clip_id": tfds.features.Text(),
         })

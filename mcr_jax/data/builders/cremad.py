@@ -105,6 +105,8 @@ class CremaD(ManualBuilder):
     """
 
     name = "mcr_cremad"
+    VERSION = tfds.core.Version(av.VERSION)
+    RELEASE_NOTES = av.RELEASE_NOTES
     DATASET = "CREMA-D"
     LAYOUT = LAYOUT
     HOMEPAGE = "https://github.com/CheyneyComputerScience/CREMA-D"
@@ -127,9 +129,8 @@ class CremaD(ManualBuilder):
         s = cfg.frame_size
         return tfds.features.FeaturesDict(
             {
-                "audio": tfds.features.Tensor(
-                    shape=(cfg.n_fft // 2 + 1, self._audio_frames()), dtype=np.float32),
-                "video": tfds.features.Tensor(shape=(cfg.num_frames, s, s, 3), dtype=np.uint8),
+                "audio": av.stored_tensor((cfg.n_fft // 2 + 1, self._audio_frames()), np.float32),
+                "video": av.stored_tensor((cfg.num_frames, s, s, 3), np.uint8),
                 "label": tfds.features.Scalar(dtype=np.int32),
                 "actor": tfds.features.Scalar(dtype=np.int32),
                 "clip_id": tfds.features.Text(),

@@ -117,6 +117,8 @@ class Ucf101(ManualBuilder):
     """
 
     name = "mcr_ucf101"
+    VERSION = tfds.core.Version(av.VERSION)
+    RELEASE_NOTES = av.RELEASE_NOTES
     DATASET = "UCF101"
     LAYOUT = LAYOUT
     HOMEPAGE = "https://www.crcv.ucf.edu/data/UCF101.php"
@@ -151,8 +153,7 @@ class Ucf101(ManualBuilder):
 
     def _features(self):
         shapes = self._shapes()
-        feats = {m: tfds.features.Tensor(shape=tuple(shape), dtype=np.float32 if m == "audio" else np.uint8)
-                 for m, shape in shapes.items()}
+        feats = {m: av.stored_tensor(shape, np.float32 if m == "audio" else np.uint8) for m, shape in shapes.items()}
         feats.update({"label": tfds.features.Scalar(dtype=np.int32),
                       "group": tfds.features.Scalar(dtype=np.int32), "clip_id": tfds.features.Text()})
         return tfds.features.FeaturesDict(feats)
