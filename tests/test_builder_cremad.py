@@ -178,3 +178,21 @@ def test_missing_frames_fail_with_the_clip_named_unless_skipped(tmp_path):
                                 builder_kwargs={**kw, "skip_incomplete": True})
     assert sum(info["split_sizes"].values()) == 17
     assert stems[4] in info["metadata"]["skipped_incomplete"][0]
+
+
+def test_a_split_larger_than_the_writers_memory_buffer_builds_without_tensorflow(tmp_path, monkeypatch):
+    # TFDS spills a split beyond its in-memory buffer (1 GiB) to shuffle-bucket files through
+    # tf.io.gfile; a real CREMA-D training split is 4 GB. Shrink the buffer so the fixture spills.
+    from tensorflow_datasets.core import shuffle
+
+    from mcr_jax.data.builders import CremaD
+    from mcr_jax.data.tfds_source import load_tfds_dataset
+
+    monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 1000)
+    raw = tmp_path / "raw"
+    stems = write_cremad(raw)
+    sources, info = load_tfds_dataset(CremaD, data_dir=tmp_path / "tfds", manual_dir=raw,
+                                      builder_kwargs={"frame_size": 16, "num_folds": 3, "fold": 0})
+    assert sum(len(s) for s in sources.values()) == len(stems)
+    ids = sorted(sources[s][i]["clip_id"].decode() for s in sources for i in range(len(sources[s])))
+    assert ids == sorted(stems)

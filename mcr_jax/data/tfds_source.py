@@ -25,7 +25,9 @@ conversion, seeded per example from ``(seed, epoch, index)``.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -51,6 +53,47 @@ __all__ = [
     "split_batches",
     "to_model_inputs",
 ]
+
+
+class _NeverRaised(Exception):
+    """Stands for ``tf.errors.ResourceExhaustedError``, which local file writes never raise."""
+
+
+@contextlib.contextmanager
+def shuffle_buckets_without_tensorflow():
+    """While building: TFDS's writer keeps a split's serialised examples in memory up to 1 GiB and
+    then spills them to temporary shuffle-bucket files through ``tf.io.gfile``, which needs
+    TensorFlow (this project does not install it): every split larger than 1 GiB (a real CREMA-D,
+    AVE or UCF-101 training split) would fail with ``No module named 'tensorflow'``. Inside this
+    context those bucket files are written and read with Python's own file functions (local paths;
+    the open-file limit raised for TFDS's 1,000 buckets). With TensorFlow installed nothing changes."""
+    import importlib.util
+
+    from tensorflow_datasets.core import shuffle
+
+    if importlib.util.find_spec("tensorflow") is not None:
+        yield
+        return
+    gfile = types.SimpleNamespace(GFile=lambda path, mode="r": open(path, mode), exists=os.path.exists,
+                                  remove=os.remove)
+    local = types.SimpleNamespace(io=types.SimpleNamespace(gfile=gfile),
+                                  errors=types.SimpleNamespace(ResourceExhaustedError=_NeverRaised))
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = min(hard, max(soft, 4 * shuffle.BUCKETS_NUMBER)) if hard != resource.RLIM_INFINITY else max(
+            soft, 4 * shuffle.BUCKETS_NUMBER)
+        if want > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ImportError, ValueError, OSError):  # not POSIX, or not allowed: TFDS's own limit stands
+        pass
+    saved = shuffle.tf
+    shuffle.tf = local
+    try:
+        yield
+    finally:
+        shuffle.tf = saved
 
 
 def load_tfds_dataset(
@@ -93,13 +136,14 @@ def load_tfds_dataset(
             )
         cls.check_manual_dir(manual_dir, builder.builder_config)
         logger.info("Building %s into %s", cls.DATASET, builder.data_dir)
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(
-                manual_dir=manual_dir,
-                download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
-            ),
-            file_format="array_record",
-        )
+        with shuffle_buckets_without_tensorflow():
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(
+                    manual_dir=manual_dir,
+                    download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
+                ),
+                file_format="array_record",
+            )
     available = sorted(builder.info.splits.keys())
     unknown = [s for s in split_names if s not in available]
     if unknown:
