@@ -45,13 +45,25 @@ def per_modality(name: str) -> bool:
     return base not in ORCHESTRATED and method_class(base).per_modality
 
 
-def comparison_config(config, name: str, unimodal_dirs: dict[str, str]) -> ml_collections.ConfigDict:
+def with_overrides(config, overrides: dict | None) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with ``{section: {option: value}}`` set (e.g. one comparison row's
+    ``{"optim": {"learning_rate": 1e-3}}``); the ``method`` section's options are set on whatever
+    method section the config has."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    for section, values in (overrides or {}).items():
+        for k, v in values.items():
+            c[section][k] = v
+    return c
+
+
+def comparison_config(config, name: str, unimodal_dirs: dict[str, str],
+                      overrides: dict | None = None) -> ml_collections.ConfigDict:
     """The config of one method in a comparison: the config's own method section for the method it
     was built for (``mcr`` by default, with its dataset-specific settings), else the method's
-    comparison defaults (the method fills in the rest)."""
+    comparison defaults (the method fills in the rest); then ``overrides`` (:func:`with_overrides`)."""
     c = ml_collections.ConfigDict(config.to_dict())
     if name == c.method.name:
-        return c
+        return with_overrides(c, overrides)
     section = {"name": name, **METHOD_DEFAULTS.get(name, {})}
     if section["name"] == "uni_pre":
         section["pretrained"] = dict(unimodal_dirs)
@@ -60,7 +72,7 @@ def comparison_config(config, name: str, unimodal_dirs: dict[str, str]) -> ml_co
     if section["name"] in ORCHESTRATED:  # the ensemble: it combines this seed's unimodal runs
         section["unimodal_workdirs"] = dict(unimodal_dirs)
     c.method = ml_collections.ConfigDict(section)
-    return c
+    return with_overrides(c, overrides)
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict:

@@ -42,6 +42,7 @@ from mcr_jax.report import (
     needs_unimodal_runs,
     per_modality,
     summarize,
+    with_overrides,
 )
 from mcr_jax.tasks import get_task
 from mcr_jax.train import train_and_evaluate, unimodal_config
@@ -50,13 +51,20 @@ from mcr_jax.train import train_and_evaluate, unimodal_config
 BASELINES = ("joint", "ensemble", "mcr")
 
 
-def run_comparison(config, workdir: str, methods=DEFAULT_METHODS, seeds=(0, 1, 2)) -> dict:
+def run_comparison(config, workdir: str, methods=DEFAULT_METHODS, seeds=(0, 1, 2), *,
+                   overrides: dict | None = None, from_unimodal=(), progress=None) -> dict:
     """Runs every method for every seed; returns ``{"runs": {label: [results per seed]}, "summary": ...}``.
 
     A method's seeds train as one vectorised program where they can (:func:`mcr_jax.seeds.train_seeds`;
     its stacked checkpoints go to ``<workdir>/vectorized/<method>``); each seed's results land in
     ``<workdir>/seed_<s>/<method>`` either way. The ensemble and uni-pre build on each seed's
-    unimodal runs and run seed by seed."""
+    unimodal runs and run seed by seed.
+
+    ``overrides``: ``{label: {section: {option: value}}}`` set on that label's config (a row's own
+    hyperparameters, learning rate, batch size; :func:`mcr_jax.report.with_overrides`; the
+    ``unimodal`` label's also reach the unimodal runs). ``from_unimodal``: labels whose runs start
+    from their seed's unimodal runs' selected encoders (``init.pretrained``), run seed by seed.
+    ``progress``: called with ``(label, seeds_done)`` after each label (an ETA across a table)."""
     from mcr_jax.data import load
     from mcr_jax.seeds import train_seeds
 
@@ -72,19 +80,26 @@ def run_comparison(config, workdir: str, methods=DEFAULT_METHODS, seeds=(0, 1, 2
                           seed_dirs={s: os.path.join(seed_dir(s), name) for s in seeds})
         runs[label] = out["per_seed"]
 
+    overrides = dict(overrides or {})
     for name in methods:
+        own = overrides.get(name)
         if per_modality(name):
             for m in modalities:
-                all_seeds(unimodal_config(config, m), f"unimodal {m}", f"unimodal_{m}")
-        elif needs_unimodal_runs(name):
+                all_seeds(with_overrides(unimodal_config(config, m), own), f"unimodal {m}", f"unimodal_{m}")
+        elif needs_unimodal_runs(name) or name in from_unimodal:
             for s in seeds:
                 base = ml_collections.ConfigDict(config.to_dict())
                 base.seed = int(s)
                 unimodal_dirs = {m: os.path.join(seed_dir(s), f"unimodal_{m}") for m in modalities}
-                res = train_and_evaluate(comparison_config(base, name, unimodal_dirs), os.path.join(seed_dir(s), name))
+                cfg = comparison_config(base, name, unimodal_dirs, own)
+                if name in from_unimodal:
+                    cfg.init.pretrained = dict(unimodal_dirs)
+                res = train_and_evaluate(cfg, os.path.join(seed_dir(s), name))
                 runs.setdefault(name, []).append(res)
         else:
-            all_seeds(comparison_config(config, name, {}), name, name)
+            all_seeds(comparison_config(config, name, {}, own), name, name)
+        if progress is not None:
+            progress(name, len(seeds))
     summary = summarize(runs)
     out = {"dataset": config.data.name, "modalities": list(modalities), "seeds": list(seeds), "summary": summary,
            "runs": runs}
