@@ -116,7 +116,8 @@ def test_schedules_against_numpy():
 
 @pytest.fixture(scope="module")
 def setup():
-    method, handle, params, batch, model = build({"name": "lfm"})
+    # the golden loss of the release is written on (fused, unimodal heads): the "heads" mapping
+    method, handle, params, batch, model = build({"name": "lfm", "logits": "heads"})
     return method, handle, params, batch, jit_gradients(method, handle)
 
 
@@ -200,7 +201,7 @@ def test_golden_against_release(setup):
 
 
 def test_fitted_schedule_golden():
-    method, handle, params, batch, _ = build({"name": "lfm", "schedule": "fitted"})
+    method, handle, params, batch, _ = build({"name": "lfm", "schedule": "fitted", "logits": "heads"})
     ms = method.on_epoch_end(3, {}, method.init_method_state(params), None)
     out = jit_gradients(method, handle)(params, batch, jax.random.PRNGKey(0), ms, epoch=4)  # = release's 3
     cls_k = _np_fitted(3)
@@ -240,3 +241,65 @@ def test_defaults_and_clear_errors():
         get_method(ml_collections.ConfigDict({"name": "lfm", "beta": 1.0}), info)
     with pytest.raises(ValueError, match="separable fusion"):
         build({"name": "lfm", "logits": "branches"}, fusion="concat_mlp")
+
+
+# ---- which logits are aligned: BalanceBenchmark's default, the authors' form ---------------------------
+
+GOLDEN_Z = {"x1": [[1.0, 0.0], [0.0, 1.0]], "x2": [[1.0, 1.0], [0.0, 2.0]]}
+GOLDEN_W = {"x1": [[1.0, 0.0, -1.0], [0.0, 1.0, 0.0]], "x2": [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]}
+GOLDEN_B = [0.6, -0.4, 0.0]
+
+
+def _golden_fusion():
+    from flax import nnx
+
+    from mcr_jax.models.fusion import LinearLateFusion
+
+    fusion = LinearLateFusion(("x1", "x2"), {"x1": 2, "x2": 2}, 3, rngs=nnx.Rngs(0))
+    for m in ("x1", "x2"):
+        fusion.branches[m].kernel[...] = jnp.asarray(GOLDEN_W[m])
+    fusion.bias[...] = jnp.asarray(GOLDEN_B)
+    return fusion
+
+
+def _golden_alignment(logits: str):
+    """(A, dA/dW_x1) through the method's own mapping, on the issue's fixed inputs (α = (0, 1))."""
+    from types import SimpleNamespace
+
+    from flax import nnx
+
+    from mcr_jax.data.types import DatasetInfo
+
+    info = DatasetInfo("golden", ("x1", "x2"), {"x1": (2,), "x2": (2,)}, 3)
+    method = get_method(ml_collections.ConfigDict({"name": "lfm", "logits": logits}), info)
+    graphdef, state = nnx.split(_golden_fusion())
+    latents = {m: jnp.asarray(v) for m, v in GOLDEN_Z.items()}
+
+    def a_of(state):
+        fusion = nnx.merge(graphdef, state)
+        uni = {m: fusion.branches[m](latents[m]) for m in ("x1", "x2")}  # stands for unimodal heads
+        out = {"latents": latents, "unimodal": uni, "logits": fusion(latents)}
+        per_modality, _ = method.modality_logits(SimpleNamespace(fusion=fusion), out)
+        return mean_pair_alignment(per_modality, ("x1", "x2"))
+
+    value, grads = jax.value_and_grad(a_of)(state)
+    return float(value), np.asarray(grads["branches"]["x1"]["kernel"][...])
+
+
+def test_the_default_is_balancebenchmarks_branches_with_the_bias_share():
+    a, grad = _golden_alignment("branches")
+    assert a == pytest.approx(0.1176706, abs=2e-7)
+    np.testing.assert_allclose(grad, [[0.026245, -0.018109, -0.008137], [-0.078529, 0.070326, 0.008203]], atol=2e-6)
+    _, info, _ = _data()
+    assert get_method(ml_collections.ConfigDict({"name": "lfm"}), info).opts["logits"] == "branches"
+
+
+def test_the_authors_form_predicts_from_the_aligned_classifiers():
+    method, handle, params, batch, model = build({"name": "lfm", "logits": "authors"})
+    pred = method.predict(handle.eval_model(params), inputs(batch) | {"label": batch["label"], "mask": batch["mask"]})
+    np.testing.assert_allclose(pred["logits"], 0.5 * (pred["unimodal"]["x1"] + pred["unimodal"]["x2"]), rtol=1e-6)
+    assert method.reports_unimodal_heads
+    out = jit_gradients(method, handle)(params, batch, jax.random.PRNGKey(0), method.init_method_state(params))
+    fusion_grads = [float(jnp.abs(g).max()) for g in jax.tree.leaves(out.grads["fusion"])]
+    head_grads = [float(jnp.abs(g).max()) for g in jax.tree.leaves(out.grads["heads"])]
+    assert max(fusion_grads) == 0.0 and min(head_grads) > 0.0  # the heads predict; the fusion head is unused

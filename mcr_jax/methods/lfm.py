@@ -66,13 +66,20 @@ The prediction is the fused head (as in the release, whose prediction is ``0.5 (
 
 Mapping onto our late-fusion model
 ----------------------------------
-The release's model has one linear classifier per modality, :math:`o_m = W_m z_m + b_m`, and its fused
-prediction is :math:`\tfrac12(o_a + o_v)`. Ours has encoders, a fusion head and (separately) one
-unimodal head per modality. ``logits = "heads"`` (default, BalanceBenchmark's mapping): :math:`o_m` =
-our unimodal heads' logits, :math:`\ell` = the fusion head's logits. ``logits = "branches"`` (closer to
-the authors' model; needs a separable fusion such as ``linear``): :math:`o_m` = the fusion head's
-per-modality branch logits :math:`z_m W_m` and :math:`\ell = \sum_m o_m + b` (a sum, not the release's
-mean; the unimodal heads are then untrained).
+Which logits are the per-modality :math:`o_m` and which is the prediction (``logits``):
+
+- ``"branches"`` (default; BalanceBenchmark ``4c1482f``, ``balancemm/trainer/LFM_trainer.py``): each
+  modality's logits are its slice of the fusion layer, :math:`o_m = z_m W_m + b/M` (the shared bias
+  split evenly), and the prediction is the fusion head's :math:`\ell = \sum_m o_m = \sum_m z_m W_m + b`.
+  The alignment then reaches the fusion branches that predict. Needs a separable fusion (``linear``).
+- ``"authors"`` (the authors' release, ``Crema_epoch_learnable.py`` with ``model/AudioVideo.py``): the
+  two aligned per-modality classifiers *are* the predictor: :math:`o_m` = our unimodal heads' logits
+  :math:`W_m z_m + b_m`, the prediction and its cross-entropy :math:`\tfrac1M\sum_m o_m` (the release's
+  :math:`\tfrac12(o_a + o_v)`); the fusion head is untrained.
+- ``"heads"`` (this project's own extension, in neither release): the alignment acts on separate
+  unimodal heads while the fusion head predicts with the cross-entropy alone, so the LFM term never
+  reaches the predictor. (It was this port's default until the releases were compared; on the
+  synthetic benchmark its heads stay near chance.)
 
 Options (``DEFAULTS``)
 ----------------------
@@ -80,8 +87,8 @@ Options (``DEFAULTS``)
 ``GRID``; traceable); ``alpha_init`` 0.95 (initial alignment weight :math:`\alpha_1`); ``alpha_min`` 0.05,
 ``alpha_max`` 0.95 (the clip); ``halve_every`` 20 (epochs between halvings of ``lr_alpha``);
 ``probe_rows`` 8 (the release: half of its 16-example probe); ``hvp_leaf`` ``"first"`` (the release's
-first parameter tensor) | ``"all"`` (the mean over every parameter entry); ``logits`` ``"heads"`` |
-``"branches"``.
+first parameter tensor) | ``"all"`` (the mean over every parameter entry); ``logits`` ``"branches"`` |
+``"authors"`` | ``"heads"`` (above).
 
 Differences from the release (all of them)
 ------------------------------------------
@@ -105,8 +112,7 @@ Differences from the release (all of them)
   so that ``lr_alpha`` can be traced by a study; the values are the release's. The weights are
   float32 (the release keeps them as Python floats).
 - ``M > 2``: the alignment is averaged over the unordered modality pairs (BalanceBenchmark); the
-  release has two modalities. Fused logits are our fusion head's (``heads``) or the sum of the
-  branches plus the shared bias (``branches``), not ``0.5 (o_a + o_v)``.
+  release has two modalities. The prediction is ``0.5 (o_a + o_v)`` only with ``logits = "authors"``.
 - The ``alignment`` term uses ``log_softmax`` rather than ``log(softmax)`` (same value, no ``log 0``).
 - The release's learning-rate schedule, optimizer, weight decay and model are those of the trainer
   config here, not ``StepLR(70, 0.1)`` SGD on ResNet-18s.
@@ -132,8 +138,9 @@ DEFAULTS = {
     "halve_every": 20,
     "probe_rows": 8,
     "hvp_leaf": "first",
-    "logits": "heads",
+    "logits": "branches",
 }
+LOGITS = ("branches", "authors", "heads")
 GRID = dict(lr_alpha=[1e-5, 1e-4, 1e-3, 1e-2])
 
 #: ``getAlpha_Learnable_Fitted``'s coefficients of the classification weight (powers 0..5 of the epoch).
@@ -193,8 +200,8 @@ class LFM(Method):
         o = self.opts
         if o["schedule"] not in ("learnable", "fitted"):
             raise ValueError(f"lfm: schedule must be 'learnable' or 'fitted'; got {o['schedule']!r}.")
-        if o["logits"] not in ("heads", "branches"):
-            raise ValueError(f"lfm: logits must be 'heads' or 'branches'; got {o['logits']!r}.")
+        if o["logits"] not in LOGITS:
+            raise ValueError(f"lfm: logits must be one of {LOGITS}; got {o['logits']!r}.")
         if o["hvp_leaf"] not in ("first", "all"):
             raise ValueError(f"lfm: hvp_leaf must be 'first' or 'all'; got {o['hvp_leaf']!r}.")
         if not 0.0 <= o["alpha_min"] <= o["alpha_max"] <= 1.0:
@@ -202,11 +209,12 @@ class LFM(Method):
         if int(o["probe_rows"]) < 1 or int(o["halve_every"]) < 1:
             raise ValueError(f"lfm: probe_rows and halve_every must be >= 1; got {o['probe_rows']}, "
                              f"{o['halve_every']}.")
-        self.reports_unimodal_heads = o["logits"] == "heads"
+        self.reports_unimodal_heads = o["logits"] in ("heads", "authors")
 
     def check_model(self, model) -> None:
         if self.opts["logits"] == "branches":
-            self.require_separable(model, "logits = 'branches' reads the fusion head's per-modality logits")
+            self.require_separable(model, "logits = 'branches' (the default) reads the fusion head's per-modality "
+                                          "logits; use logits = 'authors' with another fusion")
 
     def init_method_state(self, params, rest=None):
         """``probed`` (the last 1-based epoch whose weight update ran),
@@ -223,13 +231,29 @@ class LFM(Method):
     def terms(self, model, batch, mask):
         """``(CE of the fused logits, mean pairwise alignment)`` over the rows where ``mask``."""
         out = self.forward(model, batch)
-        if self.opts["logits"] == "branches":
-            uni = model.fusion.branch_logits(out["latents"])
-            fused = model.fusion.combine(uni)
-        else:
-            uni, fused = out["unimodal"], out["logits"]
+        uni, fused = self.modality_logits(model, out)
         cls = self.task.loss(fused, batch["label"], mask)
         return cls, mean_pair_alignment(uni, self.modalities, mask)
+
+    def modality_logits(self, model, out):
+        """``({m: o_m}, prediction logits)`` of a forward pass ``out`` (see ``logits`` above)."""
+        form = self.opts["logits"]
+        if form == "branches":
+            branches = model.fusion.branch_logits(out["latents"])
+            share = model.fusion.shared_offset() / len(self.modalities)
+            return ({m: o + share.reshape((1,) * (o.ndim - 1) + share.shape) for m, o in branches.items()},
+                    model.fusion.combine(branches))
+        uni = out["unimodal"]
+        if form == "authors":
+            return uni, sum(uni[m] for m in self.modalities) / len(self.modalities)
+        return uni, out["logits"]
+
+    def predict(self, model, batch):
+        """The fusion head's prediction, or (``logits = "authors"``) the mean of the aligned classifiers."""
+        out = self.forward(model, batch)
+        if self.opts["logits"] == "authors":
+            out = dict(out, logits=self.modality_logits(model, out)[1])
+        return {"logits": out["logits"], "unimodal": out["unimodal"], "latents": out["latents"]}
 
     def _hvp_leaf(self, tree):
         if self.opts["hvp_leaf"] == "all":
