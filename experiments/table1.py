@@ -232,6 +232,8 @@ flags.DEFINE_enum("dataset", None, sorted(ROWS), "The Table-1 block to run.")
 flags.DEFINE_string("manual_dir", "", "The downloaded files (docs/datasets_manual.md); needed until built.")
 flags.DEFINE_string("data_dir", "", "Where the built array_record files go (default: the config's).")
 flags.DEFINE_string("workdir", None, "Where every run, table.md and table1.json go.")
+flags.DEFINE_integer("worker_count", 0, "Reader processes (config.data.worker_count); on a GPU machine, the "
+                     "spare CPU cores (benchmarks/RESULTS.md).")
 flags.DEFINE_boolean("smoke", False, "Tiny models and one epoch: checks the whole command in minutes.")
 define_int_list("seeds", "0,1,2", "Training seeds (the release's fold, see the module docstring).")
 flags.DEFINE_list("rows", [], "Only these rows (labels, e.g. unimodal,ensemble,mcr); default: the whole block.")
@@ -243,6 +245,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     enable_compilation_cache()
     config = dataset_config(FLAGS.dataset, smoke=FLAGS.smoke, manual_dir=FLAGS.manual_dir, data_dir=FLAGS.data_dir)
+    config.data.worker_count = FLAGS.worker_count
     run_table(FLAGS.dataset, config, FLAGS.workdir, int_list(FLAGS.seeds), labels=FLAGS.rows)
 
 
