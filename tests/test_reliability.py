@@ -409,7 +409,8 @@ def test_ctrl_c_names_the_checkpointed_epoch(tmp_path, monkeypatch, capsys):
     cfg = smoke_config()
     cfg.train.checkpoint_every = 1
     _interrupt_after(2, tmp_path / "run", monkeypatch, cfg)
-    assert "interrupted (the last checkpoint holds epoch 2); rerun the same command to resume." in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "interrupted (the last checkpoint holds epoch 2); rerun the same command to resume." in out
 
 
 def test_a_finished_seeds_workdir_reruns_without_writing(tmp_path, monkeypatch, capsys):
