@@ -412,3 +412,20 @@ def test_players_must_be_static_ints():
     assert_trees_close(got, want, rtol=1e-6, atol=1e-7)
     with pytest.raises(TypeError, match="pytree of Python ints .* 'fusion/bias' is 0.5"):
         game.combine_mipd_grads(mipd_grads, {**players, "fusion": {**players["fusion"], "bias": 0.5}}, "greedy")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_scale_params_for_term_gives_own_other_and_shared_parameters_their_scales(strategy):
+    """Term j's perturbed prediction: modality j's own parameters keep gradient scale 1, the other
+    players' get k, unowned (shared) ones s(k); the forward values are unchanged."""
+    params = {"fusion": {"branches": {"a": jnp.ones((2, 3)), "b": jnp.ones((2, 3))}, "bias": jnp.ones((3,))}}
+    players = game.assign_players(params, ("a", "b"), require_all=False)["fusion"]
+    k, s = game.resolve_strategy(strategy)
+    for term, (own, other) in enumerate((("a", "b"), ("b", "a"))):
+        scaled = game.scale_params_for_term(params["fusion"], players, term, strategy)
+        assert_trees_close(scaled, params["fusion"], rtol=0, atol=0)
+        grads = jax.grad(lambda p, t=term: sum(jnp.sum(x) for x in jax.tree.leaves(
+            game.scale_params_for_term(p, players, t, strategy))))(params["fusion"])
+        np.testing.assert_array_equal(grads["branches"][own], np.ones((2, 3)))
+        np.testing.assert_array_equal(grads["branches"][other], np.full((2, 3), k))
+        np.testing.assert_array_equal(grads["bias"], np.full((3,), s))

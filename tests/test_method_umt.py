@@ -255,3 +255,13 @@ def test_umt_configuration_errors(tmp_path):
     method, _, params, _, _ = build({"name": "umt", "teachers": {m: str(tmp_path / m) for m in NAMES}})
     with pytest.raises(FileNotFoundError, match=r"teachers\['x1'\].*no finished unimodal run"):
         method.init_method_state(params)
+
+
+def test_the_distillation_window_includes_its_first_and_its_last_epoch():
+    """``start_epoch <= epoch <= end_epoch``, as the release's ``modulation_starts <= current_epoch <=
+    modulation_ends``: with the window 2..3, epochs 2 and 3 distil, 1 and 4 do not."""
+    method, handle, params, batch, _ = build({"name": "umt", "start_epoch": 2, "end_epoch": 3})
+    state = _state(_teacher_model())
+    active = [float(_step(method, handle, params, batch, state, epoch=e).metrics["distill_active"])
+              for e in (1, 2, 3, 4)]
+    assert active == [0.0, 1.0, 1.0, 0.0]

@@ -66,3 +66,57 @@ def test_a_small_study_end_to_end(tmp_path):
     assert os.path.getsize(tmp_path / "dynamics.png") > 1000
     assert all(os.path.exists(os.path.join(d, "dynamics.png")) for d in out["run_dirs"]["mcr"])
     assert out["run_dirs"]["mcr"][0].startswith(out["tuning"]["mcr"][0]["root"][:-1])
+
+
+def test_a_sampled_grid_never_repeats_a_configuration():
+    """A budget below the grid's size draws that many *distinct* points of the grid, for any grid seed."""
+    full = study.grid_points("mcr", 10**6)  # the whole grid (4 x 3 x 2 points)
+    assert len(full) == 24
+    for seed in range(3):
+        points = study.grid_points("mcr", 20, grid_seed=seed)
+        keys = {tuple(sorted(p.items())) for p in points}
+        assert len(points) == len(keys) == 20 and all(p in full for p in points)
+
+
+#: scripted validation accuracy per tune seed (0, 1, 2) of each multiloss grid point (uni_weight): the
+#: best mean is 0.3's; seed 0 alone would choose 0.1; the test split (1 - validation) would choose 3.0.
+_VAL = {0.1: [0.9, 0.1, 0.2], 0.3: [0.6, 0.6, 0.6], 1.0: [0.3, 0.5, 0.4], 3.0: [0.2, 0.3, 0.1]}
+
+
+def _scripted_result(cfg, seed):
+    if cfg.method.name == "joint":
+        val = test = 0.5 + 0.01 * seed
+    else:
+        val = _VAL[float(cfg.method.uni_weight)][seed % 3]
+        test = 1.0 - val + 0.001 * seed
+    split = lambda acc: {"loss": 1.0 - acc, "heads": {"fused": {"accuracy": acc}}}  # noqa: E731
+    return {"seed": int(seed), "validation": split(val), "test": split(test)}
+
+
+def test_the_study_selects_on_the_mean_validation_metric_and_pairs_test_differences(tmp_path, monkeypatch):
+    """run_study with scripted results (no training): the chosen configuration has the best *mean*
+    validation metric over the tune seeds (not the best first seed, not the best test metric), and the
+    paired differences are method − baseline per eval seed, with the ddof-1 Student-t interval."""
+    from scipy import stats
+
+    from mcr_jax import seeds as seeds_mod
+    from mcr_jax.seeds import with_options
+
+    def fake_grid(config, workdir, seeds, points):
+        return [{"per_seed": [_scripted_result(with_options(config, p), s) for s in seeds]} for p in points]
+
+    def fake_seeds(config, workdir, seeds, **kwargs):
+        return {"per_seed": [_scripted_result(config, s) for s in seeds]}
+
+    monkeypatch.setattr(seeds_mod, "train_grid", fake_grid)
+    monkeypatch.setattr(seeds_mod, "train_seeds", fake_seeds)
+    out = study.run_study(synthetic.get_config("smoke"), str(tmp_path), ["joint", "multiloss"], budget=4,
+                          tune_seeds=(0, 1, 2), eval_seeds=(0, 1, 2, 3, 4), charts=False)
+    assert [c["options"]["uni_weight"] for c in out["tuning"]["multiloss"]] == sorted(_VAL)
+    means = {w: np.mean(v) for w, v in _VAL.items()}
+    assert out["chosen"]["multiloss"] == {"uni_weight": max(means, key=means.get)} == {"uni_weight": 0.3}
+    assert [c["val_mean"] for c in out["tuning"]["multiloss"]] == pytest.approx([means[w] for w in sorted(_VAL)])
+    d = np.array([1.0 - 0.6 + 0.001 * s - (0.5 + 0.01 * s) for s in range(5)])
+    half = stats.t.ppf(0.975, 4) * d.std(ddof=1) / np.sqrt(5)
+    got = out["paired"]["joint"]["multiloss"]
+    assert got["mean"] == pytest.approx(d.mean()) and got["ci95"] == pytest.approx([d.mean() - half, d.mean() + half])

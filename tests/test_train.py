@@ -296,3 +296,29 @@ def test_split_losses_are_per_example_means_of_the_saved_predictions(reference_r
         logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
         want = -logp[np.arange(len(labels)), labels].mean()
         assert res[split]["loss"] == pytest.approx(want, rel=1e-5)
+
+
+def test_selection_on_a_lower_is_better_metric_counts_bad_epochs_from_the_last_improvement(tmp_path, monkeypatch):
+    """Selection on the validation loss (lower is better; its oriented value is negative), scripted to
+    0.5, 0.6, 0.4, 0.45, 0.45 over 5 epochs with patience 2: epoch 3 is selected, its improvement resets
+    the count of bad epochs, so the patience runs out only after the last epoch, which is no early stop;
+    and the published results come from epoch 3's weights: their (real) validation loss is the one
+    measured after epoch 3, not after epoch 5."""
+    real = evaluation.summarize
+    scripted_losses = [0.5, 0.6, 0.4, 0.45, 0.45]
+    measured = []
+
+    def scripted(method, out, k=0):
+        res, outputs = real(method, out, k)
+        if len(measured) < len(scripted_losses):  # the validation summaries of epochs 1-5 (then the final ones)
+            measured.append(res["loss"])
+            res["loss"] = scripted_losses[len(measured) - 1]
+        return res, outputs
+
+    monkeypatch.setattr(evaluation, "summarize", scripted)
+    cfg = smoke_config(num_epochs=5, patience=2, checkpoint=False, select="loss")
+    res = train.train_and_evaluate(cfg, str(tmp_path))
+    assert res["selection"] == "val_loss"
+    assert (res["best_epoch"], res["epochs_run"], res["stopped_early"]) == (3, 5, False)
+    assert len(set(measured)) == 5  # the weights moved every epoch: the epochs' real losses differ
+    assert res["validation"]["loss"] == pytest.approx(measured[2], rel=1e-6)
