@@ -353,6 +353,10 @@ def _finish(programs: Programs, specs: list[RunSpec], states, best, metas, selec
     host_best = best
     best = from_saveable(best, {"params": states.params, "rest": states.rest})
     for i, sp in enumerate(specs):
+        if metas[i]["best_epoch"] == 0:
+            raise FloatingPointError(f"{sp.dir}: no epoch's validation {select} was a number (every value NaN), so "
+                                     "no model was selected; refusing to publish the initial weights. Check the "
+                                     "selection metric (train.select) for this data.")
         bad = non_finite_leaves(take(best, i))
         if bad:
             raise FloatingPointError(f"the selected weights (epoch {metas[i]['best_epoch']}) of {sp.dir} hold "

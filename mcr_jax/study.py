@@ -108,6 +108,16 @@ def run_comparison(config, workdir: str, methods=DEFAULT_METHODS, seeds=(0, 1, 2
     return out
 
 
+def best_configuration(scored: list[dict], name: str = "") -> int:
+    """The index of the configuration with the largest mean validation value (``val_mean``); a NaN
+    mean (a tune seed whose selection metric was undefined) never wins, and all-NaN is an error."""
+    finite = [i for i, s in enumerate(scored) if np.isfinite(s["val_mean"])]
+    if not finite:
+        raise ValueError(f"study: every configuration of {name!r} has an undefined (NaN) mean validation value; "
+                         "nothing can be chosen. Check the selection metric (train.select) for this task.")
+    return max(finite, key=lambda i: scored[i]["val_mean"])
+
+
 def study_grid(label: str) -> dict:
     """The tuning grid of a study's method label (``uni_pre_frozen`` is ``uni_pre`` with options)."""
     return method_grid(METHOD_DEFAULTS.get(label, {}).get("name", label))
@@ -203,7 +213,7 @@ def run_study(config, workdir: str, methods, *, budget: int = 4, tune_seeds=(0, 
             vals = [_val_value(r, select, info.task) for r in results]
             scored.append({"options": options, "root": _config_root(workdir, name, i, fixed),
                            "val_mean": float(np.mean(vals)), "val_per_seed": vals})
-        best = max(range(len(scored)), key=lambda i: scored[i]["val_mean"])
+        best = best_configuration(scored, name)
         tuning[name] = scored
         chosen[name] = scored[best]["options"]
         chosen_root[name] = scored[best]["root"]

@@ -428,3 +428,12 @@ def test_a_finished_seeds_workdir_reruns_without_writing(tmp_path, monkeypatch, 
     os.remove(tmp_path / "summary.json")
     assert seeds.train_seeds(cfg, str(tmp_path), [0, 1])["summary"] == first
     assert "summary.json (OSError: [Errno 30] Read-only file system" in capsys.readouterr().out
+
+
+def test_a_run_whose_selection_value_is_never_a_number_publishes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine, "selection_value", lambda *a, **k: float("nan"))
+    cfg = smoke_config()
+    cfg.train.num_epochs = 2
+    with pytest.raises(FloatingPointError, match="no epoch's validation accuracy was a number"):
+        train.train_and_evaluate(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "results.json").exists()

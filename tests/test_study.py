@@ -120,3 +120,11 @@ def test_the_study_selects_on_the_mean_validation_metric_and_pairs_test_differen
     half = stats.t.ppf(0.975, 4) * d.std(ddof=1) / np.sqrt(5)
     got = out["paired"]["joint"]["multiloss"]
     assert got["mean"] == pytest.approx(d.mean()) and got["ci95"] == pytest.approx([d.mean() - half, d.mean() + half])
+
+
+def test_a_nan_mean_validation_value_is_never_chosen():
+    nan = float("nan")
+    assert study.best_configuration([{"val_mean": nan}, {"val_mean": 0.5}, {"val_mean": 0.9}]) == 2
+    assert study.best_configuration([{"val_mean": 0.7}, {"val_mean": nan}, {"val_mean": 0.6}]) == 0
+    with pytest.raises(ValueError, match="every configuration of 'mcr' has an undefined"):
+        study.best_configuration([{"val_mean": nan}, {"val_mean": nan}], "mcr")
