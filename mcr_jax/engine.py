@@ -170,11 +170,11 @@ class _Store:
                                                   for sp in specs}})
 
     def save(self, epoch, states, best, metas):
-        self.saved = epoch
         if self.single:
             self.ckpt.save(epoch, take(states, 0), take(best, 0), dict(metas[0], config=self.config_json))
         else:
             self.ckpt.save(epoch, states, best, {"epoch": epoch, "per_seed": metas, "config": self.config_json})
+        self.saved = epoch  # after the write: an interrupted save does not count
 
     def _check_config(self, meta: dict) -> None:
         """Before any array is restored: the checkpoint's stored config must be this run's."""
