@@ -159,7 +159,6 @@ class _Store:
     def __init__(self, programs: Programs, specs: list[RunSpec], state_dir: str, enabled: bool):
         self.single = len(specs) == 1
         self.what = "an interrupted run" if self.single else "an interrupted vectorised run"
-        self.saved = 0  # the newest checkpointed epoch
         self.ckpt = Checkpointer(specs[0].dir if self.single else state_dir, enabled=enabled)
         if self.single:
             self.config_json = jsonable(as_dict(specs[0].config))
@@ -174,7 +173,15 @@ class _Store:
             self.ckpt.save(epoch, take(states, 0), take(best, 0), dict(metas[0], config=self.config_json))
         else:
             self.ckpt.save(epoch, states, best, {"epoch": epoch, "per_seed": metas, "config": self.config_json})
-        self.saved = epoch  # after the write: an interrupted save does not count
+
+    def newest(self) -> int | None:
+        """The newest epoch whose checkpoint is completely written (None: none, or checkpointing off)."""
+        if not self.ckpt.enabled:
+            return None
+        try:
+            return self.ckpt.latest_epoch()
+        except Exception:  # reading the folder failed while reporting an interrupt: say nothing wrong
+            return None
 
     def _check_config(self, meta: dict) -> None:
         """Before any array is restored: the checkpoint's stored config must be this run's."""
@@ -193,7 +200,6 @@ class _Store:
         if restored is None:
             return None
         state, chosen, meta = restored
-        self.saved = int(meta["epoch"])
         if self.single:
             meta = {k: v for k, v in meta.items() if k not in ("config", "checksums", "layout")}
             meta.setdefault("steps", int(np.asarray(parallel.to_host(state.step))))
@@ -263,8 +269,8 @@ def train_runs(specs: list[RunSpec], *, state_dir: str | None = None, data=None,
     try:
         states, best, metas = _epochs(programs, specs, store, states, best, metas, start, every, select)
     except KeyboardInterrupt:
-        where = (f"the last checkpoint holds epoch {store.saved}" if store.saved and store.ckpt.enabled
-                 else "no epoch is checkpointed yet")
+        saved = store.newest()
+        where = f"the last checkpoint holds epoch {saved}" if saved else "no epoch is checkpointed yet"
         log(f"[{config.method.name}] interrupted ({where}); rerun the same command to resume.")
         raise
     store.ckpt.close()
