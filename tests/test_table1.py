@@ -49,7 +49,7 @@ def test_the_cremad_block_runs_end_to_end_and_resumes(tmp_path, capsys):
     cfg.parallel.num_devices = 1
     cfg.eval.shapley = False
     work = str(tmp_path / "table")
-    table1.run_table("cremad", cfg, work, [0], labels=KINDS)
+    table1.run_table("cremad", cfg, work, [0], labels=KINDS, smoke=True)
     out = capsys.readouterr().out
     rows = [r for r in table1.ROWS["cremad"][2] if r.label in KINDS]
     assert f"[table1 cremad] {len(rows)}/{len(rows)} rows done (mcr)" in out and "ETA" in out
@@ -63,7 +63,7 @@ def test_the_cremad_block_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert mcr["config"]["init"]["pretrained"]["audio"].endswith(os.path.join("seed_0", "unimodal_audio"))
     ogm = json.load(open(os.path.join(work, "seed_0", "ogm_ge", "results.json")))
     assert ogm["config"]["optim"]["learning_rate"] == 1e-3 and ogm["config"]["method"]["alpha"] == 1.0
-    table1.run_table("cremad", cfg, work, [0], labels=KINDS)  # a rerun reuses every finished run
+    table1.run_table("cremad", cfg, work, [0], labels=KINDS, smoke=True)  # a rerun reuses every finished run
     assert "already finished" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"rows \['mrc'\] are not in the cremad block"):
-        table1.run_table("cremad", cfg, work, [0], labels=["mrc"])
+        table1.run_table("cremad", cfg, work, [0], labels=["mrc"], smoke=True)

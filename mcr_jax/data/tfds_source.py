@@ -82,8 +82,9 @@ def shuffle_buckets_without_tensorflow():
         import resource
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        want = min(hard, max(soft, 4 * shuffle.BUCKETS_NUMBER)) if hard != resource.RLIM_INFINITY else max(
-            soft, 4 * shuffle.BUCKETS_NUMBER)
+        want = max(soft, 4 * shuffle.BUCKETS_NUMBER)
+        if hard != resource.RLIM_INFINITY:
+            want = min(want, hard)
         if want > soft:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     except (ImportError, ValueError, OSError):  # not POSIX, or not allowed: TFDS's own limit stands
