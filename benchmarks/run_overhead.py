@@ -129,18 +129,12 @@ class Breakdown:
 
 
 def time_compile(progs: Programs):
-    """Seconds to lower (trace) and compile each function a device-resident run compiles; the
+    """Seconds to lower (trace) and compile each function a device-resident run compiles
+    (``Programs.precompile``: the epoch, and one evaluation program for validation and test); the
     compiled epoch is returned for timing."""
-    rows, s = progs.epoch_rows(1), progs.states
-    out = {}
-    t0 = time.perf_counter()
-    epoch = progs._epoch_fn.lower(s, progs.device_arrays["train"], rows).compile()
-    out["epoch"] = time.perf_counter() - t0
-    for split in ("validation", "test"):
-        t0 = time.perf_counter()
-        progs._eval_fn[split].lower(s.params, s.rest, progs.device_arrays[split], s.hparams).compile()
-        out[f"eval {split}"] = time.perf_counter() - t0
-    return out, epoch
+    out = {("eval (validation and test)" if k == "eval_validation" else k.replace("_", " ")): v
+           for k, v in progs.precompile().items()}
+    return out, progs._aot["epoch"]
 
 
 def time_epoch(compiled, progs: Programs, reps: int) -> tuple[float, float]:
@@ -155,8 +149,9 @@ def time_epoch(compiled, progs: Programs, reps: int) -> tuple[float, float]:
         state, m = compiled(state, arrays, rows)
         jax.block_until_ready((state.params, m))
         epoch_s.append(time.perf_counter() - t0)
-    val = progs._eval_fn["validation"]
-    args = (state.params, state.rest, progs.device_arrays["validation"], state.hparams)
+    val = progs._aot["eval_validation"]
+    arrays, chunks, _ = progs._eval_splits["validation"]
+    args = (state.params, state.rest, arrays, state.hparams, *chunks[0])
     jax.block_until_ready(val(*args))
     eval_s = []
     for _ in range(reps):
@@ -205,6 +200,20 @@ def main_job_child(out_path: str) -> None:
                 per_method[label_of(workdir)] += time.perf_counter() - t0
         return wrapped
 
+    import threading
+
+    from jax import monitoring
+
+    compile_s = {"all": 0.0, "background": 0.0, "count": 0}
+
+    def on_event(event, seconds, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compile_s["all"] += seconds
+            compile_s["count"] += 1
+            if threading.current_thread().name == "mcr_jax-prepare":
+                compile_s["background"] += seconds
+
+    monitoring.register_event_duration_secs_listener(on_event)
     seeds.train_seeds = timed(seeds.train_seeds, os.path.basename)
     report.train_and_evaluate = timed(report.train_and_evaluate, os.path.basename)
     with tempfile.TemporaryDirectory() as wd, quiet():
@@ -212,7 +221,7 @@ def main_job_child(out_path: str) -> None:
         study.run_comparison(synthetic.get_config(), wd, report.DEFAULT_METHODS, (0, 1, 2))
         total = time.perf_counter() - t0
     with open(out_path, "w") as f:
-        json.dump({"run_comparison": total, "per_method": per_method}, f)
+        json.dump({"run_comparison": total, "per_method": per_method, "compile": compile_s}, f)
 
 
 def main_job() -> dict:
@@ -451,9 +460,8 @@ def main(argv=None):
     print("| item | measurement | value | target | met |")
     print("|---|---|---|---|---|")
     print(f"| 1 | wall time of `train_and_evaluate` (one run, {r1['epochs_run']} epochs) | {r1['wall']:.2f} s | | |")
-    print(f"| 1 | compile (lower + compile: epoch {r1['compile']['epoch']:.2f} s, validation eval "
-          f"{r1['compile']['eval validation']:.2f} s, test eval {r1['compile']['eval test']:.2f} s) "
-          f"| {compile_total:.2f} s | | |")
+    print(f"| 1 | compile (lower + compile: epoch {r1['compile']['epoch']:.2f} s, one evaluation program for "
+          f"validation and test {r1['compile']['eval (validation and test)']:.2f} s) | {compile_total:.2f} s | | |")
     print(f"| 1 | steps × step time ({r1['steps']} × {r1['step'] * 1e3:.3f} ms; compiled epoch alone, median of "
           f"{args.reps}) | {compute:.2f} s | | |")
     print(f"| 1 | wall ÷ (compile + steps × step) | {ratio1:.2f}× | ≤ 1.5× | {met(ratio1 <= 1.5)} |")
@@ -462,6 +470,12 @@ def main(argv=None):
               f"(in-process) | {mj['run_comparison']:.1f} s | ≤ 60 s | {met(mj['run_comparison'] <= 60)} |")
         print(f"| 2 | main job: its process (Python start, imports, `run_comparison`) | {mj['process']:.1f} s "
               f"| ≤ 60 s | {met(mj['process'] <= 60)} |")
+        c = mj["compile"]
+        print(f"| 2 | main job: XLA compile, all threads ({c['count']} programs) | {c['all']:.1f} s | | |")
+        print(f"| 2 | main job: of which on the background thread (the next method's programs, compiled while "
+              f"the current one trains) | {c['background']:.1f} s | | |")
+        print(f"| 2 | main job: compile the main thread waited for (all threads − background) | "
+              f"{c['all'] - c['background']:.1f} s | | |")
     else:
         print("| 2 | main job | skipped (--skip-main-job) | ≤ 60 s | |")
     print(f"| 3 | `train_seeds`, seed 0 alone (median of {args.repeats}) | {wall1:.2f} s | | |")

@@ -28,7 +28,7 @@ from mcr_jax import evaluation, guards, parallel, tensorboard
 from mcr_jax.checkpoint import Checkpointer, from_saveable, host_copy, non_finite_leaves
 from mcr_jax.methods.base import EpochContext
 from mcr_jax.options import as_dict
-from mcr_jax.programs import Programs, RunSpec, put, take
+from mcr_jax.programs import Programs, RunSpec, put, put_rows, take
 from mcr_jax.tasks import Task, get_task
 
 
@@ -298,13 +298,15 @@ def _epochs(programs: Programs, specs: list[RunSpec], store: _Store, states, bes
         states, mets, wait = programs.train_epoch(states, epoch, weights)
         _check_finite_steps(programs, states, active, epoch)
         val_out = programs.evaluate(states.params, states.rest, states.hparams, "validation")
-        vals = {}
+        vals, current, new_states = {}, None, {}
         for i in active:
             val, _ = evaluation.summarize(method, val_out, i)
             value = selection_value(val, select, info.task)
             vals[i] = (val, improves(value, float(val["loss"]), metas[i]))
             if vals[i][1]:
-                best = put(best, i, host_copy({"params": take(states.params, i), "rest": take(states.rest, i)}))
+                if current is None:  # every run's weights in one transfer, then run i's rows on the host
+                    current = host_copy({"params": states.params, "rest": states.rest})
+                best = put(best, i, take(current, i))
                 metas[i].update(best_epoch=epoch, best_value=value, best_loss=float(val["loss"]), bad_epochs=0)
             else:
                 metas[i]["bad_epochs"] += 1
@@ -313,13 +315,15 @@ def _epochs(programs: Programs, specs: list[RunSpec], store: _Store, states, bes
         for i in active:
             m, sp, (val, _) = metas[i], specs[i], vals[i]
             m["train_time_s"] += epoch_time
-            one = take(states, i)
-            ctx = EpochContext(epoch=epoch, steps_per_epoch=programs.steps_per_epoch, state=one,
+            ms = take(states.method_state, i)
+            ctx = EpochContext(epoch=epoch, steps_per_epoch=programs.steps_per_epoch, state_fn=lambda: take(states, i),
                                features_fn=programs.features_fn, fresh_params_fn=programs.fresh_params,
                                fuse_fn=programs.fuse_fn, graphdef_eval=programs.graphdef_eval)
-            new_ms = method.on_epoch_end(epoch, val, ctx.state.method_state, ctx)
-            if ctx.state is not one or new_ms is not one.method_state:  # the hook changed something:
-                states = put(states, i, ctx.state._replace(method_state=new_ms))  # write this run's back
+            new_ms = method.on_epoch_end(epoch, val, ms, ctx)
+            if ctx.replaced:  # the hook installed new parameters: write this run's state back
+                states = put(states, i, ctx.state._replace(method_state=new_ms))
+            elif new_ms is not ms:  # only its method state: written back for every such run at once
+                new_states[i] = new_ms
             m["steps"] = int(steps[i])
             record = {"epoch": epoch, "step": m["steps"], "train": {n: float(np.mean(v[i])) for n, v in mets.items()},
                       "val": {"loss": val["loss"],
@@ -335,6 +339,8 @@ def _epochs(programs: Programs, specs: list[RunSpec], store: _Store, states, bes
             write_history(sp.dir, m["history"])
             if tensorboard.enabled(config) and parallel.is_primary():
                 tensorboard.log_epoch(sp.dir, m["history"][-1])
+        if new_states:
+            states = states._replace(method_state=put_rows(states.method_state, new_states))
         session_time += epoch_time * len(active)  # the ETA uses this session's epochs (not those before a resume)
         done = all(m["stopped_early"] for m in metas)
         eta = 0 if done else session_time / (epoch - start + 1) * (epochs - epoch)

@@ -48,7 +48,10 @@ from mcr_jax.methods.base import ModelHandle, model_inputs
 from mcr_jax.models.build import build_model
 from mcr_jax.optim import make_optimizer
 from mcr_jax.state import StepOutput, TrainState, init_state, split_model
-from mcr_jax.steps import make_epoch_fn, make_eval_fn, make_eval_step, make_train_step
+from mcr_jax.steps import eval_layout, make_epoch_fn, make_eval_fn, make_eval_step, make_train_step
+
+#: the splits the trainer evaluates (validation every epoch, both at the end)
+EVAL_SPLITS = ("validation", "test")
 
 
 @dataclasses.dataclass
@@ -81,6 +84,21 @@ def put(tree, k: int, value):
         return x.at[k].set(v)
 
     return jax.tree.map(one, tree, value)
+
+
+def put_rows(tree, rows: dict):
+    """A stacked pytree with entry ``k`` replaced by ``rows[k]`` for every ``k`` of ``rows``: one
+    update per leaf, however many runs changed (device arrays: a new tree; NumPy: in place)."""
+    index = sorted(rows)
+    new = stack([rows[k] for k in index])
+
+    def one(x, v):
+        if isinstance(x, np.ndarray):
+            x[index] = np.asarray(v)
+            return x
+        return x.at[np.asarray(index)].set(v)
+
+    return jax.tree.map(one, tree, new)
 
 
 def over_runs(fn, k: int, in_axes: tuple):
@@ -261,17 +279,16 @@ class Programs:
         self._eval_step = jax.jit(over_runs(self.eval_step, k, (0, 0, None, None, 0)),
                                   in_shardings=(rep, rep, shard, rep, rep))
         self.device_arrays: dict[str, Any] = {}
-        self._epoch_fn = None
-        self._eval_fn: dict[str, Any] = {}
+        self._epoch_fn = self._eval_fn = None
+        self._aot: dict[str, Any] = {}  # programs compiled ahead of their first call (precompile)
         if self.compiled:
-            for split in ("train", "validation", "test"):
-                self.device_arrays[split] = parallel.replicate(self.data.arrays(split), mesh)
+            self.device_arrays["train"] = parallel.replicate(self.data.arrays("train"), mesh)
             self._epoch_fn = jax.jit(over_runs(make_epoch_fn(self.step, batch_sharding=shard), k, (0, None, 0)),
                                      in_shardings=(rep, rep, rep), out_shardings=(rep, rep), donate_argnums=0)
-            for split in ("validation", "test"):
-                fn = make_eval_fn(self.eval_step, num_examples=self.data.size(split),
-                                  batch_size=self.eval_batch_size, batch_sharding=shard)
-                self._eval_fn[split] = jax.jit(over_runs(fn, k, (0, 0, None, 0)), in_shardings=(rep, rep, rep, rep))
+            self._place_eval_splits()
+            fn = make_eval_fn(self.eval_step, batch_sharding=shard)
+            self._eval_fn = jax.jit(over_runs(fn, k, (0, 0, None, 0, None, None, None, None)),
+                                    in_shardings=(rep,) * 8)
 
         encode = jax.jit(lambda p, r, b: nnx.merge(geval, p, r).encode(*model_inputs(b, info.modalities)),
                          in_shardings=(rep, rep, shard))
@@ -296,6 +313,58 @@ class Programs:
             return np.asarray(parallel.to_host(fuse(p, r, {m: jnp.asarray(v) for m, v in latents.items()})))
 
         self.features_fn, self.fresh_params, self.fuse_fn = features_fn, fresh_params, fuse_fn
+
+    def _place_eval_splits(self) -> None:
+        """Validation and test on the devices for the compiled evaluation: both splits in one set of
+        arrays (validation first) when their columns agree in everything but the row count, so one
+        program scores both; each split in chunks of the validation split's ``[num_batches, B]``
+        layout (validation in one call; test in as many as it needs, its last chunk padded with
+        batches of mask 0 that are dropped)."""
+        hosts = {s: self.data.arrays(s) for s in EVAL_SPLITS}
+        same = jax.tree.structure(hosts["validation"]) == jax.tree.structure(hosts["test"]) and all(
+            a.shape[1:] == b.shape[1:] and a.dtype == b.dtype
+            for a, b in zip(jax.tree.leaves(hosts["validation"]), jax.tree.leaves(hosts["test"]), strict=True))
+        if same:
+            both = parallel.replicate(jax.tree.map(lambda *xs: np.concatenate(xs), *hosts.values()), self.mesh)
+        layouts = {s: tuple(np.asarray(a) for a in eval_layout(self.data.size(s), self.eval_batch_size))
+                   for s in EVAL_SPLITS}
+        chunk = layouts["validation"][0].shape[0]
+        self._eval_splits: dict[str, tuple] = {}
+        base = 0
+        for split in EVAL_SPLITS:
+            rows, mask = layouts[split]
+            nb = rows.shape[0]
+            pad = -nb % chunk
+            rows = np.concatenate([rows, np.zeros((pad, rows.shape[1]), rows.dtype)]).astype(np.int32)
+            mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), mask.dtype)])
+            arrays = both if same else parallel.replicate(hosts[split], self.mesh)
+            chunks = [parallel.replicate((rows[j:j + chunk], mask[j:j + chunk], np.int32(j),
+                                          np.int32(base if same else 0)), self.mesh) for j in range(0, nb, chunk)]
+            self._eval_splits[split] = (arrays, chunks, nb)
+            base += self.data.size(split)
+
+    def precompile(self) -> dict[str, float]:
+        """Lowers and compiles the training epoch and the evaluation now rather than at their first
+        call (device-resident data; nothing to do otherwise); returns the seconds each took. The
+        comparison runner calls it on a background thread for the next method while the current
+        one trains."""
+        times: dict[str, float] = {}
+        if self._epoch_fn is None:
+            return times
+        t0 = time.perf_counter()
+        self._aot["epoch"] = self._epoch_fn.lower(self.states, self.device_arrays["train"],
+                                                  self.epoch_rows(1)).compile()
+        times["epoch"] = time.perf_counter() - t0
+        for split in EVAL_SPLITS:
+            arrays, chunks, _ = self._eval_splits[split]
+            if split != "validation" and arrays is self._eval_splits["validation"][0]:
+                self._aot[f"eval_{split}"] = self._aot["eval_validation"]  # the same program
+                continue
+            t0 = time.perf_counter()
+            self._aot[f"eval_{split}"] = self._eval_fn.lower(self.states.params, self.states.rest, arrays,
+                                                             self.states.hparams, *chunks[0]).compile()
+            times[f"eval_{split}"] = time.perf_counter() - t0
+        return times
 
     # ---- batches -----------------------------------------------------------------------------
     def batches(self, split: str, batch_size: int, *, train: bool, epoch: int, seed: int | None = None, weights=None):
@@ -340,7 +409,8 @@ class Programs:
             weights = None
         states = self.set_epoch(states, epoch)
         if self._epoch_fn is not None:
-            states, mets = self._epoch_fn(states, self.device_arrays["train"], self.epoch_rows(epoch, weights))
+            states, mets = self._aot.get("epoch", self._epoch_fn)(states, self.device_arrays["train"],
+                                                                  self.epoch_rows(epoch, weights))
             return states, {k: np.asarray(v) for k, v in parallel.to_host(mets).items()}, None
         t0, step_metrics = time.perf_counter(), []
         with _Prefetch(lambda: self.run_batches(epoch, weights), self.prefetch) as batches:
@@ -354,9 +424,12 @@ class Programs:
 
     def evaluate(self, params, rest, hparams, split: str) -> EvalOutput:
         """Every run's outputs on ``split`` (stacked ``params`` / ``rest`` / ``hparams``)."""
-        if split in self._eval_fn:
-            return EvalOutput.from_scanned(parallel.to_host(self._eval_fn[split](
-                params, rest, self.device_arrays[split], hparams)))
+        if self._eval_fn is not None:
+            arrays, chunks, nb = self._eval_splits[split]
+            fn = self._aot.get(f"eval_{split}", self._eval_fn)
+            parts = parallel.to_host([fn(params, rest, arrays, hparams, *c) for c in chunks])
+            out = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1)[:, :nb], *parts)
+            return EvalOutput.from_scanned(out)
         outs, masks, labels = [], [], []
         for index, batch in enumerate(self.batches(split, self.eval_batch_size, train=False, epoch=0)):
             outs.append(self._eval_step(params, rest, batch, jnp.int32(index), hparams))
@@ -369,9 +442,9 @@ class Programs:
         """How many programs each compiled function holds (each compiles once per run set; tested)."""
         counts = {"train_step": self.train_step._cache_size(), "eval_step": self._eval_step._cache_size()}
         if self._epoch_fn is not None:
-            counts["epoch"] = self._epoch_fn._cache_size()
-            counts.update({f"eval_{s}": fn._cache_size() for s, fn in self._eval_fn.items()})
+            counts["epoch"] = self._epoch_fn._cache_size() + ("epoch" in self._aot)
+            counts["eval"] = self._eval_fn._cache_size() + len({id(v) for n, v in self._aot.items() if n != "epoch"})
         return counts
 
 
-__all__ = ["Programs", "RunSpec", "compiled_epochs", "over_runs", "put", "stack", "take"]
+__all__ = ["Programs", "RunSpec", "compiled_epochs", "over_runs", "put", "put_rows", "stack", "take"]

@@ -34,7 +34,7 @@ from mcr_jax import engine, guards, metrics, parallel, train
 from mcr_jax.config import resolve_config
 from mcr_jax.methods import get_method
 from mcr_jax.options import as_dict
-from mcr_jax.programs import RunSpec, put, stack, take
+from mcr_jax.programs import Programs, RunSpec, put, stack, take
 
 
 def with_options(config, options: dict | None) -> ml_collections.ConfigDict:
@@ -63,22 +63,92 @@ def vectorizable(method) -> str | None:
     return None if ok else reason
 
 
-def train_seeds(config, workdir: str, seeds, *, seed_dirs: dict | None = None) -> dict:
-    """Trains ``config`` for every seed in ``seeds`` as one vectorised program (see the module
-    docstring) and returns ``{"per_seed": [results], "summary": summary}``.
-
-    ``seed_dirs`` (``{seed: dir}``, default ``<workdir>/seed_<s>``) places each seed's results
-    where a single run of that seed would put them (the comparison runner's layout); the stacked
-    checkpoints and ``summary.json`` go to ``workdir``."""
+def _seed_specs(config, workdir: str, seeds, seed_dirs: dict | None):
+    """``(seeds, config, workdir, specs)`` of :func:`train_seeds`, checked."""
     seeds = guards.check_seeds(seeds)
     config = resolve_config(config)
     guards.validate_config(config)
     workdir = os.path.abspath(workdir)
     dirs = {s: os.path.abspath((seed_dirs or {}).get(s) or os.path.join(workdir, f"seed_{s}")) for s in seeds}
-    configs = {s: _seed_config(config, s) for s in seeds}
-    specs = [RunSpec(s, {}, configs[s], dirs[s]) for s in seeds]
-    results = _train_runs(config, workdir, specs, traced=())
+    specs = [RunSpec(s, {}, _seed_config(config, s), dirs[s]) for s in seeds]
+    return seeds, config, workdir, specs
+
+
+def train_seeds(config, workdir: str, seeds, *, seed_dirs: dict | None = None,
+                prepared: Prepared | None = None) -> dict:
+    """Trains ``config`` for every seed in ``seeds`` as one vectorised program (see the module
+    docstring) and returns ``{"per_seed": [results], "summary": summary}``.
+
+    ``seed_dirs`` (``{seed: dir}``, default ``<workdir>/seed_<s>``) places each seed's results
+    where a single run of that seed would put them (the comparison runner's layout); the stacked
+    checkpoints and ``summary.json`` go to ``workdir``. ``prepared``: the :class:`Prepared`
+    programs of this same call, built ahead (used when they match the runs left to train)."""
+    seeds, config, workdir, specs = _seed_specs(config, workdir, seeds, seed_dirs)
+    results = _train_runs(config, workdir, specs, traced=(), prepared=prepared)
     return _summarize(config, workdir, seeds, results)
+
+
+def _runs_key(specs) -> str:
+    return json.dumps([[sp.dir, sp.seed, sp.hparams, as_dict(sp.config)] for sp in specs], sort_keys=True,
+                      default=str)
+
+
+class Prepared:
+    """The programs of a :func:`train_seeds` call, built and compiled on a background thread while
+    the caller does something else (the comparison runner trains the previous method), so the next
+    method's compile time overlaps the current method's training instead of adding to it.
+
+    Nothing is written and nothing is logged from the thread. Only a fresh vectorised call is
+    prepared: when a run of it already has a ``results.json`` (a rerun, a resume), when its method
+    cannot vectorise, or when building fails for any reason, :meth:`get` gives None and
+    :func:`train_seeds` builds its programs itself, as without preparation (so an error is raised
+    there, in the caller's thread, exactly as before). The results do not depend on where the
+    programs were compiled (the same programs; tested)."""
+
+    def __init__(self, specs: list[RunSpec]):
+        import threading
+
+        self.key = _runs_key(specs)
+        self.compile_s: dict[str, float] = {}
+        self._programs = None
+        self._thread = threading.Thread(target=self._build, args=(specs,), daemon=True,
+                                        name="mcr_jax-prepare")
+        self._thread.start()
+
+    @classmethod
+    def seeds(cls, config, workdir: str, seeds, *, seed_dirs: dict | None = None) -> Prepared:
+        """For ``train_seeds(config, workdir, seeds, seed_dirs=seed_dirs)``."""
+        return cls(_seed_specs(config, workdir, seeds, seed_dirs)[3])
+
+    @classmethod
+    def run(cls, config, workdir: str) -> Prepared:
+        """For ``train.train_and_evaluate(config, workdir)`` (one run). The run must not read a run
+        that is still training (``method.pretrained``, ``init.pretrained``)."""
+        config = resolve_config(config)
+        return cls([RunSpec(int(config.seed), {}, config, os.path.abspath(workdir))])
+
+    def _build(self, specs) -> None:
+        try:
+            if any(os.path.exists(os.path.join(sp.dir, "results.json")) for sp in specs):
+                return
+            first = resolve_config(specs[0].config)
+            if first.method.name in train.ORCHESTRATORS:
+                return
+            data = data_lib.load(first.data)
+            if len(specs) > 1 and vectorizable(get_method(first.method, data.info)) is not None:
+                return
+            programs = Programs(specs, data=data)
+            self.compile_s = programs.precompile()
+            self._programs = programs
+        except Exception:  # built again in the caller's thread, which raises the error there
+            self._programs = None
+
+    def get(self, specs) -> Programs | None:
+        """The prepared programs if they are those of exactly ``specs``; waits for the thread."""
+        self._thread.join()
+        if self._programs is None or _runs_key(specs) != self.key:
+            return None
+        return self._programs
 
 
 def train_grid(config, workdir: str, seeds, points: list[dict]) -> list[dict]:
@@ -105,7 +175,8 @@ def train_grid(config, workdir: str, seeds, points: list[dict]) -> list[dict]:
     return out
 
 
-def _train_runs(config, workdir: str, specs: list[RunSpec], traced: tuple) -> list[dict]:
+def _train_runs(config, workdir: str, specs: list[RunSpec], traced: tuple,
+                prepared: Prepared | None = None) -> list[dict]:
     """The results of every run in ``specs`` (finished runs reused): one vectorised program when
     possible, else one after another."""
     done = [engine.finished(sp.dir, sp.config) for sp in specs]
@@ -115,7 +186,8 @@ def _train_runs(config, workdir: str, specs: list[RunSpec], traced: tuple) -> li
     if parallel.is_primary():
         guards.check_writable(workdir)
     first = resolve_config(specs[todo[0]].config)
-    data = data_lib.load(first.data)
+    programs = prepared.get([specs[i] for i in todo]) if prepared is not None else None
+    data = programs.data if programs is not None else data_lib.load(first.data)
     method = get_method(first.method, data.info)
     reason = vectorizable(method) if len(todo) > 1 else "one run"
     if reason is None and not set(traced) <= set(method.traceable) | {"learning_rate"}:
@@ -138,7 +210,7 @@ def _train_runs(config, workdir: str, specs: list[RunSpec], traced: tuple) -> li
     tag = json.dumps([[specs[i].dir, specs[i].seed, specs[i].hparams] for i in todo], sort_keys=True)
     state_dir = os.path.join(workdir, "vectorized", "runs_" + hashlib.sha1(tag.encode()).hexdigest()[:12])
     with guards.workdir_lock(workdir):
-        new = engine.train_runs([specs[i] for i in todo], state_dir=state_dir, data=data)
+        new = engine.train_runs([specs[i] for i in todo], state_dir=state_dir, data=data, programs=programs)
     for i, r in zip(todo, new, strict=True):
         done[i] = r
     return done
@@ -166,4 +238,4 @@ def _write_summary(path: str, summary: dict) -> None:
                    "and the summary is returned, not saved.")
 
 
-__all__ = ["RunSpec", "put", "stack", "take", "train_grid", "train_seeds", "vectorizable", "with_options"]
+__all__ = ["Prepared", "RunSpec", "put", "stack", "take", "train_grid", "train_seeds", "vectorizable", "with_options"]

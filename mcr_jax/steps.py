@@ -83,10 +83,12 @@ def make_train_step(method, tx, graphdef_train, graphdef_eval, metric_names, bas
     return step
 
 
-def gather_batch(arrays: dict, rows: jax.Array, mask: jax.Array | None = None) -> dict:
-    """``{k: v[rows]}`` plus the ``mask`` column (all ones unless given) and the ``index`` column
-    (``rows``: each row's example index in the split), as the host pipeline's batches."""
-    batch = {k: v[rows] for k, v in arrays.items()}
+def gather_batch(arrays: dict, rows: jax.Array, mask: jax.Array | None = None, base=None) -> dict:
+    """``{k: v[base + rows]}`` plus the ``mask`` column (all ones unless given) and the ``index``
+    column (``rows``: each row's example index in the split), as the host pipeline's batches.
+    ``base``: where the split starts in ``arrays`` (several splits held in one set of arrays)."""
+    where = rows if base is None else base + rows
+    batch = {k: v[where] for k, v in arrays.items()}
     batch["mask"] = jnp.ones(rows.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
     batch[INDEX_KEY] = rows.astype(jnp.int32)
     return batch
@@ -147,21 +149,28 @@ def eval_layout(num_examples: int, batch_size: int) -> tuple[jax.Array, jax.Arra
     return jnp.where(valid, flat, 0).reshape(nb, batch_size), valid.reshape(nb, batch_size)
 
 
-def make_eval_fn(eval_step, *, num_examples: int, batch_size: int, batch_sharding=None):
-    """``(params, rest, arrays) -> outputs`` with a leading ``[num_batches]`` axis (plus ``mask``
-    and ``label``): the whole split in one call, batch ``i`` scored as ``eval_step(..., i)``."""
-    rows, mask = eval_layout(num_examples, batch_size)
+def make_eval_fn(eval_step, *, batch_sharding=None):
+    """``(params, rest, arrays, hparams, rows, mask, first, base) -> outputs`` with a leading
+    ``[num_batches]`` axis (plus ``mask`` and ``label``): the batches ``arrays[base + rows[i]]``
+    (``rows``, ``mask``: ``[num_batches, B]``; ``rows`` the examples' indices in their split,
+    ``base`` where the split starts in ``arrays``) in one call, batch ``i`` scored as
+    ``eval_step(..., first + i)``.
 
-    def run(params, rest, arrays, hparams=None):
+    The layout is an argument, not a constant of the program, so one compiled program scores any
+    split whose arrays it is given in chunks of the same ``[num_batches, B]`` shape (the trainer
+    scores validation and test with one program; :func:`eval_layout` gives a split's layout)."""
+
+    def run(params, rest, arrays, hparams, rows, mask, first, base):
         def body(_, xs):
             i, r, m = xs
-            batch = gather_batch(arrays, r, m)
+            batch = gather_batch(arrays, r, m, base)
             if batch_sharding is not None:
                 batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
             out = eval_step(params, rest, batch, i, hparams)
             return None, dict(out, mask=batch["mask"], label=batch["label"])
 
-        return jax.lax.scan(body, None, (jnp.arange(rows.shape[0], dtype=jnp.int32), rows, mask))[1]
+        index = first + jnp.arange(rows.shape[0], dtype=jnp.int32)
+        return jax.lax.scan(body, None, (index, rows, mask))[1]
 
     return run
 

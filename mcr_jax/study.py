@@ -52,7 +52,7 @@ BASELINES = ("joint", "ensemble", "mcr")
 
 
 def run_comparison(config, workdir: str, methods=DEFAULT_METHODS, seeds=(0, 1, 2), *,
-                   overrides: dict | None = None, from_unimodal=(), progress=None) -> dict:
+                   overrides: dict | None = None, from_unimodal=(), progress=None, compile_ahead: bool = True) -> dict:
     """Runs every method for every seed; returns ``{"runs": {label: [results per seed]}, "summary": ...}``.
 
     A method's seeds train as one vectorised program where they can (:func:`mcr_jax.seeds.train_seeds`;
@@ -64,9 +64,12 @@ def run_comparison(config, workdir: str, methods=DEFAULT_METHODS, seeds=(0, 1, 2
     hyperparameters, learning rate, batch size; :func:`mcr_jax.report.with_overrides`; the
     ``unimodal`` label's also reach the unimodal runs). ``from_unimodal``: labels whose runs start
     from their seed's unimodal runs' selected encoders (``init.pretrained``), run seed by seed.
-    ``progress``: called with ``(label, seeds_done)`` after each label (an ETA across a table)."""
+    ``progress``: called with ``(label, seeds_done)`` after each label (an ETA across a table).
+    ``compile_ahead``: while a method trains, the next vectorised method's programs are built and
+    compiled on a background thread (:class:`mcr_jax.seeds.Prepared`; the results are the same
+    either way)."""
     from mcr_jax.data import load
-    from mcr_jax.seeds import train_seeds
+    from mcr_jax.seeds import Prepared, train_seeds
 
     seeds = guards.check_seeds(seeds)
     modalities = load(config.data).info.modalities
@@ -75,17 +78,22 @@ def run_comparison(config, workdir: str, methods=DEFAULT_METHODS, seeds=(0, 1, 2
     def seed_dir(s):
         return os.path.join(workdir, f"seed_{s}")
 
-    def all_seeds(cfg, label, name):
-        out = train_seeds(cfg, os.path.join(workdir, "vectorized", name), seeds,
-                          seed_dirs={s: os.path.join(seed_dir(s), name) for s in seeds})
-        runs[label] = out["per_seed"]
+    def vectorized_dir(name):
+        return os.path.join(workdir, "vectorized", name)
 
+    def seed_dirs(name):
+        return {s: os.path.join(seed_dir(s), name) for s in seeds}
+
+    # The work in order: ("seeds", label, dir name, config) trains every seed as one program;
+    # ("run", name, seed, config) one seed's run from that seed's unimodal runs (ensemble, uni-pre,
+    # ``from_unimodal``); ("done", name) reports progress.
     overrides = dict(overrides or {})
+    units: list[tuple] = []
     for name in methods:
         own = overrides.get(name)
         if per_modality(name):
-            for m in modalities:
-                all_seeds(with_overrides(unimodal_config(config, m), own), f"unimodal {m}", f"unimodal_{m}")
+            units += [("seeds", f"unimodal {m}", f"unimodal_{m}", with_overrides(unimodal_config(config, m), own))
+                      for m in modalities]
         elif needs_unimodal_runs(name) or name in from_unimodal:
             for s in seeds:
                 base = ml_collections.ConfigDict(config.to_dict())
@@ -94,12 +102,42 @@ def run_comparison(config, workdir: str, methods=DEFAULT_METHODS, seeds=(0, 1, 2
                 cfg = comparison_config(base, name, unimodal_dirs, own)
                 if name in from_unimodal:
                     cfg.init.pretrained = dict(unimodal_dirs)
-                res = train_and_evaluate(cfg, os.path.join(seed_dir(s), name))
-                runs.setdefault(name, []).append(res)
+                units.append(("run", name, s, cfg))
         else:
-            all_seeds(comparison_config(config, name, {}, own), name, name)
-        if progress is not None:
-            progress(name, len(seeds))
+            units.append(("seeds", name, name, comparison_config(config, name, {}, own)))
+        units.append(("done", name))
+    work = [u for u in units if u[0] != "done"]
+    following = {id(a): b for a, b in zip(work, work[1:], strict=False)}
+
+    def prepare(unit, current):
+        """The unit's programs, built on a background thread. A per-seed run may read other runs
+        (uni-pre's encoders, UMT's teachers): it is prepared only while a run of the same method
+        trains, when the runs it reads are finished."""
+        if unit[0] == "seeds":
+            return Prepared.seeds(unit[3], vectorized_dir(unit[2]), seeds, seed_dirs=seed_dirs(unit[2]))
+        if current[0] == "run" and current[1] == unit[1]:
+            return Prepared.run(unit[3], os.path.join(seed_dir(unit[2]), unit[1]))
+        return None
+
+    ahead = None  # (unit, Prepared): the next unit's programs, compiled on a background thread meanwhile
+    for unit in units:
+        if unit[0] == "done":
+            if progress is not None:
+                progress(unit[1], len(seeds))
+            continue
+        prepared = ahead[1] if ahead is not None and ahead[0] is unit else None
+        nxt, ahead = following.get(id(unit)), None
+        if compile_ahead and nxt is not None:
+            made = prepare(nxt, unit)
+            ahead = (nxt, made) if made is not None else None
+        if unit[0] == "seeds":
+            _, label, name, cfg = unit
+            out = train_seeds(cfg, vectorized_dir(name), seeds, seed_dirs=seed_dirs(name), prepared=prepared)
+            runs[label] = out["per_seed"]
+        else:
+            _, name, s, cfg = unit
+            res = train_and_evaluate(cfg, os.path.join(seed_dir(s), name), prepared=prepared)
+            runs.setdefault(name, []).append(res)
     summary = summarize(runs)
     out = {"dataset": config.data.name, "modalities": list(modalities), "seeds": list(seeds), "summary": summary,
            "runs": runs}

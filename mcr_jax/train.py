@@ -32,8 +32,10 @@ from mcr_jax.programs import RunSpec
 from mcr_jax.tasks import get_task
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains ``config.method`` on ``config.data`` and returns the results (also in results.json)."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, prepared=None) -> dict:
+    """Trains ``config.method`` on ``config.data`` and returns the results (also in results.json).
+    ``prepared``: this run's programs built ahead (:meth:`mcr_jax.seeds.Prepared.run`), used when
+    they match."""
     workdir = os.path.abspath(workdir)
     config = resolve_config(config)
     guards.validate_config(config)
@@ -47,7 +49,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with guards.workdir_lock(workdir):
         if orchestrated:
             return ORCHESTRATORS[config.method.name](config, workdir)
-        return train_runs([RunSpec(int(config.seed), {}, config, workdir)])[0]
+        spec = RunSpec(int(config.seed), {}, config, workdir)
+        return train_runs([spec], programs=prepared.get([spec]) if prepared is not None else None)[0]
 
 
 def unimodal_config(config, modality: str) -> ml_collections.ConfigDict:

@@ -70,6 +70,32 @@ def test_compiled_evaluation_equals_the_batch_loop(run):
         assert compiled["mipd"][m] == pytest.approx(looped["mipd"][m], rel=1e-4)
 
 
+@pytest.mark.parametrize("ahead", [False, True], ids=["at-first-call", "precompiled"])
+def test_one_compiled_program_scores_validation_and_test_of_other_sizes(ahead):
+    """Validation 40 and test 130 examples in batches of 32: validation is one chunk of 2 batches,
+    test 5 batches in 3 chunks (the last padded with a batch of mask 0); both equal the batch loop,
+    from one program, whether it was compiled ahead (the comparison runner's background thread) or at
+    its first call."""
+    cfg = smoke_config()
+    cfg.data.num_validation, cfg.data.num_test = 40, 130
+    compiled = Programs.single(cfg)
+    if ahead:
+        assert set(compiled.precompile()) == {"epoch", "eval_validation"}
+    cfg.train.compiled_epochs = False
+    looped = Programs.single(cfg)
+    s = compiled.states
+    for split, n in (("validation", 40), ("test", 130)):
+        a, out_a = evaluation.summarize(compiled.method, compiled.evaluate(s.params, s.rest, s.hparams, split))
+        b, out_b = evaluation.summarize(looped.method, looped.evaluate(s.params, s.rest, s.hparams, split))
+        assert out_a["logits"].shape[0] == n
+        np.testing.assert_allclose(out_a["logits"], out_b["logits"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(out_a["labels"], out_b["labels"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        for m in a["mipd"]:
+            assert a["mipd"][m] == pytest.approx(b["mipd"][m], rel=1e-4)
+    assert compiled.compile_counts()["eval"] == 1
+
+
 def _recording(monkeypatch):
     made = []
     real = engine.Programs
@@ -86,7 +112,7 @@ def test_each_program_compiles_once(tmp_path, monkeypatch):
     made = _recording(monkeypatch)
     train.train_and_evaluate(smoke_config(num_epochs=3, checkpoint=False), str(tmp_path))
     counts = made[0].compile_counts()
-    assert counts["epoch"] == 1 and counts["eval_validation"] == 1 and counts["eval_test"] == 1
+    assert counts["epoch"] == 1 and counts["eval"] == 1  # one program scores validation and test
 
 
 def test_checkpoint_cadence_and_resume(tmp_path, monkeypatch):

@@ -128,3 +128,33 @@ def test_a_nan_mean_validation_value_is_never_chosen():
     assert study.best_configuration([{"val_mean": 0.7}, {"val_mean": nan}, {"val_mean": 0.6}]) == 0
     with pytest.raises(ValueError, match="every configuration of 'mcr' has an undefined"):
         study.best_configuration([{"val_mean": nan}, {"val_mean": nan}], "mcr")
+
+
+def test_compiling_the_next_method_ahead_changes_no_result(tmp_path, monkeypatch):
+    """The comparison runner builds and compiles the next unit's programs on a background thread
+    (the next vectorised method, the next seed of a per-seed method): the prepared programs are
+    used, and every run's results equal those of the same comparison without preparation."""
+    from mcr_jax import seeds as seeds_lib
+
+    cfg = synthetic.get_config("smoke")
+    cfg.train.num_epochs = 2
+    cfg.parallel.num_devices = 1
+    used = []
+    real_get = seeds_lib.Prepared.get
+
+    def get(self, specs):
+        programs = real_get(self, specs)
+        used.append(programs is not None)
+        return programs
+
+    monkeypatch.setattr(seeds_lib.Prepared, "get", get)
+    methods = ["unimodal", "uni_pre_frozen", "joint"]
+    ahead = study.run_comparison(cfg, str(tmp_path / "ahead"), methods, (0, 1))
+    assert used == [True, True, True]  # unimodal x2, uni-pre's seed 1, joint
+    inline = study.run_comparison(cfg, str(tmp_path / "inline"), methods, (0, 1), compile_ahead=False)
+    assert len(used) == 3
+    for label, runs in inline["runs"].items():
+        for a, b in zip(ahead["runs"][label], runs, strict=True):
+            for split in ("validation", "test"):
+                assert a[split]["heads"] == b[split]["heads"], (label, split)
+            assert a["best_epoch"] == b["best_epoch"]

@@ -93,12 +93,17 @@ class EpochContext:
       params, rest)`` builds the model; None where the caller gives none).
     """
 
-    def __init__(self, *, epoch, steps_per_epoch, state, features_fn, fresh_params_fn, fuse_fn=None,
-                 graphdef_eval=None):
+    def __init__(self, *, epoch, steps_per_epoch, state=None, features_fn, fresh_params_fn, fuse_fn=None,
+                 graphdef_eval=None, state_fn=None):
         self.epoch = epoch
         self.graphdef_eval = graphdef_eval
         self.steps_per_epoch = steps_per_epoch
+        # ``state``, or ``state_fn()`` made when first read (the trainer's hooks of most methods never
+        # read it, and taking one run's state out of K stacked runs costs a dispatch per leaf)
         self._state = state
+        self._state_fn = state_fn
+        #: whether the hook installed new parameters (:meth:`replace_params`)
+        self.replaced = False
         self._features_fn = features_fn
         self._fresh_params_fn = fresh_params_fn
         self._fuse_fn = fuse_fn
@@ -107,22 +112,25 @@ class EpochContext:
 
     @property
     def state(self):
+        if self._state is None and self._state_fn is not None:
+            self._state = self._state_fn()
         return self._state
 
     @property
     def params(self):
-        return self._state.params
+        return self.state.params
 
     @property
     def rest(self):
-        return self._state.rest
+        return self.state.rest
 
     def replace_params(self, params) -> None:
-        jax.tree.map(lambda a, b: None, self._state.params, params)  # same structure, or an error
-        self._state = self._state._replace(params=params)
+        jax.tree.map(lambda a, b: None, self.state.params, params)  # same structure, or an error
+        self._state = self.state._replace(params=params)
+        self.replaced = True
 
     def features(self, split: str):
-        return self._features_fn(self._state.params, self._state.rest, split)
+        return self._features_fn(self.params, self.rest, split)
 
     def fresh_params(self, seed: int):
         return self._fresh_params_fn(seed)
@@ -130,7 +138,7 @@ class EpochContext:
     def fuse(self, latents):
         if self._fuse_fn is None:
             raise ValueError("this epoch context has no fusion function (the trainer passes fuse_fn).")
-        return self._fuse_fn(self._state.params, self._state.rest, latents)
+        return self._fuse_fn(self.params, self.rest, latents)
 
     def log(self, metrics) -> None:
         self.logged.update({str(k): float(v) for k, v in dict(metrics).items()})
