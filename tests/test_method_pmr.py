@@ -1,7 +1,8 @@
 """PMR tests: prototypes, PCE, ratio, coefficients and the entropy term against float64 NumPy; the
 released loss (golden); one trainer run; the clear errors.
 
-Golden reference: fanyunfeng-bit/Modal-Imbalance-PMR (commit 3615e48), ``main_Prototype_grad.py``:
+Golden reference: fanyunfeng-bit/Modal-Imbalance-PMR (commit 1e5c79b; the later merge 3615e48 has the same code),
+``main_Prototype_grad.py``:
 ``EU_dist`` (lines 69-75), ``train_epoch`` lines 152-178 (``audio_sim = -EU_dist(a, audio_proto)``,
 ``score_*_p``, ``ratio_a_p``, ``criterion(audio_sim, label)``, the ``if ratio_a_p > 1`` choice of
 ``beta`` / ``lam``, ``loss = criterion(out, label) + beta * loss_proto_a + lam * loss_proto_v``) and
