@@ -293,6 +293,20 @@ def test_noise_perturbation_statistics():
     np.testing.assert_allclose(diff.std(axis=0), 0.5 * np.asarray(z).std(axis=0), rtol=0.05)
 
 
+def test_noise_perturbation_holds_its_std_constant_in_the_gradient():
+    """``z~_s = z + scale · std_B(z) ⊙ ε_s`` with the per-feature std a constant: d Σ_s <W_s, z~_s> / dz is
+    Σ_s W_s exactly (analytic), whatever ε; with the std differentiated it would not be."""
+    rng = _rng(7)
+    z = jnp.asarray(rng.normal(size=(6, 3)) * np.array([1.0, 2.0, 0.5]), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(4, 6, 3)), jnp.float32)
+    key = jax.random.key(3)
+
+    def f(x):
+        return jnp.sum(w * losses.perturb_latent(x, kind="noise", key=key, num_samples=4, noise_scale=0.7))
+
+    np.testing.assert_allclose(jax.grad(f)(z), np.asarray(w).sum(0), rtol=1e-5, atol=1e-6)
+
+
 def test_linear_fusion_branch_logit_fast_path_equals_latent_path():
     """Permuting branch logits z_m W_m == permuting z_m under linear late fusion: values and grads."""
     r = _rng(4)
