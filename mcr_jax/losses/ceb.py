@@ -8,7 +8,7 @@ mean squared error:
 with :math:`c = \mathrm{stop\_gradient}(\ell)` the fused logits (the reference code) or
 :math:`c = \mathrm{onehot}(y)` (the paper). Gradients reach the encoders and :math:`h`, never the
 fused logits. The decoder is a callable so this stays a pure function; the Flax module lives in
-``mcr_jax.models``.
+``mcr_jax.models``. The term in the method as a whole: docs/method.md#ceb.
 """
 
 from __future__ import annotations

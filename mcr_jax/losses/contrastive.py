@@ -23,7 +23,8 @@ with the same label (SupCon with the positives averaged outside the log):
    \ell_a = -\frac{1}{|P(a)|}\sum_{p \in P(a)} \log \frac{e^{s_{ap}}}{\sum_{j \in m'} e^{s_{aj}}},
 
 averaged over anchors that have a positive, then over the ``M(M-1)`` ordered pairs. The paper
-bounds :math:`I(X_2;Y|X_1) + I(X_1;Y|X_2) + 2 I(X_1;X_2) \ge \log N - L_{Con}`.
+bounds :math:`I(X_2;Y|X_1) + I(X_1;Y|X_2) + 2 I(X_1;X_2) \ge \log N - L_{Con}`. The term in the method as a
+whole: docs/method.md#contrastive.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def jsd_from_logits(p_logits: jax.Array, q_logits: jax.Array, *, axis: int = -1)
 
     Natural log, so :math:`0 \le \mathrm{JSD} \le \ln 2`. ``log M`` is formed with ``logaddexp``
     of the two log-softmaxes, so no probability is ever logged and extreme logits stay finite.
-    This is the divergence of the MIPD term (Kontras et al. 2025, eq. for L_MIPD).
+    This is the divergence of the MIPD term (Kontras et al. 2025; docs/method.md#mipd).
 
     Args:
       p_logits: ``[..., C]`` logits of P (for MIPD: the clean fused prediction).

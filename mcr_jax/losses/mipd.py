@@ -2,7 +2,7 @@ r"""The unique-information term: MIPD estimated by perturbing one modality's lat
 
 For modality :math:`m` the Mutual Information Perturbation Difference is lower-bounded through the
 divergence between the clean prediction and the prediction with :math:`z_m` replaced by a sample
-from its marginal (Kontras et al. 2025, §3.2):
+from its marginal (Kontras et al. 2025, §3.2; docs/method.md#mipd states it with the other terms):
 
 .. math::
    D_m = \mathbb{E}_{\sigma}\Big[\tfrac{1}{B}\sum_b
