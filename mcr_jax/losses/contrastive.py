@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from mcr_jax.losses._checks import (
+    assert_rank,
     require_modalities,
     require_nonempty_batch,
     require_rank,
@@ -181,7 +182,9 @@ def binarize_regression_labels(labels: jax.Array, *, threshold: float = 0.0) -> 
 
     ``0`` for ``y < threshold``, ``1`` otherwise. (The reference code uses the raw real-valued
     scores as classes, so only exactly equal scores are positives; pass the raw labels for that.)
+    Another rank than ``[B]`` is a ``ValueError``.
     """
+    assert_rank(labels, 1, "labels", "[B] sentiment scores")
     return (labels >= threshold).astype(jnp.int32)
 
 

@@ -29,6 +29,7 @@ def kl_from_logits(p_logits: jax.Array, q_logits: jax.Array, *, axis: int = -1) 
       ``[...]`` divergences in nats (natural log), >= 0.
     """
     require_same_shape(p_logits, q_logits, "p_logits", "q_logits")
+    require_min_rank(p_logits, 1, "p_logits", "[..., C]")
     log_p = jax.nn.log_softmax(p_logits, axis=axis)
     log_q = jax.nn.log_softmax(q_logits, axis=axis)
     return jnp.maximum(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=axis), 0.0)

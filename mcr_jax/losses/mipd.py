@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcr_jax.losses._checks import (
+    assert_rank,
     require_modalities,
     require_nonempty_batch,
     require_rank,
@@ -560,5 +561,6 @@ def _jsd_against_clean(clean_logits):
 
 
 def mipd_loss(divergences: jax.Array) -> jax.Array:
-    """``L_MIPD_m = -D_m`` for every modality: ``[M] -> [M]``."""
+    """``L_MIPD_m = -D_m`` for every modality: ``[M] -> [M]`` (another rank is a ``ValueError``)."""
+    assert_rank(divergences, 1, "divergences", "[M], one per modality, from mipd_divergences")
     return -divergences
