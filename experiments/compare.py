@@ -10,19 +10,39 @@ import os
 
 from absl import flags
 
-from experiments.flags import FLAGS, define_common_flags, define_int_list, int_list, run, start
+from experiments.flags import (
+    FLAGS,
+    check_comparison,
+    define_common_flags,
+    define_int_list,
+    help_epilogue,
+    int_list,
+    name_list,
+    run,
+    start,
+)
+from mcr_jax import guards
 from mcr_jax.report import DEFAULT_METHODS, TABLE_STATISTICS, bar_chart, format_table
 from mcr_jax.study import run_comparison
 
+__doc__ += help_epilogue(comparison=True)
+
 define_common_flags("Directory for every run, results.json, table.md and the chart.")
-flags.DEFINE_string("methods", ",".join(DEFAULT_METHODS), "Comma-separated methods.")
+flags.DEFINE_string("methods", ",".join(DEFAULT_METHODS), "Comma-separated methods (the list below --help's text).")
 define_int_list("seeds", "0,1,2", "Comma-separated seeds.")
+
+
+def check():
+    """Every method name, the config and the seeds, before any data is loaded or anything compiles
+    (a mistake: one line, exit status 2)."""
+    check_comparison(FLAGS.config, name_list(FLAGS.methods))
+    guards.check_seeds(int_list(FLAGS.seeds))
 
 
 def main(argv):
     del argv
     start()
-    methods = [m.strip() for m in FLAGS.methods.split(",") if m.strip()]
+    methods = name_list(FLAGS.methods)
     seeds = int_list(FLAGS.seeds)
     out = run_comparison(FLAGS.config, FLAGS.workdir, methods, seeds)
     task = next(iter(out["runs"].values()))[0]["task"]
@@ -37,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, check)

@@ -70,15 +70,29 @@ def make_step(tx, players, *, weight_mipd, weight_uni, weight_con, num_perms, st
     return step
 
 
+NUM_SAMPLES = 2048
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {value}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--strategy", default="greedy", choices=sorted(mcr_jax.STRATEGIES))
+    parser.add_argument("--epochs", type=_positive, default=10, help="Training epochs (>= 1).")
+    parser.add_argument("--batch-size", type=_positive, default=64,
+                        help=f"Samples per step (1 … {NUM_SAMPLES}, the demo's training set).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the data, the weights and the permutations.")
+    parser.add_argument("--strategy", default="greedy", choices=sorted(mcr_jax.STRATEGIES),
+                        help="The competition game's strategy.")
     args = parser.parse_args(argv)
+    if args.batch_size > NUM_SAMPLES:
+        parser.error(f"--batch-size must be at most {NUM_SAMPLES} (the demo's training set); got {args.batch_size}")
 
-    x, y = make_data(2048, args.seed)
+    x, y = make_data(NUM_SAMPLES, args.seed)
     params = init_params(jax.random.key(args.seed))
     players = mcr_jax.assign_players(params, NAMES)
     tx = optax.adam(3e-3)

@@ -8,13 +8,32 @@ interrupted run from its last finished epoch (or returns a finished run's result
 """
 
 
-from experiments.flags import FLAGS, define_common_flags, define_int_list, int_list, run, start
+from experiments.flags import (
+    FLAGS,
+    check_config,
+    define_common_flags,
+    define_int_list,
+    help_epilogue,
+    int_list,
+    run,
+    start,
+)
+from mcr_jax import guards
 from mcr_jax.seeds import train_seeds
 from mcr_jax.train import train_and_evaluate
+
+__doc__ += help_epilogue()
 
 define_common_flags("Where checkpoints, metrics.jsonl and results.json go.")
 define_int_list("seeds", "", "Comma-separated seeds, trained as one vectorised program where possible; each "
                     "seed's results in <workdir>/seed_<s>, mean ± std in <workdir>/summary.json.")
+
+
+def check():
+    """Every name, key and value, before any data is loaded (a mistake: one line, exit status 2)."""
+    check_config(FLAGS.config)
+    if int_list(FLAGS.seeds):
+        guards.check_seeds(int_list(FLAGS.seeds))
 
 
 def main(argv):
@@ -33,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, check)

@@ -32,12 +32,12 @@ from collections.abc import Callable
 
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from experiments.diagnose import group_accuracy
-from experiments.flags import define_int_list, int_list, run
-from mcr_jax import guards, metrics, study
+from experiments.flags import check_comparison, check_config, define_int_list, help_epilogue, int_list, name_list, run
+from mcr_jax import guards, metrics, names, study
 from mcr_jax.report import DEFAULT_METHODS, TABLE_STATISTICS, format_table
 
 #: the paper's Fig. 1 axis: unique-to-x1 : shared = 0, 1/3, 1, 3 with unique-to-x2 fixed at 0.2
@@ -594,21 +594,60 @@ STUDIES: dict[str, Callable[[Options], None]] = {
     "diagnosis": _diagnosis,
 }
 
+#: the MCR variants each variant study trains (dotted overrides of MCR's tuned configuration)
+VARIANTS = {"ablation": ABLATIONS, "game": GAME, "perturbation": PERTURBATIONS, "perturbation_ref": PERTURBATIONS_REF,
+            "balanced": BALANCED}
+
+__doc__ += help_epilogue(comparison=True) + f"Studies (--study): {', '.join(STUDIES)}, or all.\n"
+
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "experiments/configs/synthetic.py", "Synthetic base config.",
-                                lock_config=False)
-config_flags.DEFINE_config_file("mfeat_config", "experiments/configs/mfeat.py", "mfeat base config.",
+config_flags.DEFINE_config_file("config", "experiments/configs/synthetic.py",
+                                "Synthetic base config (experiments/configs/synthetic.py[:smoke]); override any of "
+                                "its keys with --config.<section>.<option>=…", lock_config=False)
+config_flags.DEFINE_config_file("mfeat_config", "experiments/configs/mfeat.py", "mfeat base config (the mfeat study).",
                                 lock_config=False)
 flags.DEFINE_string("study", "synthetic", f"Comma-separated studies: {', '.join(STUDIES)}, or all.")
 flags.DEFINE_string("workdir", "runs/repro", "Where the runs go.")
 flags.DEFINE_string("out", "docs/reproduction", "Where the tables (.md) and figures (.png) go.")
-flags.DEFINE_string("methods", ",".join(DEFAULT_METHODS), "Methods of the tuned studies.")
+flags.DEFINE_string("methods", ",".join(DEFAULT_METHODS), "Methods of the tuned studies (listed below --help's text).")
 flags.DEFINE_integer("budget", 4, "Configurations per method (the same for every method with hyperparameters).")
 define_int_list("tune_seeds", "0,1,2", "Seeds for choosing configurations (validation).")
 define_int_list("eval_seeds", "0,1,2,3,4", "Seeds the chosen configuration is reported on (test).")
 define_int_list("variant_seeds", "0,1,2,3,4,5,6,7,8,9", "Seeds of the MCR variant studies.")
 define_int_list("settings", "", "Restrict a sweep / mfeat study to these setting indices (e.g. 0,1).")
 
+
+def study_names(text: str) -> list[str]:
+    """The studies ``--study`` names (``all``: every one, in :data:`STUDIES`' order); an unknown one
+    is :class:`mcr_jax.names.UnknownName`."""
+    if text.strip() == "all":
+        return list(STUDIES)
+    chosen = name_list(text)
+    if not chosen:
+        raise ValueError(f"no study given; --study takes {', '.join(STUDIES)} or all.")
+    for name in chosen:
+        names.check("study", name, list(STUDIES), "studies (or all)")
+    return chosen
+
+
+def check():
+    """The study names, the methods, both base configs and every MCR variant the chosen studies
+    train, the budget and the seeds, before any data is loaded or anything compiles (a mistake: one
+    line, exit status 2)."""
+    from mcr_jax.report import comparison_config
+
+    chosen = study_names(FLAGS.study)
+    check_comparison(FLAGS.config, name_list(FLAGS.methods))
+    if "mfeat" in chosen:
+        check_comparison(FLAGS.mfeat_config, name_list(FLAGS.methods))
+    mcr = comparison_config(FLAGS.config, "mcr", {})
+    for name in chosen:
+        for overrides in VARIANTS.get(name, {}).values():
+            check_config(_override(mcr, overrides))
+    if FLAGS.budget < 1:
+        raise ValueError(f"--budget must be >= 1 (configurations per method); got {FLAGS.budget}.")
+    for flag in ("tune_seeds", "eval_seeds", "variant_seeds"):
+        guards.check_seeds(int_list(FLAGS[flag].value))
 
 
 def main(argv):
@@ -619,15 +658,12 @@ def main(argv):
 
     logging.set_verbosity(logging.WARNING)
     enable_compilation_cache()
-    names = list(STUDIES) if FLAGS.study == "all" else [s.strip() for s in FLAGS.study.split(",") if s.strip()]
-    unknown = sorted(set(names) - set(STUDIES))
-    if unknown:
-        raise app.UsageError(f"unknown studies {unknown}; choose from {list(STUDIES)} or all.")
+    chosen = study_names(FLAGS.study)
     options = Options.from_flags(FLAGS)
     os.makedirs(options.out, exist_ok=True)
-    for name in names:
+    for name in chosen:
         STUDIES[name](options)
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, check)

@@ -45,8 +45,8 @@ import time
 
 from absl import flags, logging
 
-from experiments.flags import FLAGS, define_int_list, enable_compilation_cache, int_list, run
-from mcr_jax import guards
+from experiments.flags import FLAGS, check_comparison, define_int_list, enable_compilation_cache, int_list, run
+from mcr_jax import guards, names
 from mcr_jax.report import TABLE_STATISTICS, format_table
 from mcr_jax.study import run_comparison
 
@@ -181,10 +181,9 @@ def dataset_config(dataset: str, *, smoke: bool, manual_dir: str, data_dir: str)
     return cfg
 
 
-def run_table(dataset: str, config, workdir: str, seeds, *, labels=None, smoke: bool = False, log=print) -> dict:
-    """Every row of ``dataset``'s block (or those of ``labels``, in the block's order) on ``config``;
-    writes and returns the table (see the module docstring). ``smoke``: the rows keep the smoke
-    config's batch size instead of the release's."""
+def table_rows(dataset: str, labels=None, *, smoke: bool = False) -> list[Row]:
+    """The rows :func:`run_table` runs: ``dataset``'s block, or those of ``labels`` in the block's
+    order (``smoke``: each keeps the smoke config's batch size instead of the release's)."""
     rows = ROWS[dataset][2]
     if labels:
         unknown = sorted(set(labels) - {r.label for r in rows})
@@ -193,6 +192,14 @@ def run_table(dataset: str, config, workdir: str, seeds, *, labels=None, smoke: 
         rows = [r for r in rows if r.label in set(labels)]
     if smoke:
         rows = [dataclasses.replace(r, batch_size=None) for r in rows]
+    return rows
+
+
+def run_table(dataset: str, config, workdir: str, seeds, *, labels=None, smoke: bool = False, log=print) -> dict:
+    """Every row of ``dataset``'s block (or those of ``labels``, in the block's order) on ``config``;
+    writes and returns the table (see the module docstring). ``smoke``: the rows keep the smoke
+    config's batch size instead of the release's."""
+    rows = table_rows(dataset, labels, smoke=smoke)
     started, done = time.perf_counter(), [0]
 
     def progress(label, _):
@@ -229,26 +236,46 @@ def run_table(dataset: str, config, workdir: str, seeds, *, labels=None, smoke: 
     return out
 
 
-flags.DEFINE_enum("dataset", None, sorted(ROWS), "The Table-1 block to run.")
+__doc__ += ("\nRows of each dataset's block (--rows):\n"
+            + "".join(f"  {d}: {', '.join(r.label for r in block)}\n" for d, (_, _, block) in ROWS.items()))
+
+flags.DEFINE_string("dataset", None, f"The Table-1 block to run: {', '.join(ROWS)}.")
 flags.DEFINE_string("manual_dir", "", "The downloaded files (docs/datasets_manual.md); needed until built.")
 flags.DEFINE_string("data_dir", "", "Where the built array_record files go (default: the config's).")
 flags.DEFINE_string("workdir", None, "Where every run, table.md and table1.json go.")
 flags.DEFINE_integer("worker_count", 0, "Reader processes (config.data.worker_count); on a GPU machine, the "
-                     "spare CPU cores (benchmarks/RESULTS.md).")
+                     "spare CPU cores (benchmarks/RESULTS.md).", lower_bound=0)
 flags.DEFINE_boolean("smoke", False, "Tiny models and one epoch: checks the whole command in minutes.")
 define_int_list("seeds", "0,1,2", "Training seeds (the release's fold, see the module docstring).")
-flags.DEFINE_list("rows", [], "Only these rows (labels, e.g. unimodal,ensemble,mcr); default: the whole block.")
+flags.DEFINE_list("rows", [], "Only these rows (labels, e.g. unimodal,ensemble,mcr; each block's below); default: "
+                  "the whole block.")
 flags.mark_flags_as_required(["dataset", "workdir"])
+
+
+def _config():
+    config = dataset_config(FLAGS.dataset, smoke=FLAGS.smoke, manual_dir=FLAGS.manual_dir, data_dir=FLAGS.data_dir)
+    config.data.worker_count = FLAGS.worker_count
+    return config
+
+
+def check():
+    """The dataset, every row name, every row's config (its options and training settings) and the
+    seeds, before any data is loaded or anything compiles (a mistake: one line, exit status 2)."""
+    names.check("dataset", FLAGS.dataset, list(ROWS), "Table 1 datasets")
+    block = [r.label for r in ROWS[FLAGS.dataset][2]]
+    for label in FLAGS.rows:
+        names.check("row", label, block, f"rows of the {FLAGS.dataset} block")
+    rows = table_rows(FLAGS.dataset, FLAGS.rows, smoke=FLAGS.smoke)
+    check_comparison(_config(), [r.label for r in rows], {r.label: r.overrides() for r in rows})
+    guards.check_seeds(int_list(FLAGS.seeds))
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     enable_compilation_cache()
-    config = dataset_config(FLAGS.dataset, smoke=FLAGS.smoke, manual_dir=FLAGS.manual_dir, data_dir=FLAGS.data_dir)
-    config.data.worker_count = FLAGS.worker_count
-    run_table(FLAGS.dataset, config, FLAGS.workdir, int_list(FLAGS.seeds), labels=FLAGS.rows, smoke=FLAGS.smoke)
+    run_table(FLAGS.dataset, _config(), FLAGS.workdir, int_list(FLAGS.seeds), labels=FLAGS.rows, smoke=FLAGS.smoke)
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, check)

@@ -35,6 +35,8 @@ Two equivalent implementations:
    non-perturbed latent inside the perturbed predictions, × ``s`` on the clean prediction and on the
    shared parameters used by the perturbed predictions. One ordinary backward pass of
    :math:`\lambda_M \sum_m L_m` then yields exactly the rule above (:func:`game_mipd_divergences`).
+
+The game in the method as a whole: docs/method.md#the-game.
 """
 
 from __future__ import annotations

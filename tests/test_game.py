@@ -3,6 +3,7 @@ two-copy construction, and the optax plumbing (jit, inject_hyperparams, nnx.Opti
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -253,25 +254,40 @@ def test_competition_errors():
         tx.update(params, state, params, mipd_grads=bad)
 
 
-def test_competition_under_jit_and_inject_hyperparams():
-    names, params, *_ = make_problem(2, "linear", seed=5)
-    players = game.assign_players(params, names)
-    r = np.random.default_rng(0)
-    grads = jax.tree.map(lambda p: jnp.asarray(r.normal(size=p.shape), jnp.float32), params)
-    mipd_grads = jax.tree.map(lambda p: jnp.asarray(r.normal(size=(2,) + p.shape), jnp.float32), params)
-    tx = optax.inject_hyperparams(game.competition)(optax.adam(1e-2), players=players, weight=0.5)
-    state = tx.init(params)
-    assert float(state.hyperparams["weight"]) == 0.5
-    step = jax.jit(lambda g, s, p, mg: tx.update(g, s, p, mipd_grads=mg))
-    upd_jit, state2 = step(grads, state, params, mipd_grads)
-    plain = game.competition(optax.adam(1e-2), players=players, weight=0.5)
-    upd_plain, _ = plain.update(grads, plain.init(params), params, mipd_grads=mipd_grads)
-    assert_trees_close(upd_jit, upd_plain, rtol=1e-5, atol=1e-7)
-    # Changing the injected weight changes the update.
-    state.hyperparams["weight"] = jnp.asarray(0.0)
-    upd_zero, _ = step(grads, state, params, mipd_grads)
-    upd_ref, _ = optax.adam(1e-2).update(grads, optax.adam(1e-2).init(params), params)
-    assert_trees_close(upd_zero, upd_ref, rtol=1e-5, atol=1e-7)
+class GameVariantsTest(chex.TestCase):
+    """The game under jit and without it, with its arguments on the device and as host NumPy arrays
+    (chex variants, as optax tests its transformations)."""
+
+    @chex.variants(with_jit=True, without_jit=True, with_device=True, without_device=True)
+    def test_single_backward_gradient_equals_the_two_copy_construction(self):
+        names, params, x, labels, perms = make_problem(2, "linear")  # _case's problem: its reference is cached
+        players = game.assign_players(params, names)
+        for strategy in STRATEGIES:
+            want = _case(2, "linear", strategy)[2]
+            got = self.variant(functools.partial(single_backward_grad, names=names, fusion="linear", strategy=strategy,
+                                                 players=players))(params, x, labels, perms)
+            assert_trees_close(got, want)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_competition_with_injected_weight(self):
+        names, params, *_ = make_problem(2, "linear", seed=5)
+        players = game.assign_players(params, names)
+        r = np.random.default_rng(0)
+        grads = jax.tree.map(lambda p: jnp.asarray(r.normal(size=p.shape), jnp.float32), params)
+        mipd_grads = jax.tree.map(lambda p: jnp.asarray(r.normal(size=(2,) + p.shape), jnp.float32), params)
+        tx = optax.inject_hyperparams(game.competition)(optax.adam(1e-2), players=players, weight=0.5)
+        state = tx.init(params)
+        assert float(state.hyperparams["weight"]) == 0.5
+        step = self.variant(lambda g, s, p, mg: tx.update(g, s, p, mipd_grads=mg))
+        upd, _ = step(grads, state, params, mipd_grads)
+        plain = game.competition(optax.adam(1e-2), players=players, weight=0.5)
+        upd_plain, _ = plain.update(grads, plain.init(params), params, mipd_grads=mipd_grads)
+        assert_trees_close(upd, upd_plain, rtol=1e-5, atol=1e-7)
+        # Changing the injected weight changes the update: at 0 it is plain Adam's.
+        state.hyperparams["weight"] = jnp.asarray(0.0)
+        upd_zero, _ = step(grads, state, params, mipd_grads)
+        upd_ref, _ = optax.adam(1e-2).update(grads, optax.adam(1e-2).init(params), params)
+        assert_trees_close(upd_zero, upd_ref, rtol=1e-5, atol=1e-7)
 
 
 class TwoModalityNet(nnx.Module):

@@ -293,6 +293,42 @@ def test_noise_perturbation_statistics():
     np.testing.assert_allclose(diff.std(axis=0), 0.5 * np.asarray(z).std(axis=0), rtol=0.05)
 
 
+def test_noise_perturbation_holds_its_std_constant_in_the_gradient():
+    """``z~_s = z + scale · std_B(z) ⊙ ε_s`` with the per-feature std a constant: d Σ_s <W_s, z~_s> / dz is
+    Σ_s W_s exactly (analytic), whatever ε; with the std differentiated it would not be."""
+    rng = _rng(7)
+    z = jnp.asarray(rng.normal(size=(6, 3)) * np.array([1.0, 2.0, 0.5]), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(4, 6, 3)), jnp.float32)
+    key = jax.random.key(3)
+
+    def f(x):
+        return jnp.sum(w * losses.perturb_latent(x, kind="noise", key=key, num_samples=4, noise_scale=0.7))
+
+    np.testing.assert_allclose(jax.grad(f)(z), np.asarray(w).sum(0), rtol=1e-5, atol=1e-6)
+
+
+def test_stop_perturbed_leaves_only_the_clean_path():
+    """``stop_perturbed=True``: the gradient with respect to the latents is that of the divergences with
+    every perturbed prediction's inputs held constant (only the clean logits differentiate)."""
+    latents, _, fuse, _, perms = _mipd_case(2, batch=6)
+
+    def stopped(zs):
+        return jnp.sum(losses.mipd_divergences(fuse(zs), fuse, zs, perms, stop_perturbed=True))
+
+    def held(zs):
+        const = [jax.lax.stop_gradient(z) for z in zs]
+        copies = losses.perturbed_copies(const, "permute", permutations=perms)
+        return jnp.sum(losses.divergences_of_copies(fuse(zs), fuse, const, copies))
+
+    def live(zs):
+        return jnp.sum(losses.mipd_divergences(fuse(zs), fuse, zs, perms))
+
+    g, want, full = jax.grad(stopped)(latents), jax.grad(held)(latents), jax.grad(live)(latents)
+    for a, b, c in zip(g, want, full, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        assert not np.allclose(a, c, atol=1e-4)  # the perturbed path does carry gradient when not stopped
+
+
 def test_linear_fusion_branch_logit_fast_path_equals_latent_path():
     """Permuting branch logits z_m W_m == permuting z_m under linear late fusion: values and grads."""
     r = _rng(4)
@@ -450,18 +486,73 @@ def test_ceb_matches_numpy_and_conditions():
 # ---------------------------------------------------------------------------------- jit / vmap
 
 
-def test_jit_equals_no_jit():
-    latents, _, fuse, clean, perms = _mipd_case(3)
-    zs, labels = _con_case(3)
-    cases = [
-        (lambda c, ls, p: losses.mipd_divergences(c, fuse, ls, p), (clean, latents, perms)),
-        (lambda a, b: losses.jsd_from_logits(a, b), (clean, clean[::-1])),
-        (lambda z, y: losses.supervised_ntxent(z, y), (zs, labels)),
-        (lambda z, y: losses.cross_modal_supcon(z, y), (zs, labels)),
-        (lambda k: losses.sample_permutations(k, 4, 6), (jax.random.key(0),)),
-    ]
-    for fn, args in cases:
-        chex.assert_trees_all_close(jax.jit(fn)(*args), fn(*args), rtol=1e-5, atol=1e-6)
+class LossVariantsTest(chex.TestCase):
+    """The public losses under jit and without it, with their arguments placed on the device and
+    given as host NumPy arrays (chex variants, as optax tests its transformations): every variant
+    equals the float64 NumPy version, so jit == no-jit and device == host follow."""
+
+    @chex.variants(with_jit=True, without_jit=True, with_device=True, without_device=True)
+    def test_mipd_divergences(self):
+        latents, params, fuse, clean, perms = _mipd_case(3)
+        got = self.variant(lambda c, zs, p: losses.mipd_divergences(c, fuse, zs, p))(clean, latents, perms)
+        np.testing.assert_allclose(got, ref.mipd(clean, numpy_mlp_fuse(params), latents, perms), rtol=1e-4, atol=1e-6)
+
+    @chex.variants(with_jit=True, without_jit=True, with_device=True, without_device=True)
+    def test_jsd_from_logits(self):
+        r = _rng(4)
+        p, q = (jnp.asarray(r.normal(size=(5, 4)) * 3, jnp.float32) for _ in range(2))
+        np.testing.assert_allclose(self.variant(losses.jsd_from_logits)(p, q), ref.jsd_rows(p, q), rtol=1e-4, atol=1e-6)
+
+    @chex.variants(with_jit=True, without_jit=True, with_device=True, without_device=True)
+    def test_contrastive_forms_with_a_mask(self):
+        zs, labels = _con_case(3)
+        mask = jnp.asarray([1, 1, 0, 1, 1, 1, 0, 1], bool)
+        for fn, want in ((losses.supervised_ntxent, ref.ntxent), (losses.cross_modal_supcon, ref.cross_modal_supcon)):
+            got = self.variant(lambda z, y, m, fn=fn: fn(z, y, temperature=0.3, mask=m))(zs, labels, mask)
+            np.testing.assert_allclose(got, want(zs, np.asarray(labels), 0.3, np.asarray(mask)), rtol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True, with_device=True, without_device=True)
+    def test_ceb_term_on_both_conditions(self):
+        r = _rng(11)
+        zs = [jnp.asarray(r.normal(size=(6, d)), jnp.float32) for d in (3, 4)]
+        w1, w2 = (jnp.asarray(r.normal(size=s), jnp.float32) for s in ((5, 4), (4, 7)))
+        decoder = lambda c: jax.nn.relu(c @ w1) @ w2
+        logits = jnp.asarray(r.normal(size=(6, 5)), jnp.float32)
+        labels = jnp.asarray([0, 1, 4, 2, 2, 3], jnp.int32)
+        mask = jnp.asarray([1, 1, 1, 0, 1, 1], jnp.float32)
+        by_logits = self.variant(lambda z, lg, m: losses.ceb_term(z, decoder, fused_logits=lg, mask=m))
+        np.testing.assert_allclose(by_logits(zs, logits, mask), ref.ceb(zs, decoder(logits), np.asarray(mask)),
+                                   rtol=1e-5)
+        by_label = self.variant(lambda z, y: losses.ceb_term(z, decoder, condition="label", labels=y, num_classes=5))
+        np.testing.assert_allclose(by_label(zs, labels), ref.ceb(zs, decoder(np.eye(5, dtype=np.float32)[labels])),
+                                   rtol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_sample_permutations_are_the_same_draw(self):
+        key = jax.random.key(0)
+        got = self.variant(lambda k: losses.sample_permutations(k, 4, 6))(key)
+        chex.assert_trees_all_equal(got, losses.sample_permutations(key, 4, 6))
+        rows = np.asarray(got)
+        assert all(sorted(row) == list(range(6)) and all(row != np.arange(6)) for row in rows)  # derangements
+
+
+def test_chex_checks_name_the_argument_a_silent_broadcast_or_float_label_would_hide():
+    """What the losses' ValueError checks did not cover: a mask of another shape than its values
+    (broadcast into a wrong mean), float class labels (a one-hot of 0.5 is a row of zeros), a
+    divergence vector of another rank; the same under jit (trace time)."""
+    with pytest.raises(ValueError, match=r"mask must have the shape of values"):
+        losses.masked_mean(jnp.ones(4), jnp.ones((4, 1)))
+    with pytest.raises(ValueError, match=r"mask must have the shape of values"):
+        jax.jit(losses.masked_mean)(jnp.ones(4), jnp.ones((4, 1)))
+    np.testing.assert_allclose(losses.masked_mean(jnp.arange(4.0), jnp.asarray([1, 0, 1, 0])), 1.0)
+    with pytest.raises(TypeError, match=r"labels must hold integers"):
+        losses.ceb_condition(condition="label", labels=jnp.asarray([0.5, 1.0]), num_classes=3)
+    with pytest.raises(ValueError, match=r"divergences must have rank 1"):
+        losses.mipd_loss(jnp.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"labels must have rank 1"):
+        losses.binarize_regression_labels(jnp.ones((4, 1)))
+    with pytest.raises(ValueError, match=r"p_logits must have rank >= 1"):
+        losses.kl_from_logits(jnp.ones(()), jnp.ones(()))
 
 
 def test_vmap_equals_loop():

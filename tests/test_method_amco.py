@@ -185,6 +185,31 @@ def test_the_schedule_follows_the_trainers_epoch(golden, epoch):
     assert int(state["step"]) == 4
 
 
+@pytest.mark.parametrize("edge", ["start", "end"])
+def test_the_window_edges_are_inclusive(golden, edge):
+    """With ``start_epoch`` 2, ``end_epoch`` 3: a step at epoch 2 (and at 3) is the released masked step
+    (a partial mask, a dependent modality), one at epoch 1 (and at 4) is joint training."""
+    _, handle, params, batch, _ = golden
+    method = get_method(ml_collections.ConfigDict({"name": "amco", "start_epoch": 2, "end_epoch": 3}), toy_data()[1])
+    step = jit_gradients(method, handle)
+    c, k = method.info.num_classes, 1
+    state = {"step": jnp.asarray(k, jnp.int32), "dependent": jnp.asarray((1, 0), jnp.int32)}
+    key = jax.random.PRNGKey(11)
+    inside, outside = (2, 1) if edge == "start" else (3, 4)
+    out = step(params, batch, key, state, epoch=inside)
+    pt = _released_schedule(inside - 1, k + 1)[k]
+    assert 0 < int(pt * c) < c  # a partial mask
+    np.testing.assert_allclose(out.metrics["mask_ratio"], pt, rtol=1e-5, atol=1e-7)
+    mask = jnp.asarray(np.asarray(class_mask(key, jnp.float32(pt), c)))
+    loss, _, grads, _, flags = _released_step(handle, params, batch, (1, 0), mask)
+    np.testing.assert_allclose(out.metrics["loss"], loss, rtol=1e-5)
+    assert_trees_close(out.grads, grads, rtol=2e-4)
+    np.testing.assert_array_equal(np.asarray(out.method_state["dependent"]), np.asarray(flags, np.int32))
+    off = step(params, batch, key, state, epoch=outside)
+    assert float(off.metrics["mask_ratio"]) == 0.0
+    assert_trees_close(off.grads, _reference_grads("joint", handle, params, batch), rtol=1e-5)
+
+
 # ---- (c) one smoke run through the trainer -----------------------------------------------------------
 
 

@@ -11,6 +11,13 @@ the three-modality branch (lines 121-156, divisor 3, ``bias / 3``), with the uni
 ``balancemm/models/avclassify_model.py`` ``BaseClassifierModel.unimodality_calculate`` (lines 277-299:
 ``u_m = z_m W_m^T + b / M``). It is transcribed below into NumPy without using ``mcr_jax.methods``;
 its gradient is written by hand and carried to the parameters through the model's own VJP.
+
+The authors' form (``form="authors"``): QingyangZhang/CML (commit 85075b5), ``miwae/train.py``, the
+``# stage 2`` loop (the per-example ``ReLU(...).sum()`` with ``sign`` = the larger model right, the
+second term with ``confidence_list[num].clone().detach()`` where both are wrong, ``- args.epsilon``
+inside each ReLU, ``rank_loss * args.beta / 100``) and ``get_multi_mask`` (one shuffled order per
+example), transcribed into NumPy below; the issue's two-row example gives the golden values 0.05
+(authors) and 0.25 (BalanceBenchmark).
 """
 
 import functools
@@ -23,7 +30,7 @@ import pytest
 
 from mcr_jax.data.types import DatasetInfo
 from mcr_jax.methods import get_method
-from mcr_jax.methods.cml import cml_loss, confidence, confidence_hinges, keep_masks, sub_model_logits
+from mcr_jax.methods.cml import authors_hinges, cml_loss, confidence, confidence_hinges, keep_masks, sub_model_logits
 from mcr_jax.tasks import get_task
 from tests.helpers.method_checks import NAMES, assert_trees_close, f64, inputs, jit_gradients, log_softmax, smoke_run
 from tests.helpers.method_checks import ce as _ce
@@ -240,3 +247,150 @@ def test_defaults_and_clear_errors():
         get_method(ml_collections.ConfigDict({"name": "cml"}), one)
     with pytest.raises(ValueError, match="separable fusion"):
         build({"name": "cml"}, fusion="concat_mlp")
+
+
+# ---- the authors' form (QingyangZhang/CML, miwae/train.py) ---------------------------------------------
+
+
+def _authors_rank_loss(chain, label, eps=0.0, w=None):
+    """The release's stage-2 rank loss over ``chain`` (``confidence_list``/``predict_list`` of the
+    inputs with 0, 1, … views removed), transcribed; ``w``: row weights (padding 0; the release has none).
+    Also returns its gradient with respect to every logit of the chain (hand-written)."""
+    chain, w = f64(chain), (np.ones(len(label)) if w is None else f64(w))
+    n = len(label)
+    probs = [softmax(x) for x in chain]
+    conf = [p.max(1) for p in probs]
+    pred = [p.argmax(1) for p in probs]
+
+    def dconf(i):  # d max_k softmax(x)_k / dx per row
+        p, k = probs[i], pred[i]
+        return p[np.arange(n), k][:, None] * (np.eye(chain.shape[2])[k] - p)
+
+    loss, grad = 0.0, np.zeros_like(chain)
+    for num in range(len(chain) - 1):
+        sign = (pred[num] == label).astype(float)  # ~(predict_list[num] != target)
+        x1 = (conf[num + 1] - conf[num]) * sign - eps
+        sign1 = ((pred[num + 1] != label) & (pred[num] != label)).astype(float)
+        x2 = (conf[num + 1] - conf[num]) * sign1 - eps  # conf2 detached: its value, no gradient
+        loss += float(np.sum(np.maximum(x1, 0) * w) + np.sum(np.maximum(x2, 0) * w))
+        a1, a2 = (x1 > 0) * sign * w, (x2 > 0) * sign1 * w
+        grad[num + 1] += (a1 + a2)[:, None] * dconf(num + 1)
+        grad[num] -= a1[:, None] * dconf(num)
+    return loss, grad
+
+
+def _two_class_logits(conf, pred):
+    """Rows of 2-class logits whose softmax maximum is ``conf`` (> 0.5) at class ``pred``."""
+    out = np.zeros((len(conf), 2))
+    for i, (c, k) in enumerate(zip(conf, pred, strict=True)):
+        out[i, k] = np.log(c / (1 - c))
+    return out
+
+
+def test_the_issues_example_authors_and_balancebenchmark():
+    """ε = 0, B = 2: full model (0.9, 0.6), right on row 0 only; sub-model (0.95, 0.8), right on row 1
+    only: the authors' form gives 0.05, BalanceBenchmark's 0.25 (values from the issue)."""
+    y = np.array([0, 0])
+    full = _two_class_logits([0.9, 0.6], [0, 1])  # row 0 right, row 1 wrong
+    sub = _two_class_logits([0.95, 0.8], [1, 0])  # row 0 wrong, row 1 right
+    chain = jnp.asarray(np.stack([full, sub]), jnp.float32)
+    np.testing.assert_allclose(confidence(chain), [[0.9, 0.6], [0.95, 0.8]], rtol=1e-6)
+    r, gap = authors_hinges(chain, jnp.asarray(y))
+    np.testing.assert_allclose(r, [0.05], rtol=1e-5)
+    np.testing.assert_allclose(gap, [0.25], rtol=1e-5)
+    h, _ = confidence_hinges(chain)
+    np.testing.assert_allclose(h, [0.25], rtol=1e-5)
+    task = get_task("classification")
+    for form, want in (("authors", 0.05), ("balancebenchmark", 0.25)):
+        conf_loss = cml_loss(task, chain[0], chain[1:], jnp.asarray(y), None, 1.0, form)[3]
+        np.testing.assert_allclose(conf_loss, want, rtol=1e-5, err_msg=form)
+    # a margin ε > gap switches row 0 off
+    np.testing.assert_allclose(authors_hinges(chain, jnp.asarray(y), margin=0.06)[0], [0.0], atol=1e-7)
+
+
+@pytest.mark.parametrize("m_num,eps", [(2, 0.0), (3, 0.0), (3, 0.02)])
+def test_authors_form_and_its_gradient_against_the_release(m_num, eps):
+    rng = np.random.default_rng(m_num)
+    b, c = 40, 3
+    y = rng.integers(0, c, size=b)
+    w = np.r_[np.ones(b - 4), np.zeros(4)]
+    chain = rng.normal(size=(m_num, b, c)) * 2.0
+    want, want_grad = _authors_rank_loss(chain, y, eps, w)
+    x = jnp.asarray(chain, jnp.float32)
+    got, _ = authors_hinges(x, jnp.asarray(y), jnp.asarray(w, jnp.float32), eps)
+    np.testing.assert_allclose(float(jnp.sum(got)), want, rtol=1e-5)
+    grad = jax.grad(lambda z: jnp.sum(authors_hinges(z, jnp.asarray(y), jnp.asarray(w, jnp.float32), eps)[0]))(x)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6)
+    # both tricks are exercised by these draws: a gated-on "right" row and a "both wrong" row
+    probs = [softmax(z) for z in chain]
+    right = [p.argmax(1) == y for p in probs]
+    assert right[0].any() and (~right[1] & ~right[0]).any()
+    # the loss: the mean CE of the chain + lam * that rank loss (the release: cls_loss / M + beta/100 * rank)
+    task = get_task("classification")
+    loss = cml_loss(task, x[0], x[1:], jnp.asarray(y), jnp.asarray(w, jnp.float32), 0.1, "authors", eps)[0]
+    ce_mean = np.mean([_ce(z[: b - 4], y[: b - 4]) for z in chain])
+    np.testing.assert_allclose(loss, ce_mean + 0.1 * want, rtol=1e-5)
+
+
+def test_per_sample_removal_orders():
+    rng = np.random.default_rng(1)
+    perms = np.stack([rng.permutation(3) for _ in range(6)])
+    keep = np.asarray(keep_masks(jnp.asarray(perms)))
+    assert keep.shape == (2, 6, 3)
+    for n, perm in enumerate(perms):
+        for i in (1, 2):
+            np.testing.assert_array_equal(keep[i - 1, n], [float(j in perm[: 3 - i]) for j in range(3)])
+    branches = rng.normal(size=(3, 6, 4))
+    fused = branches.sum(0) + 0.3
+    subs = np.asarray(sub_model_logits(jnp.asarray(fused, jnp.float32), jnp.asarray(branches, jnp.float32),
+                                       jnp.asarray(keep)))
+    want = np.stack([(branches * keep[i].T[:, :, None]).sum(0) + 0.3 for i in range(2)])
+    np.testing.assert_allclose(subs, want, rtol=1e-5, atol=1e-5)
+    _, info, _ = _data()
+    method = get_method(ml_collections.ConfigDict({"name": "cml", "form": "authors"}), info)
+    assert method.order == "sample"
+    orders = np.asarray(method.removal_order(jax.random.PRNGKey(0), jnp.int32(1), 64))
+    assert orders.shape == (64, 2) and {tuple(o) for o in orders} == {(0, 1), (1, 0)}  # per row, both orders
+    again = np.asarray(method.removal_order(jax.random.PRNGKey(1), jnp.int32(1), 64))
+    assert not np.array_equal(orders, again)  # drawn afresh every step
+    with pytest.raises(ValueError, match="batch_size"):
+        method.removal_order(jax.random.PRNGKey(0), jnp.int32(1))
+
+
+def test_authors_form_step_against_the_release(golden_case):
+    """A trainer step with ``form="authors"``: the removal order per row from the step key, the loss =
+    the mean CE of the full and the per-row sub-model + lam * the release's rank loss (NumPy)."""
+    _, handle, params, batch, _ = golden_case
+    method = get_method(ml_collections.ConfigDict({"name": "cml", "form": "authors", "lam": 0.5}), _data()[1])
+    step = jit_gradients(method, handle)
+    y = np.asarray(batch["label"])
+    out = handle.train_model(params)(inputs(batch))
+    fused = f64(out["logits"])
+    branch = {m: f64(out["latents"][m] @ params["fusion"]["branches"][m]["kernel"]) for m in NAMES}
+    key = jax.random.PRNGKey(3)
+    perm = np.asarray(method.removal_order(key, jnp.int32(1), len(y)))
+    removed = perm[:, -1]  # M = 2: the last of each row's order is removed
+    sub = fused - np.stack([branch[NAMES[r]][n] for n, r in enumerate(removed)])
+    rank, _ = _authors_rank_loss(np.stack([fused, sub]), y)
+    want = (_ce(fused, y) + _ce(sub, y)) / 2 + 0.5 * rank
+    mets = step(params, batch, key, {})[4]
+    np.testing.assert_allclose(mets["loss"], want, rtol=1e-5)
+    np.testing.assert_allclose(mets["conf_loss"], rank, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(mets["removed_x1"], np.mean(removed == 0), rtol=1e-6)
+    assert 0 < float(mets["removed_x1"]) < 1
+
+
+def test_authors_form_options_and_errors(tmp_path):
+    _, info, _ = _data()
+    default = get_method(ml_collections.ConfigDict({"name": "cml"}), info)
+    assert (default.opts["form"], default.order, default.opts["margin"]) == ("balancebenchmark", "epoch", 0.0)
+    step_order = get_method(ml_collections.ConfigDict({"name": "cml", "form": "authors", "order": "epoch"}), info)
+    assert step_order.order == "epoch"
+    with pytest.raises(ValueError, match="method.form must be one of"):
+        get_method(ml_collections.ConfigDict({"name": "cml", "form": "mcca"}), info)
+    with pytest.raises(ValueError, match="margin is the authors' form's epsilon"):
+        get_method(ml_collections.ConfigDict({"name": "cml", "margin": 0.1}), info)
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        get_method(ml_collections.ConfigDict({"name": "cml", "form": "authors", "margin": -0.1}), info)
+    _, history = smoke_run(tmp_path, {"name": "cml", "form": "authors"})
+    assert all(np.isfinite(h["train"]["conf_loss"]) and h["train"]["active"] == 1.0 for h in history)

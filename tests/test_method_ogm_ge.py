@@ -16,7 +16,7 @@ from flax import nnx
 
 from mcr_jax.data.types import DatasetInfo
 from mcr_jax.methods import get_method
-from mcr_jax.methods.ogm_ge import ogm_coefficients
+from mcr_jax.methods.ogm_ge import ge_noise, ogm_coefficients
 from mcr_jax.models import MultimodalModel
 from tests.helpers.method_checks import NAMES
 from tests.helpers.method_checks import advance_to_epoch as _advance_to_epoch
@@ -228,6 +228,23 @@ def test_ogm_ge_matches_the_released_training_step(ge):
             assert abs(z.std() - 1) < 0.06 and abs(z.mean()) < 0.06, (z.size, z.mean(), z.std())
         assert n_kernels == 2 * 12  # per encoder: the stem, 2 per block, 3 shortcut convolutions
         assert n_noised == (n_kernels if (ge and inside) else 0)
+
+
+def test_ge_noise_has_the_unbiased_std_of_each_small_tensor():
+    """``ge_noise`` = (std(g, ddof 1) + 1e-8) · one standard normal draw cut into the modulated leaves
+    (torch's ``Tensor.std`` is the unbiased one: on 3- and 5-entry tensors ddof 0 is 18 % / 11 % smaller)."""
+    rng = np.random.default_rng(9)
+    grads = {"a": jnp.asarray(rng.normal(size=(3,)), jnp.float32), "b": jnp.asarray(rng.normal(size=(5, 1)),
+             jnp.float32), "c": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}
+    owners = {"a": 0, "b": 1, "c": -1}
+    key = jax.random.PRNGKey(5)
+    got = ge_noise(key, grads, owners)
+    draw = np.asarray(jax.random.normal(key, (8,), jnp.float32), np.float64)  # the one draw: a's 3, then b's 5
+    for name, sl in (("a", slice(0, 3)), ("b", slice(3, 8))):
+        g = np.asarray(grads[name], np.float64)
+        want = (g.std(ddof=1) + 1e-8) * draw[sl].reshape(g.shape)
+        np.testing.assert_allclose(np.asarray(got[name]), want, rtol=1e-5, err_msg=name)
+    assert not np.asarray(got["c"]).any()
 
 
 def test_ogm_modulate_modes_select_leaves():

@@ -1,7 +1,8 @@
 """PMR tests: prototypes, PCE, ratio, coefficients and the entropy term against float64 NumPy; the
 released loss (golden); one trainer run; the clear errors.
 
-Golden reference: fanyunfeng-bit/Modal-Imbalance-PMR (commit 3615e48), ``main_Prototype_grad.py``:
+Golden reference: fanyunfeng-bit/Modal-Imbalance-PMR (commit 1e5c79b; the later merge 3615e48 has the same code),
+``main_Prototype_grad.py``:
 ``EU_dist`` (lines 69-75), ``train_epoch`` lines 152-178 (``audio_sim = -EU_dist(a, audio_proto)``,
 ``score_*_p``, ``ratio_a_p``, ``criterion(audio_sim, label)``, the ``if ratio_a_p > 1`` choice of
 ``beta`` / ``lam``, ``loss = criterion(out, label) + beta * loss_proto_a + lam * loss_proto_v``) and
@@ -236,6 +237,30 @@ def test_padding_rows_and_entropy_term():
     _, _, _, _, mets_pad = jit_gradients(method, handle)(params, pad, jax.random.PRNGKey(0), ms)
     for k in ("loss", "pce_x1", "pce_x2", "ratio_x1", "entropy_x2"):
         np.testing.assert_allclose(mets_pad[k], mets[k], rtol=1e-5)
+
+
+@pytest.mark.parametrize("epoch,window,entropy", [(1, False, True), (2, True, True), (3, True, True),
+                                                   (4, False, False)])
+def test_window_and_entropy_edges_are_inclusive(epoch, window, entropy):
+    """``start_epoch`` 2, ``end_epoch`` 3, ``entropy_epochs`` 3: the PCE terms are on at epochs 2 and 3
+    (both edges), the entropy term through epoch 3 included, nothing at epoch 4 (NumPy formula)."""
+    method, handle, params, batch, _ = build({"name": "pmr", "start_epoch": 2, "end_epoch": 3,
+                                              "entropy_weight": 0.5, "entropy_epochs": 3})
+    rng = np.random.default_rng(4)
+    ms = {"ready": jnp.ones((), jnp.int32),
+          "protos": {m: jnp.asarray(rng.normal(size=(5, 8)), jnp.float32) for m in NAMES}}
+    mets = jit_gradients(method, handle)(params, batch, jax.random.PRNGKey(0), ms, epoch=epoch)[4]
+    out = handle.train_model(params)(inputs(batch))
+    y = np.asarray(batch["label"])
+    lg = {m: _np_proto_logits(out["latents"][m], ms["protos"][m]) for m in NAMES}
+    s = np.array([np.sum(softmax(lg[m])[np.arange(len(y)), y]) for m in NAMES])
+    rho = s / s[::-1]
+    assert (rho < 1).any() and (rho > 1).any()  # one modality gets the PCE term, the other the entropy term
+    ent = {m: float(np.mean(-np.sum(softmax(lg[m]) * log_softmax(lg[m]), -1))) for m in NAMES}
+    want = _ce(f64(out["logits"]), y) + sum(
+        (2.0 * _np_pce(lg[m], y, np.ones(len(y))) if window and rho[i] < 1 else 0.0)
+        - (0.5 * ent[m] if entropy and rho[i] > 1 else 0.0) for i, m in enumerate(NAMES))
+    np.testing.assert_allclose(mets["loss"], want, rtol=1e-5)
 
 
 # ---- one trainer run -----------------------------------------------------------------------------------

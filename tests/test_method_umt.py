@@ -160,6 +160,23 @@ def test_ume_is_the_ensemble_logits_mode():
     np.testing.assert_allclose(combine_logits([a, b], "logits"), (a + b) / 2, rtol=1e-12)  # UME: mean of logits
 
 
+def test_ume_probability_average_beside_it():
+    """The other reading of UME (no release confirms either): ``mode="probs"``, the log of the mean of the
+    models' softmax probabilities, against a NumPy paraphrase; with unequal logit scales the two readings
+    predict differently on some rows."""
+    rng = np.random.default_rng(2)
+    a, b, c = rng.normal(size=(200, 5)), rng.normal(size=(200, 5)) * 6, rng.normal(size=(200, 5)) * 0.3
+
+    def probs(x):
+        e = np.exp(x - x.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    want = np.log((probs(a) + probs(b) + probs(c)) / 3)
+    got = combine_logits([a, b, c], "probs")
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+    assert (got.argmax(1) != combine_logits([a, b, c], "logits").argmax(1)).any()
+
+
 # ---- (c) a smoke run through the trainer, teachers from two unimodal runs ----------------------------------
 
 

@@ -1,14 +1,23 @@
 """Several seeds as one vectorised program == the same seeds run one by one."""
 
+import json
 import os
 
+import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from experiments.configs import synthetic
+from mcr_jax import data as data_lib
 from mcr_jax import seeds as seeds_mod
 from mcr_jax import train
+from mcr_jax.methods import get_method
+from mcr_jax.models import build_model
+from mcr_jax.state import init_state, split_model
+from mcr_jax.steps import make_train_step
 from tests.helpers.fakes import kill_after_epoch
+from tests.helpers.method_setup import build, toy_data
 
 
 def smoke_config(method="mcr", **train_overrides):
@@ -122,3 +131,72 @@ def test_a_grid_of_non_traceable_options_runs_point_by_point(tmp_path, capsys):
     assert "not traceable" in capsys.readouterr().out
     assert [r["config"]["method"]["num_permutations"] for r in out[1]["per_seed"]] == [4, 4]
     assert [r["vectorized_seeds"] for r in out[0]["per_seed"]] == [[0, 1], [0, 1]]  # each point: its seeds at once
+
+
+def _val_history(path):
+    with open(os.path.join(path, "metrics.jsonl")) as f:
+        return [(r["epoch"], r["val"]) for r in map(json.loads, f)]
+
+
+def test_vectorised_selection_never_looks_at_the_test_split(tmp_path, monkeypatch):
+    """The single run's check for vectorised runs: with the test labels scrambled, every run of the
+    vectorised program selects the same epoch and reports the same validation results as without; and
+    each run's per-epoch validation history (metrics.jsonl) is its separate run's."""
+    cfg = smoke_config("joint")
+    seeds = [0, 3]
+    ref = seeds_mod.train_seeds(cfg, str(tmp_path / "ref"), seeds)["per_seed"]
+    alone = {}
+    for s in seeds:
+        one = cfg.copy_and_resolve_references()
+        one.seed = s
+        alone[s] = train.train_and_evaluate(one, str(tmp_path / f"alone_{s}"))
+    real_load = data_lib.load
+
+    def load_with_scrambled_test(c):
+        data = real_load(c)
+        test = data.splits["test"]
+        data.splits["test"] = test.replace(label=np.random.default_rng(0).permutation(np.asarray(test["label"])))
+        return data
+
+    monkeypatch.setattr(data_lib, "load", load_with_scrambled_test)
+    got = seeds_mod.train_seeds(cfg, str(tmp_path / "scrambled"), seeds)["per_seed"]
+    for s, r, g in zip(seeds, ref, got, strict=True):
+        assert g["vectorized_seeds"] == seeds
+        assert g["best_epoch"] == r["best_epoch"] == alone[s]["best_epoch"]
+        assert g["validation"] == r["validation"]
+        hist = _val_history(tmp_path / "scrambled" / f"seed_{s}")
+        want = _val_history(tmp_path / f"alone_{s}")
+        assert [e for e, _ in hist] == [e for e, _ in want] == [1, 2, 3, 4]
+        for (_, a), (_, b) in zip(hist, want, strict=True):
+            assert set(a) == set(b)
+            for k in a:
+                assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+    assert any(g["test"]["heads"]["fused"]["accuracy"] != r["test"]["heads"]["fused"]["accuracy"]
+               for r, g in zip(ref, got, strict=True))  # the scrambled test split was read by the test numbers
+
+
+def test_each_seed_gets_its_own_training_random_streams():
+    """The run's seed drives every training random stream: with the same weights and batch, one MCR step
+    from the state of seed 0 and of seed 3 (``init_state``'s key) draws different permutations
+    (different losses) while the same seed twice repeats itself; the dropout masks come from the model
+    built with the seed (its ``Rngs``), and the data order from its own seeded shuffle."""
+    method, handle, params, batch, _ = build({"name": "mcr"})
+    tx = optax.sgd(0.0)
+    step = make_train_step(method, tx, handle.graphdef_train, handle.graphdef_eval, ["grad_norm"])
+
+    def loss(seed, rest=handle.rest, step=step, method=method):
+        return float(step(init_state(params, rest, tx, method, seed), batch)[1]["loss"])
+
+    assert loss(0) == loss(0)
+    assert loss(0) != loss(3) and loss(3) != loss(5)
+    # dropout: the same weights with the dropout state of the model built for seed 0 / seed 3
+    cfg, info, _ = toy_data()
+    cfg.model.dropout = 0.5
+    joint = get_method(ml_collections.ConfigDict({"name": "joint"}), info)
+    parts = {s: split_model(build_model(cfg.model, info, seed=s)) for s in (0, 3)}
+    jstep = make_train_step(joint, tx, parts[0].graphdef_train, parts[0].graphdef_eval, ["grad_norm"])
+    drop = {s: loss(0, parts[s].rest, jstep, joint) for s in (0, 3)}
+    assert drop[0] != drop[3] and drop[0] == loss(0, parts[0].rest, jstep, joint)
+    data = data_lib.load(cfg.data)
+    order = {s: next(data.batches("train", 16, train=True, seed=s, epoch=1))["index"] for s in (0, 3)}
+    assert not np.array_equal(order[0], order[3])

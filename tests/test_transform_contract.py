@@ -1,5 +1,6 @@
 """The contract every optax gradient transformation of the package keeps (as optax tests its own):
-init/update keep the parameters' structure, shapes and dtypes; jit changes nothing;
+init/update keep the parameters' structure, shapes and dtypes; jit, device and host arguments change
+nothing (chex variants);
 ``optax.inject_hyperparams`` works; composing with ``optax.chain`` forwards the extra arguments;
 a missing extra argument is a clear error. A scan of the package fails when a new transformation
 is not in the table."""
@@ -9,12 +10,14 @@ import importlib
 import inspect
 import pkgutil
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import pytest
+from absl.testing import parameterized
 
 import mcr_jax
 from mcr_jax import game, optim, players
@@ -80,17 +83,23 @@ def test_every_transformation_of_the_package_is_in_the_table():
     assert found == set(TABLE), f"add the new transformations to TABLE: {sorted(found - set(TABLE))}"
 
 
-@pytest.mark.parametrize("name", sorted(TABLE))
-def test_init_and_update_keep_the_parameter_structure_and_jit_changes_nothing(name):
-    factory, hyper, extra, _ = TABLE[name]
-    tx = factory(**hyper)
-    state = tx.init(PARAMS)
-    updates, new_state = tx.update(GRADS, state, PARAMS, **extra)
-    _assert_like_params(updates)
-    assert jax.tree.structure(new_state) == jax.tree.structure(state)
-    jitted, jit_state = jax.jit(tx.update)(GRADS, state, PARAMS, **extra)
-    _close(jitted, updates)
-    _close(jit_state, new_state)
+class TransformVariantsTest(chex.TestCase):
+    """init/update under jit and without it, with the arguments on the device and as host NumPy
+    arrays (chex variants, the way optax tests its own transformations)."""
+
+    @chex.variants(with_jit=True, without_jit=True, with_device=True, without_device=True)
+    @parameterized.parameters(*sorted(TABLE))
+    def test_init_and_update_keep_the_parameter_structure_and_every_variant_agrees(self, name):
+        factory, hyper, extra, _ = TABLE[name]
+        tx = factory(**hyper)
+        state = tx.init(PARAMS)
+        updates, new_state = tx.update(GRADS, state, PARAMS, **extra)
+        _assert_like_params(updates)
+        assert jax.tree.structure(new_state) == jax.tree.structure(state)
+        got, got_state = self.variant(tx.update)(GRADS, state, PARAMS, **extra)
+        _assert_like_params(got)
+        _close(got, updates)
+        _close(got_state, new_state)
 
 
 @pytest.mark.parametrize("name", sorted(TABLE))

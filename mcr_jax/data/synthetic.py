@@ -1,4 +1,4 @@
-"""The synthetic unique/shared benchmark (paper §4.1; docs/data.md), in plain numpy.
+"""The synthetic unique/shared benchmark (paper §4.1; docs/method.md#synthetic-benchmark; docs/data.md), in plain numpy.
 
 Generative process for ``M`` modalities and ``C`` classes (all from one seed):
 

@@ -1,9 +1,17 @@
-"""Shape and argument checks shared by the losses (trace-time only: they cost nothing under jit)."""
+"""Shape and argument checks shared by the losses (trace-time only: they cost nothing under jit).
+
+The ``require_*`` checks raise ``ValueError`` naming the argument and the shapes (the losses'
+documented contract, tests/test_input_validation.py). The ``assert_*`` checks are chex assertions
+for what those do not cover (a mask that would broadcast against its values, a rank, an integer
+dtype), raising ``ValueError`` for a shape or rank and ``TypeError`` for a dtype, so that every
+wrong shape stays a ``ValueError``; chex's message names the check, ours in brackets the argument.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import chex
 import jax
 
 
@@ -51,3 +59,21 @@ def require_nonempty_batch(batch: int, name: str = "latents", shape=None) -> Non
             f"{name} have an empty batch{seen}: B = 0. The loss averages over the batch rows, so it would be "
             "NaN or a meaningless 0; pass at least one row (skip empty batches before calling the loss)."
         )
+
+
+def assert_same_shape(a, b, name_a: str, name_b: str, layout: str) -> None:
+    """``a`` and ``b`` of one shape (no broadcasting), else ``ValueError`` naming both."""
+    chex.assert_equal_shape([a, b], exception_type=ValueError,
+                            custom_message=f"{name_b} must have the shape of {name_a} ({layout})")
+
+
+def assert_rank(x, rank: int, name: str, layout: str) -> None:
+    """``x`` of rank ``rank``, else ``ValueError`` naming it."""
+    chex.assert_rank(x, rank, exception_type=ValueError,
+                     custom_message=f"{name} must have rank {rank} ({layout})")
+
+
+def assert_integer(x, name: str, layout: str) -> None:
+    """``x`` of an integer dtype, else ``TypeError`` naming it."""
+    chex.assert_type(x, int, exception_type=TypeError,
+                     custom_message=f"{name} must hold integers ({layout})")

@@ -8,7 +8,7 @@ mean squared error:
 with :math:`c = \mathrm{stop\_gradient}(\ell)` the fused logits (the reference code) or
 :math:`c = \mathrm{onehot}(y)` (the paper). Gradients reach the encoders and :math:`h`, never the
 fused logits. The decoder is a callable so this stays a pure function; the Flax module lives in
-``mcr_jax.models``.
+``mcr_jax.models``. The term in the method as a whole: docs/method.md#ceb.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from mcr_jax.losses._checks import (
+    assert_integer,
     require_modalities,
     require_nonempty_batch,
     require_rank,
@@ -42,7 +43,8 @@ def ceb_condition(
     Args:
       condition: ``"logits"`` (reference code) or ``"label"`` (paper).
       fused_logits: ``[B, C]`` (for ``"logits"``).
-      labels: ``[B]`` int (for ``"label"``).
+      labels: ``[B]`` int (for ``"label"``; a float dtype is a ``TypeError``: a one-hot of 0.5
+        would be a row of zeros).
       num_classes: ``C`` (for ``"label"``).
     """
     if condition == "logits":
@@ -54,6 +56,7 @@ def ceb_condition(
         if labels is None or num_classes is None:
             raise ValueError("CEB condition 'label' needs labels [B] and num_classes.")
         require_rank(labels, 1, "labels", "[B]")
+        assert_integer(labels, "labels", "[B] class indices")
         return jax.nn.one_hot(labels, num_classes)
     raise ValueError(f"unknown CEB condition {condition!r}; use one of {CEB_CONDITIONS}.")
 

@@ -23,7 +23,8 @@ with the same label (SupCon with the positives averaged outside the log):
    \ell_a = -\frac{1}{|P(a)|}\sum_{p \in P(a)} \log \frac{e^{s_{ap}}}{\sum_{j \in m'} e^{s_{aj}}},
 
 averaged over anchors that have a positive, then over the ``M(M-1)`` ordered pairs. The paper
-bounds :math:`I(X_2;Y|X_1) + I(X_1;Y|X_2) + 2 I(X_1;X_2) \ge \log N - L_{Con}`.
+bounds :math:`I(X_2;Y|X_1) + I(X_1;Y|X_2) + 2 I(X_1;X_2) \ge \log N - L_{Con}`. The term in the method as a
+whole: docs/method.md#contrastive.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from mcr_jax.losses._checks import (
+    assert_rank,
     require_modalities,
     require_nonempty_batch,
     require_rank,
@@ -180,7 +182,9 @@ def binarize_regression_labels(labels: jax.Array, *, threshold: float = 0.0) -> 
 
     ``0`` for ``y < threshold``, ``1`` otherwise. (The reference code uses the raw real-valued
     scores as classes, so only exactly equal scores are positives; pass the raw labels for that.)
+    Another rank than ``[B]`` is a ``ValueError``.
     """
+    assert_rank(labels, 1, "labels", "[B] sentiment scores")
     return (labels >= threshold).astype(jnp.int32)
 
 

@@ -29,6 +29,7 @@ def kl_from_logits(p_logits: jax.Array, q_logits: jax.Array, *, axis: int = -1) 
       ``[...]`` divergences in nats (natural log), >= 0.
     """
     require_same_shape(p_logits, q_logits, "p_logits", "q_logits")
+    require_min_rank(p_logits, 1, "p_logits", "[..., C]")
     log_p = jax.nn.log_softmax(p_logits, axis=axis)
     log_q = jax.nn.log_softmax(q_logits, axis=axis)
     return jnp.maximum(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=axis), 0.0)
@@ -43,7 +44,7 @@ def jsd_from_logits(p_logits: jax.Array, q_logits: jax.Array, *, axis: int = -1)
 
     Natural log, so :math:`0 \le \mathrm{JSD} \le \ln 2`. ``log M`` is formed with ``logaddexp``
     of the two log-softmaxes, so no probability is ever logged and extreme logits stay finite.
-    This is the divergence of the MIPD term (Kontras et al. 2025, eq. for L_MIPD).
+    This is the divergence of the MIPD term (Kontras et al. 2025; docs/method.md#mipd).
 
     Args:
       p_logits: ``[..., C]`` logits of P (for MIPD: the clean fused prediction).

@@ -2,7 +2,7 @@ r"""The unique-information term: MIPD estimated by perturbing one modality's lat
 
 For modality :math:`m` the Mutual Information Perturbation Difference is lower-bounded through the
 divergence between the clean prediction and the prediction with :math:`z_m` replaced by a sample
-from its marginal (Kontras et al. 2025, §3.2):
+from its marginal (Kontras et al. 2025, §3.2; docs/method.md#mipd states it with the other terms):
 
 .. math::
    D_m = \mathbb{E}_{\sigma}\Big[\tfrac{1}{B}\sum_b
@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcr_jax.losses._checks import (
+    assert_rank,
     require_modalities,
     require_nonempty_batch,
     require_rank,
@@ -560,5 +561,6 @@ def _jsd_against_clean(clean_logits):
 
 
 def mipd_loss(divergences: jax.Array) -> jax.Array:
-    """``L_MIPD_m = -D_m`` for every modality: ``[M] -> [M]``."""
+    """``L_MIPD_m = -D_m`` for every modality: ``[M] -> [M]`` (another rank is a ``ValueError``)."""
+    assert_rank(divergences, 1, "divergences", "[M], one per modality, from mipd_divergences")
     return -divergences

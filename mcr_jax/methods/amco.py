@@ -53,16 +53,24 @@ Mapping onto our models and differences from BalanceMM
   (:math:`z_m W_m + b/M`); ours are :meth:`branch_logits` of the separable fusion head plus
   ``shared_offset() / M``. Our separate unimodal heads (``model.heads``) are not used (nor trained),
   so they are not reported. A non-separable fusion head raises ``ValueError``.
-- **``linear_star`` left out**: ``BaseClassifierAMCoModel`` passes the summed logits through an extra
-  C×C ``nn.Linear`` before the fused loss and the prediction. Our models have no such layer and a
-  method cannot add parameters; the composition of two affine maps is affine, so the function class is
-  the same, but the training dynamics of the fused head differ (the branch losses in the release do
-  not pass through ``linear_star``; here the fused logits are the plain sum).
-- **The mask's shape (release bug)**: the trainer builds the mask as ``mask_t.unsqueeze(0).expand(2,
-  -1)``, shape ``[2, C]``, and multiplies it with ``[B, C]`` logits — this broadcasts only for
-  batches of 1 or 2 rows and raises a size error otherwise, i.e. as soon as a modality is flagged
-  dependent (with M = 2 and σ = 0.5 one always is after the first window batch). The evident intent,
-  one class mask for every row, is what is implemented here.
+- **``linear_star`` left out of the training loss**: ``BaseClassifierAMCoModel.forward`` passes the
+  summed (masked) logits through an extra C×C ``nn.Linear`` (``linear_star``), and the training step's
+  fused cross-entropy reads that output. The prediction does not: evaluation
+  (``BaseClassifierModel.validation_step``) calls ``forward`` and then ``unimodality_calculate()``
+  again, which (with no mask and no dependent modality) overwrites ``unimodal_result['output']`` with
+  the plain sum of the branch logits — so the release predicts from the plain sum, as this port does,
+  and ``linear_star`` affects only the training loss (and is trained by it alone). Our models have no
+  such layer and a method cannot add parameters: here the fused loss is taken on the plain sum too,
+  so the training dynamics differ from the release in that one term (the branch losses do not pass
+  through ``linear_star`` there either).
+- **The mask's shape**: the trainer builds the mask as ``mask_t.unsqueeze(0).expand(2, -1)``, shape
+  ``[2, C]`` (two identical rows), and passes it to the model, which multiplies it with ``[B, C]``
+  branch logits. On one GPU this broadcasts only for batches of 1 or 2 rows and raises a size error
+  otherwise, i.e. as soon as a modality is flagged dependent (with M = 2 and σ = 0.5 one always is
+  after the first window batch). On two GPUs (Fabric's default ``strategy: "dp"``) the data-parallel
+  wrapper scatters every tensor argument along its first axis, so each device receives one ``[1, C]``
+  row — the same class mask — which broadcasts over that device's rows: there it works as intended.
+  That intent, one class mask for every row, is what is implemented here on any number of devices.
 - **Float precision of N**: :math:`\lfloor pC \rfloor` is computed in float32 here, in float64 in the
   release; on an exact boundary (e.g. :math:`\sin(\pi/6) C` with C even) the two may differ by one.
   ``l`` is :math:`k e / 10` here, an accumulated float sum there (equal up to rounding).

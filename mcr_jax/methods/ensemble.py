@@ -13,8 +13,12 @@ ones) and combines their predictions with :func:`combine_logits`.
   ensemble's predicted class does not depend on that choice.
 - ``"probs"``: the models' softmax probabilities are averaged (log of the average is returned).
 - ``"logits"``: the models' raw logits are averaged, unstandardised: UME, the Uni-Modal Ensemble of
-  Du et al. (ICML 2023, "On Uni-Modal Feature Learning in Supervised Multi-Modal Learning"), which
-  combines separately trained uni-modal models by averaging their output logits.
+  Du et al. (ICML 2023, "On Uni-Modal Feature Learning in Supervised Multi-Modal Learning"), as the
+  paper's text describes it (the uni-modal models' output logits averaged). No code release of the
+  paper was found, so nothing confirms how the released experiments combined the models (logits or
+  probabilities, weighted or not); the comparison label ``ume`` (``mcr_jax.report``) is this mode.
+  The probability average, the other usual reading, is ``mode="probs"`` beside it (on the same
+  unimodal runs; the two can rank classes differently when the models' logit scales differ).
 
 Config (``method`` section): ``mode`` and, for the per-batch mode, ``batch_size`` (0 = the
 config's ``eval.batch_size``).

@@ -2,7 +2,9 @@ r"""Greedy: balanced multi-modal learning guided by the conditional learning spe
 variant (Wu, Jastrzębski, Cho, Geras, *Characterizing and overcoming the greedy nature of learning
 in multi-modal deep neural networks*, ICML 2022, arXiv 2202.05306).
 
-Released code: nyukat/greedy_multimodal_learning — ``src/callbacks.py`` (``Bias_Mitigation_Strong``,
+Released code: nyukat/greedy_multimodal_learning at commit
+``cf28c4c7bc3eeaec4baa79f47001cc5396497cef`` ("inital com", the code; the three later commits edit
+the README only) — ``src/callbacks.py`` (``Bias_Mitigation_Strong``,
 the guided algorithm; ``Bias_Mitigation_Random``), ``src/balanced_mmtm.py`` (``MMTM_mitigate``: what
 a re-balancing step changes), ``src/model.py`` (``MMTM_MVCNN``), ``src/framework.py`` (when the
 callbacks run), ``configs/training_guided.gin`` / ``training_random.gin`` (the thresholds), and

@@ -1,4 +1,4 @@
-r"""OPM: on-the-fly prediction modulation (drop the dominant modality's feature).
+r"""OPM: on-the-fly prediction modulation (drop the dominant modality's feature, rescale the kept ones).
 
 Wei, Hu, Du, Wen, *On-the-fly Modulation for Balanced Multimodal Learning*, IEEE TPAMI 2024 (the
 journal extension of OGM-GE, CVPR 2022). Released code: ``GeWu-Lab/BML_TPAMI2024`` (read at commit
@@ -38,7 +38,9 @@ fused prediction gives a score summed over the (valid rows of the) batch — the
 - the fused prediction is the ordinary fusion head on the dropped latents,
   :math:`\tilde\ell = \mathrm{fuse}(\tilde z)` — here ``model.fuse`` on the zeroed and rescaled
   **latents** (the release's ``ConcatFusion`` on ``cleaned_fea``: the shared bias stays; with linear
-  fusion this is the same as zeroing the dropped branch's logits), and the loss is the fused
+  fusion, :math:`\tilde\ell_i = \sum_m \kappa_{m,i}\, z_{m,i} W_m / (1 - \theta) + b`: the dropped
+  branch's logits are zeroed **and** every kept branch's logits are scaled by :math:`1/(1-\theta)`,
+  the bias unscaled — a drop is not the plain removal of a branch), and the loss is the fused
   cross-entropy :math:`\mathrm{CE}(\tilde\ell, y)` averaged over the kept rows (``loss.backward()``
   on ``loss_fn(out, label)`` only; the branch losses ``loss_1``/``loss_2`` are logged, not trained).
 

@@ -1,6 +1,8 @@
 r"""PMR: prototypical modal rebalance (Fan, Xu, Wang, Wang, Wei; CVPR 2023, arXiv 2211.07089).
 
-Released code: ``fanyunfeng-bit/Modal-Imbalance-PMR`` (commit 3615e48, the only snapshot),
+Released code: ``fanyunfeng-bit/Modal-Imbalance-PMR`` (commit 1e5c79b, "upload", the code;
+the repository has three commits: 107e07c adds the licence and README, 3615e48 merges the two
+without changing the code, so its code is that of 1e5c79b),
 ``main_Prototype_grad.py``: ``EU_dist``, ``calculate_prototype``, ``train_epoch`` (the branch
 ``args.modulation == 'Proto'``) and ``main`` (when prototypes are computed); run lines in ``bash.sh``.
 

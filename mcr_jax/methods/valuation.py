@@ -39,7 +39,8 @@ Differences from the release:
   modality before its concatenation head; here the dropped modalities' latents are zeroed before
   ``Method.fuse`` (identical for the linear/concat fusion; for other fusions the same zeroing feeds
   whatever the fusion computes). The valuation uses ``ctx.features("train")`` (evaluation mode) and
-  ``ctx.fuse``, as the release's ``model.eval()`` pass over an unshuffled training loader.
+  ``ctx.fuse``, as the release's ``model.eval()`` pass over an unshuffled training loader (whose
+  inputs are augmented there, not here: see below).
 * Resampling realisation: the release builds an expanded data set of ``N + Σ k`` rows (each copy
   visited once per epoch, so an epoch grows); here an epoch keeps ``N`` rows (fixed compiled
   shape), drawn i.i.d. with probability ``∝ w_i``, and each row's mode drawn per step from the step
@@ -49,9 +50,21 @@ Differences from the release:
   shuffled epochs (``sampling_weights`` returns None), as the release's ``warmup_epoch``.
 * ``M > 2``: the Shapley formula above with ``v(S) = |S|·correct`` (2^M - 1 fused predictions per
   epoch); the release is audio–visual only. Classification only (``argmax = y``).
-* The release's ``main`` passes ``loader=`` to ``AV_KS_Dataset_sample_level``, which has no such
-  argument (it would fail as released); the intended behaviour is followed. Its mean contributions
-  (``cona``, ``conv``) are logged here as ``contrib_<m>``, with ``copies_<m>`` (mean ``k_m``).
+* **Augmented valuation inputs in the release.** Its valuation pass reads ``train_val_dataset =
+  AV_KS_Dataset(mode="train", ...)``, i.e. the training split *with* the training transforms
+  (``datasets/dataloader.py`` ``__getitem__`` for ``mode == 'train'``: a random frame per segment,
+  ``random.randint``, ``RandomResizedCrop(224)``, ``RandomHorizontalFlip()``); only the loader's
+  shuffling is off. So each epoch's contributions are scored on one random augmentation of every
+  sample. Here they are scored on the un-augmented training inputs (``ctx.features("train")``, the
+  evaluation-mode pass without training-time augmentation): deterministic per epoch, and not what the
+  release measures.
+* **The released script does not run as released** (checked at the commit above): ``main``
+  passes ``loader=args.loader`` to ``AV_KS_Dataset`` (three times) and ``execute_modulation`` to
+  ``AV_KS_Dataset_sample_level``, whose constructors take ``(mode, transforms=None)`` and ``(mode,
+  contribution, transforms=None)``: a ``TypeError`` before the first epoch; and the best-model file
+  name formats ``args.dynamic`` and ``args.method``, which ``get_arguments`` never defines (an
+  ``AttributeError`` at the first improvement). The intended behaviour is followed. Its mean
+  contributions (``cona``, ``conv``) are logged here as ``contrib_<m>``, with ``copies_<m>`` (mean ``k_m``).
 """
 
 from __future__ import annotations
