@@ -6,7 +6,7 @@ The pure losses and the competition game are available at the top level::
     d = mcr_jax.mipd_divergences(clean_logits, fuse_fn, [z_audio, z_video], perms)
     tx = mcr_jax.competition(optax.adam(1e-4), players=players, strategy="greedy", weight=0.1)
 
-Two installs. ``pip install mcr_jax`` gives the core, which needs only jax, flax, optax and numpy: this
+Two installs. ``pip install mcr_jax`` gives the core, which needs only jax, flax, optax, chex and numpy: this
 package, :mod:`mcr_jax.losses`, :mod:`mcr_jax.game`, :mod:`mcr_jax.players` and :mod:`mcr_jax.models`.
 ``pip install "mcr_jax[train]"`` adds what the trainer, the datasets, the baselines (:mod:`mcr_jax.methods`)
 and the experiment scripts import (ml-collections, absl, orbax, grain, TFDS, ...). The quantities computed
