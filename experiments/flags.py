@@ -11,7 +11,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mcr_jax import guards, names, parallel
+from mcr_jax import guards, names, parallel, progress
+from mcr_jax.progress import DEFAULT_INTERVAL_S
 
 FLAGS = flags.FLAGS
 # The flags the helpers below define belong to the entry point that calls them (absl's --help
@@ -259,7 +260,21 @@ def define_common_flags(workdir_help: str) -> None:
                         "Multi-host: host:port of process 0 (or JAX_COORDINATOR_ADDRESS).")
     flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (or JAX_NUM_PROCESSES).")
     flags.DEFINE_integer("process_id", None, "Multi-host: this process's id (or JAX_PROCESS_ID).")
+    define_progress_flags()
     flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_progress_flags() -> None:
+    """``--quiet`` and ``--progress_every`` (:mod:`mcr_jax.progress`)."""
+    flags.DEFINE_bool("quiet", False, "No progress lines and no notes (warnings and the final output still print).")
+    flags.DEFINE_float("progress_every", DEFAULT_INTERVAL_S,
+                       "Seconds between two progress lines when the output is not a terminal (0: every epoch); "
+                       "on a terminal one line per method rewrites itself.", lower_bound=0)
+
+
+def configure_progress() -> None:
+    """Progress as the flags of :func:`define_progress_flags` say."""
+    progress.configure(quiet=FLAGS.quiet, interval_s=FLAGS.progress_every)
 
 
 #: where compiled programs are kept between command-line runs (JAX's persistent compilation
@@ -284,9 +299,10 @@ def enable_compilation_cache() -> str | None:
 
 
 def start() -> None:
-    """Quiet library logs; the persistent compilation cache; join a multi-host run when the flags or
-    environment say so."""
+    """Quiet library logs; progress as the flags say; the persistent compilation cache; join a
+    multi-host run when the flags or environment say so."""
     logging.set_verbosity(logging.WARNING)
+    configure_progress()
     enable_compilation_cache()
     parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 

@@ -8,6 +8,8 @@ interrupted run from its last finished epoch (or returns a finished run's result
 """
 
 
+import os
+
 from experiments.flags import (
     FLAGS,
     check_config,
@@ -48,7 +50,10 @@ def main(argv):
             print(head, "  ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f} [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}]"
                                   for k, v in mets.items()))
     else:
-        train_and_evaluate(config, FLAGS.workdir)
+        res = train_and_evaluate(config, FLAGS.workdir)
+        for head, mets in res["test"]["heads"].items():
+            print(f"test {head}: " + ", ".join(f"{k} {v:.4f}" for k, v in mets.items()))
+    print(f"results: {os.path.join(os.path.abspath(FLAGS.workdir), 'results.json')}")
 
 
 if __name__ == "__main__":

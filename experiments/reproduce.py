@@ -36,7 +36,16 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments.diagnose import group_accuracy
-from experiments.flags import check_comparison, check_config, define_int_list, help_epilogue, int_list, name_list, run
+from experiments.flags import (
+    check_comparison,
+    check_config,
+    define_int_list,
+    define_progress_flags,
+    help_epilogue,
+    int_list,
+    name_list,
+    run,
+)
 from mcr_jax import guards, metrics, names, study
 from mcr_jax.report import DEFAULT_METHODS, TABLE_STATISTICS, format_table
 
@@ -610,6 +619,7 @@ flags.DEFINE_string("study", "synthetic", f"Comma-separated studies: {', '.join(
 flags.DEFINE_string("workdir", "runs/repro", "Where the runs go.")
 flags.DEFINE_string("out", "docs/reproduction", "Where the tables (.md) and figures (.png) go.")
 flags.DEFINE_string("methods", ",".join(DEFAULT_METHODS), "Methods of the tuned studies (listed below --help's text).")
+define_progress_flags()
 flags.DEFINE_integer("budget", 4, "Configurations per method (the same for every method with hyperparameters).")
 define_int_list("tune_seeds", "0,1,2", "Seeds for choosing configurations (validation).")
 define_int_list("eval_seeds", "0,1,2,3,4", "Seeds the chosen configuration is reported on (test).")
@@ -654,9 +664,10 @@ def main(argv):
     del argv
     from absl import logging
 
-    from experiments.flags import enable_compilation_cache
+    from experiments.flags import configure_progress, enable_compilation_cache
 
     logging.set_verbosity(logging.WARNING)
+    configure_progress()
     enable_compilation_cache()
     chosen = study_names(FLAGS.study)
     options = Options.from_flags(FLAGS)

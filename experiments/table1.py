@@ -45,8 +45,17 @@ import time
 
 from absl import flags, logging
 
-from experiments.flags import FLAGS, check_comparison, define_int_list, enable_compilation_cache, int_list, run
-from mcr_jax import guards, names
+from experiments.flags import (
+    FLAGS,
+    check_comparison,
+    configure_progress,
+    define_int_list,
+    define_progress_flags,
+    enable_compilation_cache,
+    int_list,
+    run,
+)
+from mcr_jax import guards, names, progress
 from mcr_jax.report import TABLE_STATISTICS, format_table
 from mcr_jax.study import run_comparison
 
@@ -195,10 +204,10 @@ def table_rows(dataset: str, labels=None, *, smoke: bool = False) -> list[Row]:
     return rows
 
 
-def run_table(dataset: str, config, workdir: str, seeds, *, labels=None, smoke: bool = False, log=print) -> dict:
+def run_table(dataset: str, config, workdir: str, seeds, *, labels=None, smoke: bool = False, log=progress.say) -> dict:
     """Every row of ``dataset``'s block (or those of ``labels``, in the block's order) on ``config``;
-    writes and returns the table (see the module docstring). ``smoke``: the rows keep the smoke
-    config's batch size instead of the release's."""
+    writes, prints and returns the table (see the module docstring; ``log``: the progress lines).
+    ``smoke``: the rows keep the smoke config's batch size instead of the release's."""
     rows = table_rows(dataset, labels, smoke=smoke)
     started, done = time.perf_counter(), [0]
 
@@ -232,7 +241,7 @@ def run_table(dataset: str, config, workdir: str, seeds, *, labels=None, smoke: 
     guards.write_json_atomic(os.path.join(workdir, "table1.json"),
                              {"dataset": dataset, "seeds": list(seeds), "summary": out["summary"],
                               "rows": [dataclasses.asdict(r) for r in rows], "release": RELEASE})
-    log("\n" + text)
+    print("\n" + text, flush=True)
     return out
 
 
@@ -245,6 +254,7 @@ flags.DEFINE_string("data_dir", "", "Where the built array_record files go (defa
 flags.DEFINE_string("workdir", None, "Where every run, table.md and table1.json go.")
 flags.DEFINE_integer("worker_count", 0, "Reader processes (config.data.worker_count); on a GPU machine, the "
                      "spare CPU cores (benchmarks/RESULTS.md).", lower_bound=0)
+define_progress_flags()
 flags.DEFINE_boolean("smoke", False, "Tiny models and one epoch: checks the whole command in minutes.")
 define_int_list("seeds", "0,1,2", "Training seeds (the release's fold, see the module docstring).")
 flags.DEFINE_list("rows", [], "Only these rows (labels, e.g. unimodal,ensemble,mcr; each block's below); default: "
@@ -273,6 +283,7 @@ def check():
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
+    configure_progress()
     enable_compilation_cache()
     run_table(FLAGS.dataset, _config(), FLAGS.workdir, int_list(FLAGS.seeds), labels=FLAGS.rows, smoke=FLAGS.smoke)
 

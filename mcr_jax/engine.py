@@ -24,7 +24,7 @@ import time
 import jax
 import numpy as np
 
-from mcr_jax import evaluation, guards, parallel, tensorboard
+from mcr_jax import evaluation, guards, parallel, progress, tensorboard
 from mcr_jax.checkpoint import Checkpointer, from_saveable, host_copy, non_finite_leaves
 from mcr_jax.methods.base import EpochContext
 from mcr_jax.options import as_dict
@@ -33,8 +33,13 @@ from mcr_jax.tasks import Task, get_task
 
 
 def log(msg: str) -> None:
-    if parallel.is_primary():
-        print(msg, flush=True)
+    """A note on its own line (:func:`mcr_jax.progress.say`; none under ``quiet``)."""
+    progress.say(msg)
+
+
+def warn(msg: str) -> None:
+    """A warning on its own line, printed in every progress mode."""
+    progress.say(msg, warning=True)
 
 
 def jsonable(x):
@@ -106,29 +111,29 @@ def finished(workdir: str, config, *, artifacts: bool = True) -> dict | None:
     or unreadable; an unusable run is redone, with a log line naming the file. A finished run of
     another config is refused, naming the differing keys."""
     path = os.path.join(workdir, "results.json")
-    res = guards.read_json_or_none(path, log=log)
+    res = guards.read_json_or_none(path, log=warn)
     if res is None:
         return None
     if not _complete(res):
-        log(f"{path} is incomplete (it lacks the config or the validation/test results): the run is redone.")
+        warn(f"{path} is incomplete (it lacks the config or the validation/test results): the run is redone.")
         return None
     guards.check_same_config(res["config"], jsonable(as_dict(config)), workdir, "a finished run")
     history = os.path.join(workdir, "metrics.jsonl")
     try:
         guards.read_jsonl(history)
     except (OSError, ValueError) as e:
-        log(f"{e} The finished run in {workdir} is redone.")
+        warn(f"{e} The finished run in {workdir} is redone.")
         return None
     if artifacts:
         npz = os.path.join(workdir, "predictions.npz")
         why = _unusable_npz(npz)
         if why:
-            log(f"{npz} {why}: the finished run in {workdir} is redone.")
+            warn(f"{npz} {why}: the finished run in {workdir} is redone.")
             return None
         ckpts = os.path.join(workdir, "checkpoints")
         if bool(config.train.checkpoint) and not (
                 os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))):
-            log(f"{ckpts} holds no checkpoint (its selected weights are read by uni-pre and UMT): the finished "
+            warn(f"{ckpts} holds no checkpoint (its selected weights are read by uni-pre and UMT): the finished "
                 f"run in {workdir} is redone.")
             return None
     return res
@@ -196,7 +201,7 @@ class _Store:
         if not self.ckpt.enabled:
             return None
         like = (take(states, 0), take(best, 0)) if self.single else (states, best)
-        restored = self.ckpt.restore_latest_good(*like, log=log, check=self._check_config)
+        restored = self.ckpt.restore_latest_good(*like, log=warn, check=self._check_config)
         if restored is None:
             return None
         state, chosen, meta = restored
@@ -248,6 +253,7 @@ def train_runs(specs: list[RunSpec], *, state_dir: str | None = None, data=None,
     """Trains the runs ``specs`` (one static configuration, see :class:`Programs`) as one program
     and returns each run's results (also in ``<spec.dir>/results.json``). ``state_dir``: where K > 1
     runs checkpoint their stacked state."""
+    started = time.perf_counter()
     programs = programs if programs is not None else Programs(specs, data=data, mesh=mesh)
     config, info, k = programs.config, programs.info, programs.k
     select = selection_metric(config, info.task)
@@ -271,12 +277,12 @@ def train_runs(specs: list[RunSpec], *, state_dir: str | None = None, data=None,
     except KeyboardInterrupt:
         saved = store.newest()
         where = f"the last checkpoint holds epoch {saved}" if saved else "no epoch is checkpointed yet"
-        log(f"[{config.method.name}] interrupted ({where}); rerun the same command to resume.")
+        warn(f"[{config.method.name}] interrupted ({where}); rerun the same command to resume.")
         raise
     store.ckpt.close()
     for sp in specs:
         tensorboard.close(sp.dir)
-    return _finish(programs, specs, states, best, metas, select)
+    return _finish(programs, specs, states, best, metas, select, started)
 
 
 def _epochs(programs: Programs, specs: list[RunSpec], store: _Store, states, best, metas, start: int, every: int,
@@ -288,7 +294,7 @@ def _epochs(programs: Programs, specs: list[RunSpec], store: _Store, states, bes
     earliest_stop = int(method.earliest_stop_epoch())
     headline = get_task(info.task).headline
     weighted = method.gives_sampling_weights
-    session_time = 0.0
+    session_time = first_time = 0.0
     for epoch in range(start, epochs + 1):
         active = [i for i, m in enumerate(metas) if not m["stopped_early"]]
         if not active:
@@ -341,24 +347,29 @@ def _epochs(programs: Programs, specs: list[RunSpec], store: _Store, states, bes
                 tensorboard.log_epoch(sp.dir, m["history"][-1])
         if new_states:
             states = states._replace(method_state=put_rows(states.method_state, new_states))
-        session_time += epoch_time * len(active)  # the ETA uses this session's epochs (not those before a resume)
+        # The ETA uses this session's epochs (not those before a resume), and after its first epoch
+        # (which compiles) the epochs after it.
+        session_time += epoch_time * len(active)
+        if epoch == start:
+            first_time = session_time
+        n = epoch - start
         done = all(m["stopped_early"] for m in metas)
-        eta = 0 if done else session_time / (epoch - start + 1) * (epochs - epoch)
+        per_epoch = (session_time - first_time) / n if n else session_time
+        eta = 0 if done else per_epoch * (epochs - epoch)
         if k == 1:
             val, improved = vals[0]
-            log(f"[{config.method.name}] epoch {epoch:3d}/{epochs}  loss {float(np.mean(mets['loss'][0])):.4f}  "
-                f"val {headline} {val['heads']['fused'][headline]:.4f}{' *' if improved else '  '}  "
-                f"{epoch_time:5.2f}s  ETA {eta:5.0f}s" + ("  (early stop)" if done else ""))
+            text = (f"loss {float(np.mean(mets['loss'][0])):.4f}  val {headline} "
+                    f"{val['heads']['fused'][headline]:.4f}{' (best)' if improved else ''}"
+                    + ("  (early stop)" if done else ""))
         else:
-            log(f"[{config.method.name} × {k} runs] epoch {epoch:3d}/{epochs}  best val {headline} "
-                + " ".join(f"{abs(m['best_value']):.4f}" for m in metas)
-                + f"  {epoch_time * len(active):5.2f}s  ETA {eta:5.0f}s")
+            text = f"best val {headline} " + " ".join(f"{abs(m['best_value']):.4f}" for m in metas)
+        progress.epoch_report(run_label(config, specs), epoch, epochs, text, eta)
         if epoch % every == 0 or epoch == epochs or done:
             store.save(epoch, states, best, metas)
     return states, best, metas
 
 
-def _finish(programs: Programs, specs: list[RunSpec], states, best, metas, select) -> list[dict]:
+def _finish(programs: Programs, specs: list[RunSpec], states, best, metas, select, started: float) -> list[dict]:
     """Evaluates every run's selected weights on validation and test and writes its results (never
     from non-finite weights or losses)."""
     config, method, info, k = programs.config, programs.method, programs.info, programs.k
@@ -408,11 +419,22 @@ def _finish(programs: Programs, specs: list[RunSpec], states, best, metas, selec
             results.update(vectorized_seeds=[s.seed for s in specs], traced_hparams=dict(sp.hparams))
         results = jsonable(dict(results, validation=val, test=test))
         guards.write_json_atomic(os.path.join(sp.dir, "results.json"), results)
-        fused = test["heads"]["fused"]
-        log(f"[{config.method.name}] done{'' if k == 1 else f' (seed {sp.seed})'}: best epoch {m['best_epoch']}, "
-            "test " + ", ".join(f"{n} {v:.4f}" for n, v in fused.items()))
         per_run.append(results)
+    headline = get_task(info.task).headline
+    progress.run_done(run_label(config, specs), f"done in {progress.duration(time.perf_counter() - started)}: "
+                      f"best epoch{'s' if k > 1 else ''} " + " ".join(str(r["best_epoch"]) for r in per_run)
+                      + f"; test {headline} " + " ".join(f"{r['test']['heads']['fused'][headline]:.4f}"
+                                                         for r in per_run))
     return per_run
+
+
+def run_label(config, specs: list[RunSpec]) -> str:
+    """How progress names a set of runs: ``mcr seed 0`` or ``mcr × 3 runs`` (the method as the
+    running job unit names it, else its config's name)."""
+    name = progress.shown_name(config.method.name)  # a comparison's label, e.g. uni_pre_frozen
+    if name == "unimodal" and config.method.get("modality"):
+        name = f"unimodal {config.method.modality}"
+    return f"{name} seed {specs[0].seed}" if len(specs) == 1 else f"{name} × {len(specs)} runs"
 
 
 __all__ = ["RunSpec", "checkpoint_every", "finished", "improves", "selection_metric", "selection_value",

@@ -234,7 +234,7 @@ def _write_summary(path: str, summary: dict) -> None:
     try:
         guards.write_json_atomic(path, summary)
     except OSError as e:
-        engine.log(f"could not write {path} ({type(e).__name__}: {e}); every run's results.json is in place "
+        engine.warn(f"could not write {path} ({type(e).__name__}: {e}); every run's results.json is in place "
                    "and the summary is returned, not saved.")
 
 

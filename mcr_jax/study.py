@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from mcr_jax import dynamics, guards, metrics
+from mcr_jax import progress as progress_lines
 from mcr_jax.engine import selection_metric
 from mcr_jax.methods import method_grid
 from mcr_jax.report import (
@@ -120,24 +121,31 @@ def run_comparison(config, workdir: str, methods=DEFAULT_METHODS, seeds=(0, 1, 2
         return None
 
     ahead = None  # (unit, Prepared): the next unit's programs, compiled on a background thread meanwhile
-    for unit in units:
-        if unit[0] == "done":
-            if progress is not None:
-                progress(unit[1], len(seeds))
-            continue
-        prepared = ahead[1] if ahead is not None and ahead[0] is unit else None
-        nxt, ahead = following.get(id(unit)), None
-        if compile_ahead and nxt is not None:
-            made = prepare(nxt, unit)
-            ahead = (nxt, made) if made is not None else None
-        if unit[0] == "seeds":
-            _, label, name, cfg = unit
-            out = train_seeds(cfg, vectorized_dir(name), seeds, seed_dirs=seed_dirs(name), prepared=prepared)
-            runs[label] = out["per_seed"]
-        else:
-            _, name, s, cfg = unit
-            res = train_and_evaluate(cfg, os.path.join(seed_dir(s), name), prepared=prepared)
-            runs.setdefault(name, []).append(res)
+    progress_lines.job(len(work))
+    try:
+        for unit in units:
+            if unit[0] == "done":
+                if progress is not None:
+                    progress(unit[1], len(seeds))
+                continue
+            prepared = ahead[1] if ahead is not None and ahead[0] is unit else None
+            nxt, ahead = following.get(id(unit)), None
+            if compile_ahead and nxt is not None:
+                made = prepare(nxt, unit)
+                ahead = (nxt, made) if made is not None else None
+            if unit[0] == "seeds":
+                _, label, name, cfg = unit
+                runs_label = f"{label} × {len(seeds)} runs" if len(seeds) > 1 else f"{label} seed {seeds[0]}"
+                with progress_lines.unit(runs_label, {cfg.method.name: label}):
+                    out = train_seeds(cfg, vectorized_dir(name), seeds, seed_dirs=seed_dirs(name), prepared=prepared)
+                runs[label] = out["per_seed"]
+            else:
+                _, name, s, cfg = unit
+                with progress_lines.unit(f"{name} seed {s}", {cfg.method.name: name}):
+                    res = train_and_evaluate(cfg, os.path.join(seed_dir(s), name), prepared=prepared)
+                runs.setdefault(name, []).append(res)
+    finally:
+        progress_lines.job(0)
     summary = summarize(runs)
     out = {"dataset": config.data.name, "modalities": list(modalities), "seeds": list(seeds), "summary": summary,
            "runs": runs}

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from mcr_jax import data as data_lib
-from mcr_jax import guards, metrics, parallel
+from mcr_jax import guards, metrics, parallel, progress
 from mcr_jax.config import resolve_config
 from mcr_jax.engine import finished, jsonable, log, train_runs
 from mcr_jax.evaluation import add_sample_type_accuracy
@@ -42,7 +42,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, prepa
     orchestrated = config.method.name in ORCHESTRATORS
     done = finished(workdir, config, artifacts=not orchestrated)  # before anything can overwrite it
     if done is not None:
-        log(f"[{config.method.name}] {workdir} already finished: returning its results.")
+        if not progress.in_unit():  # in a job, the unit's line says it
+            log(f"[{config.method.name}] {workdir} already finished: returning its results.")
         return done
     if parallel.is_primary():
         guards.check_writable(workdir)  # before the data, the compile and an epoch of training
@@ -97,6 +98,10 @@ def train_ensemble(config, workdir: str) -> dict:
         results[split] = res
     results = jsonable(results)
     guards.write_json_atomic(os.path.join(workdir, "results.json"), results)
+    headline = task.headline
+    progress.run_done(f"{progress.shown_name('ensemble')} seed {int(config.seed)}",
+                      f"done: the unimodal runs' outputs combined ({mode}); test {headline} "
+                      f"{results['test']['heads']['fused'][headline]:.4f}")
     return results
 
 

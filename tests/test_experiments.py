@@ -53,14 +53,27 @@ def test_dataset_specific_mcr_settings_only_reach_mcr():
     assert "num_permutations" not in mfeat.get_config("smoke,method=joint").method
 
 
+SMOKE = "experiments/configs/synthetic.py:smoke"
+
+
 def test_unimodal_and_a_baseline_option_from_the_command_line(tmp_path):
     """The README's route: a method other than MCR and one of its options, set on the command line;
-    the run records only that method's options."""
-    for name, extra in (("unimodal", "--config.method.modality=x2"), ("ogm_ge", "--config.method.alpha=0.5")):
+    the run records only that method's options; ``--progress_every=0`` shows every epoch and
+    ``--quiet`` none."""
+    for name, extra, shown in (("unimodal", "--config.method.modality=x2", "--progress_every=0"),
+                               ("ogm_ge", "--config.method.alpha=0.5", "--quiet")):
         workdir = tmp_path / name
-        subprocess.run([sys.executable, "-m", "experiments.main", "--config=experiments/configs/synthetic.py:smoke",
-                        f"--config.method.name={name}", extra, f"--workdir={workdir}"], cwd=ROOT, check=True,
-                       capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-m", "experiments.main", f"--config={SMOKE}",
+                               f"--config.method.name={name}", extra, f"--workdir={workdir}", shown], cwd=ROOT,
+                              check=True, capture_output=True, text=True)
+        said = done.stdout.splitlines()
+        if shown == "--quiet":  # no progress: the test results and where they are
+            assert all(line.startswith(("test ", "results: ")) for line in said), said
+            assert said[-1].startswith("results: "), said
+        else:  # every epoch (the smoke config has 2), the summary, then the results
+            assert [line.split("  ")[0] for line in said[:2]] == ["[unimodal x2 seed 0] epoch 1/2",
+                                                                   "[unimodal x2 seed 0] epoch 2/2"], said
+            assert said[2].startswith("[unimodal x2 seed 0] done in "), said
         with open(workdir / "results.json") as f:
             method = json.load(f)["config"]["method"]
         key, value = extra[len("--config.method."):].split("=")

@@ -130,7 +130,7 @@ def test_a_nan_mean_validation_value_is_never_chosen():
         study.best_configuration([{"val_mean": nan}, {"val_mean": nan}], "mcr")
 
 
-def test_compiling_the_next_method_ahead_changes_no_result(tmp_path, monkeypatch):
+def test_compiling_the_next_method_ahead_changes_no_result(tmp_path, monkeypatch, capsys):
     """The comparison runner builds and compiles the next unit's programs on a background thread
     (the next vectorised method, the next seed of a per-seed method): the prepared programs are
     used, and every run's results equal those of the same comparison without preparation."""
@@ -151,6 +151,13 @@ def test_compiling_the_next_method_ahead_changes_no_result(tmp_path, monkeypatch
     methods = ["unimodal", "uni_pre_frozen", "joint"]
     ahead = study.run_comparison(cfg, str(tmp_path / "ahead"), methods, (0, 1))
     assert used == [True, True, True]  # unimodal x2, uni-pre's seed 1, joint
+    # Progress, as written to a file: a line per unit (the first epoch's line aside), named as the
+    # comparison names it, with the job's ETA on the epoch line.
+    log = capsys.readouterr().out.splitlines()
+    done = [line.split("] done in ")[0] + "]" for line in log if "] done in " in line]
+    assert done == ["[unimodal x1 × 2 runs]", "[unimodal x2 × 2 runs]", "[uni_pre_frozen seed 0]",
+                    "[uni_pre_frozen seed 1]", "[joint × 2 runs]"], log
+    assert len(log) <= len(done) + 2 and "· job 1/5, ETA" in log[0], log
     inline = study.run_comparison(cfg, str(tmp_path / "inline"), methods, (0, 1), compile_ahead=False)
     assert len(used) == 3
     for label, runs in inline["runs"].items():

@@ -83,6 +83,7 @@ from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.preprocessing import MinMaxScaler
 
+from mcr_jax import progress
 from mcr_jax.methods.base import Method, unimodal_losses
 
 DEFAULTS = dict(alpha=3.0, reinit_epochs=20, reinit_num=3, uni_weight=1.0, kmeans_n_init=10, kmeans_seed=0,
@@ -218,9 +219,9 @@ class DnR(Method):
             target = ctx.fresh_params(int(self.opts["reinit_seed"]) + done)["encoders"]
         strengths = {m: diag[m][2] for m in self.modalities}
         ctx.replace_params(soft_reinit(ctx.params, target, strengths))
-        print(f"[dnr] epoch {epoch}: re-initialisation {done + 1}: " + ", ".join(
+        progress.say(f"[dnr] epoch {epoch}: re-initialisation {done + 1}: " + ", ".join(
             f"{m} purity train {diag[m][0]:.3f} val {diag[m][1]:.3f} -> alpha {diag[m][2]:.3f}"
-            for m in self.modalities), flush=True)
+            for m in self.modalities), detail=True)
         col = lambda i: jnp.asarray([diag[m][i] for m in self.modalities], jnp.float32)
         return {**method_state, "reinits": jnp.asarray(done + 1, jnp.int32), "purity_train": col(0),
                 "purity_val": col(1), "strength": col(2)}

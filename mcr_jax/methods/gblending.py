@@ -110,6 +110,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mcr_jax import progress
 from mcr_jax.data.types import INDEX_KEY
 from mcr_jax.methods.base import Method
 
@@ -275,9 +276,9 @@ class GBlending(Method):
             new.update(gain=f32(gain), overfit=f32(overfit),
                        estimates=jnp.asarray(int(method_state["estimates"]) + 1, jnp.int32))
             shown = np.asarray(new["weights"])
-            print(f"[gblending] epoch {epoch}: weights " + ", ".join(
+            progress.say(f"[gblending] epoch {epoch}: weights " + ", ".join(
                 f"{h} {shown[k]:.4f} (G {gain[k]:+.4f}, dO {overfit[k]:+.4f})" for k, h in enumerate(self.heads))
-                + ("" if weights is not None else " (estimate degenerate: weights kept)"), flush=True)
+                + ("" if weights is not None else " (estimate degenerate: weights kept)"), detail=True)
         return new
 
 
