@@ -347,15 +347,14 @@ def _epochs(programs: Programs, specs: list[RunSpec], store: _Store, states, bes
                 tensorboard.log_epoch(sp.dir, m["history"][-1])
         if new_states:
             states = states._replace(method_state=put_rows(states.method_state, new_states))
-        # The ETA uses this session's epochs (not those before a resume), and after its first epoch
-        # (which compiles) the epochs after it.
+        # The ETA uses this session's epochs (not those before a resume) after its first, which
+        # compiles: unknown (None) until a second epoch has run.
         session_time += epoch_time * len(active)
         if epoch == start:
             first_time = session_time
         n = epoch - start
         done = all(m["stopped_early"] for m in metas)
-        per_epoch = (session_time - first_time) / n if n else session_time
-        eta = 0 if done else per_epoch * (epochs - epoch)
+        eta = 0.0 if done or epoch == epochs else (session_time - first_time) / n * (epochs - epoch) if n else None
         if k == 1:
             val, improved = vals[0]
             text = (f"loss {float(np.mean(mets['loss'][0])):.4f}  val {headline} "

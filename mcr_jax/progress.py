@@ -181,27 +181,32 @@ def shown_name(method: str) -> str:
     return _S.unit_names.get(method, method)
 
 
-def _job_eta(unit_eta: float) -> str:
-    """`` · job 3/28, ETA 2 min 10 s`` (empty outside a job)."""
+def _job_eta(unit_eta: float | None) -> str:
+    """`` · job 3/28, ETA 2 min 10 s`` (empty outside a job; no ETA while the unit's is unknown)."""
     if _S.units_total <= 1:
         return ""
+    where = f" · job {_S.units_done + 1}/{_S.units_total}"
+    if unit_eta is None:
+        return where
     left = max(0, _S.units_total - _S.units_done - 1)
     mean = _S.trained_s / _S.trained_units if _S.trained_units else None
     if mean is None and _S.unit_start is not None:  # no unit finished yet: this one's projected total
         mean = _S.clock() - _S.unit_start + unit_eta
     eta = unit_eta + (mean or 0.0) * left
-    return f" · job {_S.units_done + 1}/{_S.units_total}, ETA {duration(eta)}"
+    return f"{where}, ETA {duration(eta)}"
 
 
-def epoch_report(label: str, epoch: int, epochs: int, text: str, unit_eta: float) -> None:
-    """One epoch of ``label`` (``text``: its losses or best values): the live line on a terminal;
-    in a file, a line when ``interval_s`` has passed since the last line (the summary line of
-    :func:`run_done` follows the last epoch)."""
+def epoch_report(label: str, epoch: int, epochs: int, text: str, unit_eta: float | None) -> None:
+    """One epoch of ``label`` (``text``: its losses or best values; ``unit_eta``: seconds left for
+    its runs, None while unknown): the live line on a terminal; in a file, a line when
+    ``interval_s`` has passed since the last line (the summary line of :func:`run_done` follows
+    the last epoch)."""
     with _S.lock:
         _S.unit_trained = True
         if _S.quiet:
             return
-        line = f"[{label}] epoch {epoch}/{epochs}  ETA {duration(unit_eta)}{_job_eta(unit_eta)}  {text}".rstrip()
+        eta = "" if unit_eta is None else f"  ETA {duration(unit_eta)}"
+        line = f"[{label}] epoch {epoch}/{epochs}{eta}{_job_eta(unit_eta)}  {text}".rstrip()
         now = _S.clock()
         if _is_live():
             _write(line, keep=False)

@@ -102,8 +102,10 @@ def test_the_first_unit_projects_its_own_time(out):
     progress.job(3)
     with progress.unit("a"):
         clock.t += 4.0
-        progress.epoch_report("a", 1, 2, "", unit_eta=4.0)  # a will take 8 s: the others as long
-    assert stream.getvalue().splitlines()[0] == "[a] epoch 1/2  ETA 4 s · job 1/3, ETA 20 s"
+        progress.epoch_report("a", 1, 3, "val 0.5", unit_eta=None)  # after a first epoch (it compiles): unknown
+        progress.epoch_report("a", 2, 3, "", unit_eta=4.0)  # a will take 8 s: the others as long
+    assert stream.getvalue().splitlines() == ["[a] epoch 1/3 · job 1/3  val 0.5",
+                                              "[a] epoch 2/3  ETA 4 s · job 1/3, ETA 20 s"]
 
 
 def test_durations_read_as_a_person_writes_them():
