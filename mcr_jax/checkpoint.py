@@ -1,6 +1,7 @@
 """Orbax checkpoints of the training state, the selected (best) weights and the loop's bookkeeping.
 
-One checkpoint per finished epoch (the newest two are kept); each holds three items:
+One checkpoint per finished epoch (the newest two are kept), written asynchronously in a single
+process (:meth:`Checkpointer.save`); each holds three items:
 
 - ``state``: parameters, non-parameter model state, optimizer state, method state, PRNG key, step;
 - ``best``: the parameters and model state selected on validation so far;
@@ -114,6 +115,10 @@ class Checkpointer:
         self.directory = os.path.join(self.workdir, "checkpoints")
         self.enabled = enabled
         self.max_to_keep = max_to_keep
+        # One process: a save returns once its arrays are copied to the host and the files are
+        # written on orbax's thread while training goes on; every read, the next save and close()
+        # wait for it first. Several processes write collectively, synchronously, as before.
+        self.asynchronous = jax.process_count() == 1
         if enabled and os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise NotADirectoryError(f"{self.directory} is a file, not a checkpoint folder; move or delete it "
                                      "(the run then starts from scratch), or choose another --workdir.")
@@ -121,15 +126,25 @@ class Checkpointer:
 
     def _open(self):
         options = ocp.CheckpointManagerOptions(max_to_keep=self.max_to_keep, create=True,
-                                               enable_async_checkpointing=False)
+                                               enable_async_checkpointing=self.asynchronous)
         return ocp.CheckpointManager(self.directory, options=options, item_names=("state", "best", "meta"))
 
+    def wait(self) -> None:
+        """Until the save in flight (if any) is completely written; its error, if it failed, is raised here."""
+        self.manager.wait_until_finished()
+
     def latest_epoch(self) -> int | None:
+        self.wait()
         return self.manager.latest_step()
 
     def save(self, epoch: int, state: Any, best: Any, meta: dict) -> None:
+        """Saves step ``epoch``. Asynchronous (one process): the arrays and the bookkeeping are
+        copied first, so the caller may change or donate its own while the files are written."""
         if not self.enabled:
             return
+        self.wait()
+        if self.asynchronous:
+            state, best, meta = host_copy(_plain(state)), host_copy(best), json.loads(json.dumps(meta))
         meta = dict(meta, layout={"state": layout(state), "best": layout(best)})
         meta["checksums"] = {"state": checksum(state), "best": checksum(best), "meta": meta_checksum(meta)}
         args = ocp.args.Composite(
@@ -138,10 +153,12 @@ class Checkpointer:
             meta=ocp.args.JsonSave(meta),
         )
         self.manager.save(epoch, args=args, force=True)
-        self.manager.wait_until_finished()
+        if not self.asynchronous:
+            self.wait()
 
     def restore(self, epoch: int, state_like: Any, best_like: Any) -> tuple[Any, Any, dict]:
         abstract = lambda t: jax.tree.map(ocp.utils.to_shape_dtype_struct, to_saveable(t))
+        self.wait()
         restored = self.manager.restore(
             epoch,
             args=ocp.args.Composite(
@@ -157,6 +174,7 @@ class Checkpointer:
         """Step ``epoch``'s bookkeeping alone, verified against its checksum (no array is read);
         :class:`CheckpointError` when it is unreadable or was changed."""
         where = self._step_dir(epoch)
+        self.wait()
         try:
             meta = dict(self.manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
         except Exception as e:
@@ -258,6 +276,7 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint in {self.directory}: train that run first.")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, to_saveable(best_like))
         where = self._step_dir(epoch)
+        self.wait()
         try:
             restored = self.manager.restore(epoch, args=ocp.args.Composite(best=ocp.args.StandardRestore(abstract),
                                                                            meta=ocp.args.JsonRestore()))
@@ -273,6 +292,8 @@ class Checkpointer:
         return best
 
     def close(self) -> None:
+        """Waits for the save in flight, then releases the manager."""
+        self.wait()
         self.manager.close()
 
 

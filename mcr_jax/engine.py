@@ -392,6 +392,11 @@ def _finish(programs: Programs, specs: list[RunSpec], states, best, metas, selec
         m = metas[i]
         chosen = take(best, i)
         hparams = take(states.hparams, i)
+        own = None
+        if k > 1 and bool(config.train.checkpoint):  # the run's own checkpoint, as a single run leaves
+            own = Checkpointer(sp.dir)                 # it; written while the run is scored
+            own.save(m["epoch"], take(states, i)._replace(hparams={}), take(host_best, i),
+                     dict(m, config=jsonable(as_dict(sp.config))))
         res = {}
         for split in ("validation", "test"):
             summary, out = evaluation.summarize(method, outs[split], i)
@@ -404,11 +409,8 @@ def _finish(programs: Programs, specs: list[RunSpec], states, best, metas, selec
         evaluation.add_sample_type_accuracy(test, test_out["logits"], test_out["labels"], programs.data, info)
         os.makedirs(sp.dir, exist_ok=True)
         evaluation.save_predictions(sp.dir, {"validation": val_out, "test": test_out})
-        if k > 1 and bool(config.train.checkpoint):  # the run's own checkpoint, as a single run leaves
-            one = Checkpointer(sp.dir)
-            one.save(m["epoch"], take(states, i)._replace(hparams={}), take(host_best, i),
-                     dict(m, config=jsonable(as_dict(sp.config))))
-            one.close()
+        if own is not None:  # written completely before results.json says the run is finished
+            own.close()
         results = {"config": jsonable(as_dict(sp.config)), "method": config.method.name, "seed": int(sp.seed),
                    "dataset": info.name, "modalities": list(info.modalities), "task": info.task,
                    "best_epoch": m["best_epoch"], "epochs_run": m["epoch"], "selection": f"val_{select}",

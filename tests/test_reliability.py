@@ -437,3 +437,24 @@ def test_a_run_whose_selection_value_is_never_a_number_publishes_nothing(tmp_pat
     with pytest.raises(FloatingPointError, match="no epoch's validation accuracy was a number"):
         train.train_and_evaluate(cfg, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_an_asynchronous_save_writes_what_was_passed_not_what_the_caller_changed_after(tmp_path):
+    # The engine changes its host copy of the selected weights in place and appends to the history
+    # while the previous epoch's checkpoint may still be written on orbax's thread.
+    import jax.numpy as jnp
+
+    from mcr_jax.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(str(tmp_path))
+    assert ckpt.asynchronous
+    state = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.asarray(3)}
+    best = {"w": np.arange(6.0, dtype=np.float32).reshape(2, 3)}
+    meta = {"epoch": 1, "history": [{"epoch": 1}]}
+    ckpt.save(1, state, best, meta)
+    best["w"][0, 0] = 99.0
+    meta["history"].append({"epoch": 2})
+    restored_state, restored_best, restored_meta = ckpt.verified_restore(1, state, best)  # checksums verified
+    assert np.asarray(restored_best["w"])[0, 0] == 0.0 and restored_meta["history"] == [{"epoch": 1}]
+    np.testing.assert_array_equal(np.asarray(restored_state["w"]), np.arange(6.0).reshape(2, 3))
+    ckpt.close()
