@@ -57,8 +57,9 @@ _S = _State()
 
 def configure(*, quiet: bool | None = None, interval_s: float | None = None, stream=None, live: bool | None = None,
               clock=None) -> None:
-    """Sets how progress is shown (see the module docstring). ``live``: force (True) or forbid
-    (False) the rewriting line; None decides by whether ``stream`` is a terminal. ``stream``:
+    """Sets how progress is shown (see the module docstring); an argument left None keeps its
+    setting (:func:`reset` goes back to the defaults). ``live``: force (True) or forbid (False) the
+    rewriting line; by default it is decided by whether ``stream`` is a terminal. ``stream``:
     where lines go (default: ``sys.stdout`` at the time of printing). ``clock``: seconds, for tests."""
     if interval_s is not None and not interval_s >= 0:
         raise ValueError(f"progress interval_s must be a number of seconds >= 0, got {interval_s!r}.")
@@ -69,7 +70,8 @@ def configure(*, quiet: bool | None = None, interval_s: float | None = None, str
             _S.interval_s = float(interval_s)
         if stream is not None:
             _S.stream = stream
-        _S.live = live
+        if live is not None:
+            _S.live = live
         if clock is not None:
             _S.clock = clock
         _S.last_print = -float("inf")

@@ -22,8 +22,10 @@ import subprocess
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SKIP_DIRS = {".git", ".venv", "venv", "build", "dist", "node_modules", "__pycache__", ".ruff_cache", ".pytest_cache"}
-# Spelt in two parts so that this file does not itself hold the strings it forbids.
-FORBIDDEN = ("SPEC" + ".md", "SPEC" + " §")
+# The internal specification's name, built from its letters so that no file (this one included)
+# holds the strings forbidden here.
+_INTERNAL = "".join(map(chr, (83, 80, 69, 67)))
+FORBIDDEN = (_INTERNAL + ".md", _INTERNAL + " §")
 
 PATH_RE = re.compile(
     r"(?<![\w./-])((?:docs|benchmarks|tests|mcr_jax|experiments)/[\w./-]*?[\w-]\.(?:md|py))(#[\w-]+)?(?![\w/])"
