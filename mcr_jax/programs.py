@@ -47,6 +47,7 @@ from mcr_jax.methods import get_method
 from mcr_jax.methods.base import ModelHandle, model_inputs
 from mcr_jax.models.build import build_model
 from mcr_jax.optim import make_optimizer
+from mcr_jax.shared_jit import shared_jit
 from mcr_jax.state import StepOutput, TrainState, init_state, split_model
 from mcr_jax.steps import eval_layout, make_epoch_fn, make_eval_fn, make_eval_step, make_train_step
 
@@ -274,26 +275,26 @@ class Programs:
         self.step = make_train_step(method, self.tx, gtrain, geval, self.metric_names,
                                     float(config.optim.learning_rate), mesh=mesh)
         self.eval_step = make_eval_step(method, geval, int(config.eval.mipd_samples))
-        self.train_step = jax.jit(over_runs(self.step, k, (0, 0)), in_shardings=(rep, self.run_batch_sharding),
-                                   out_shardings=(rep, rep), donate_argnums=0)
-        self._eval_step = jax.jit(over_runs(self.eval_step, k, (0, 0, None, None, 0)),
+        self.train_step = shared_jit(over_runs(self.step, k, (0, 0)), in_shardings=(rep, self.run_batch_sharding),
+                                     out_shardings=(rep, rep), donate_argnums=0)
+        self._eval_step = shared_jit(over_runs(self.eval_step, k, (0, 0, None, None, 0)),
                                   in_shardings=(rep, rep, shard, rep, rep))
         self.device_arrays: dict[str, Any] = {}
         self._epoch_fn = self._eval_fn = None
         self._aot: dict[str, Any] = {}  # programs compiled ahead of their first call (precompile)
         if self.compiled:
             self.device_arrays["train"] = parallel.replicate(self.data.arrays("train"), mesh)
-            self._epoch_fn = jax.jit(over_runs(make_epoch_fn(self.step, batch_sharding=shard), k, (0, None, 0)),
-                                     in_shardings=(rep, rep, rep), out_shardings=(rep, rep), donate_argnums=0)
+            self._epoch_fn = shared_jit(over_runs(make_epoch_fn(self.step, batch_sharding=shard), k, (0, None, 0)),
+                                        in_shardings=(rep, rep, rep), out_shardings=(rep, rep), donate_argnums=0)
             self._place_eval_splits()
             fn = make_eval_fn(self.eval_step, batch_sharding=shard)
-            self._eval_fn = jax.jit(over_runs(fn, k, (0, 0, None, 0, None, None, None, None)),
-                                    in_shardings=(rep,) * 8)
+            self._eval_fn = shared_jit(over_runs(fn, k, (0, 0, None, 0, None, None, None, None)),
+                                       in_shardings=(rep,) * 8)
 
-        encode = jax.jit(lambda p, r, b: nnx.merge(geval, p, r).encode(*model_inputs(b, info.modalities)),
-                         in_shardings=(rep, rep, shard))
-        fuse = jax.jit(lambda p, r, z: method.fuse(nnx.merge(geval, p, r), z))
-        self.subset_predict = jax.jit(make_subset_predict(method, geval))
+        encode = shared_jit(lambda p, r, b: nnx.merge(geval, p, r).encode(*model_inputs(b, info.modalities)),
+                            in_shardings=(rep, rep, shard))
+        fuse = shared_jit(lambda p, r, z: method.fuse(nnx.merge(geval, p, r), z))
+        self.subset_predict = shared_jit(make_subset_predict(method, geval))
 
         def features_fn(p, r, split):
             feats, labels = {}, []
@@ -352,8 +353,7 @@ class Programs:
         if self._epoch_fn is None:
             return times
         t0 = time.perf_counter()
-        self._aot["epoch"] = self._epoch_fn.lower(self.states, self.device_arrays["train"],
-                                                  self.epoch_rows(1)).compile()
+        self._aot["epoch"] = self._epoch_fn.compile(self.states, self.device_arrays["train"], self.epoch_rows(1))
         times["epoch"] = time.perf_counter() - t0
         for split in EVAL_SPLITS:
             arrays, chunks, _ = self._eval_splits[split]
@@ -361,8 +361,8 @@ class Programs:
                 self._aot[f"eval_{split}"] = self._aot["eval_validation"]  # the same program
                 continue
             t0 = time.perf_counter()
-            self._aot[f"eval_{split}"] = self._eval_fn.lower(self.states.params, self.states.rest, arrays,
-                                                             self.states.hparams, *chunks[0]).compile()
+            self._aot[f"eval_{split}"] = self._eval_fn.compile(self.states.params, self.states.rest, arrays,
+                                                               self.states.hparams, *chunks[0])
             times[f"eval_{split}"] = time.perf_counter() - t0
         return times
 
@@ -442,8 +442,8 @@ class Programs:
         """How many programs each compiled function holds (each compiles once per run set; tested)."""
         counts = {"train_step": self.train_step._cache_size(), "eval_step": self._eval_step._cache_size()}
         if self._epoch_fn is not None:
-            counts["epoch"] = self._epoch_fn._cache_size() + ("epoch" in self._aot)
-            counts["eval"] = self._eval_fn._cache_size() + len({id(v) for n, v in self._aot.items() if n != "epoch"})
+            counts["epoch"] = self._epoch_fn._cache_size()  # precompiled programs included
+            counts["eval"] = self._eval_fn._cache_size()
         return counts
 
 

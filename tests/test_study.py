@@ -133,8 +133,12 @@ def test_a_nan_mean_validation_value_is_never_chosen():
 def test_compiling_the_next_method_ahead_changes_no_result(tmp_path, monkeypatch, capsys):
     """The comparison runner builds and compiles the next unit's programs on a background thread
     (the next vectorised method, the next seed of a per-seed method): the prepared programs are
-    used, and every run's results equal those of the same comparison without preparation."""
+    used, and every run's results equal those of the same comparison without preparation. The
+    same for programs shared between functions that compile the same program
+    (:mod:`mcr_jax.shared_jit`; uni-pre's two seeds, the methods' common evaluation): the
+    comparison without preparation runs with sharing off."""
     from mcr_jax import seeds as seeds_lib
+    from mcr_jax import shared_jit
 
     cfg = synthetic.get_config("smoke")
     cfg.train.num_epochs = 2
@@ -149,7 +153,9 @@ def test_compiling_the_next_method_ahead_changes_no_result(tmp_path, monkeypatch
 
     monkeypatch.setattr(seeds_lib.Prepared, "get", get)
     methods = ["unimodal", "uni_pre_frozen", "joint"]
+    shared_before = shared_jit.stats()["shared"]
     ahead = study.run_comparison(cfg, str(tmp_path / "ahead"), methods, (0, 1))
+    assert shared_jit.stats()["shared"] > shared_before
     assert used == [True, True, True]  # unimodal x2, uni-pre's seed 1, joint
     # Progress, as written to a file: a line per unit (the first epoch's line aside), named as the
     # comparison names it, with the job's ETA on the epoch line.
@@ -158,7 +164,11 @@ def test_compiling_the_next_method_ahead_changes_no_result(tmp_path, monkeypatch
     assert done == ["[unimodal x1 × 2 runs]", "[unimodal x2 × 2 runs]", "[uni_pre_frozen seed 0]",
                     "[uni_pre_frozen seed 1]", "[joint × 2 runs]"], log
     assert len(log) <= len(done) + 2 and "· job 1/5" in log[0], log
-    inline = study.run_comparison(cfg, str(tmp_path / "inline"), methods, (0, 1), compile_ahead=False)
+    shared_jit.set_sharing(False)
+    try:
+        inline = study.run_comparison(cfg, str(tmp_path / "inline"), methods, (0, 1), compile_ahead=False)
+    finally:
+        shared_jit.set_sharing(True)
     assert len(used) == 3
     for label, runs in inline["runs"].items():
         for a, b in zip(ahead["runs"][label], runs, strict=True):
