@@ -26,7 +26,7 @@ import numpy as np
 
 from mcr_jax import evaluation, guards, parallel, progress, tensorboard
 from mcr_jax.checkpoint import Checkpointer, from_saveable, host_copy, non_finite_leaves
-from mcr_jax.methods.base import EpochContext
+from mcr_jax.methods.base import EpochContext, Method
 from mcr_jax.options import as_dict
 from mcr_jax.programs import Programs, RunSpec, put, put_rows, take
 from mcr_jax.tasks import Task, get_task
@@ -294,6 +294,7 @@ def _epochs(programs: Programs, specs: list[RunSpec], store: _Store, states, bes
     earliest_stop = int(method.earliest_stop_epoch())
     headline = get_task(info.task).headline
     weighted = method.gives_sampling_weights
+    hooked = type(method).on_epoch_end is not Method.on_epoch_end  # else the hook returns its input: skipped
     session_time = first_time = 0.0
     for epoch in range(start, epochs + 1):
         active = [i for i, m in enumerate(metas) if not m["stopped_early"]]
@@ -321,20 +322,23 @@ def _epochs(programs: Programs, specs: list[RunSpec], store: _Store, states, bes
         for i in active:
             m, sp, (val, _) = metas[i], specs[i], vals[i]
             m["train_time_s"] += epoch_time
-            ms = take(states.method_state, i)
-            ctx = EpochContext(epoch=epoch, steps_per_epoch=programs.steps_per_epoch, state_fn=lambda: take(states, i),
-                               features_fn=programs.features_fn, fresh_params_fn=programs.fresh_params,
-                               fuse_fn=programs.fuse_fn, graphdef_eval=programs.graphdef_eval)
-            new_ms = method.on_epoch_end(epoch, val, ms, ctx)
-            if ctx.replaced:  # the hook installed new parameters: write this run's state back
-                states = put(states, i, ctx.state._replace(method_state=new_ms))
-            elif new_ms is not ms:  # only its method state: written back for every such run at once
-                new_states[i] = new_ms
+            logged = {}
+            if hooked:
+                ms = take(states.method_state, i)
+                ctx = EpochContext(epoch=epoch, steps_per_epoch=programs.steps_per_epoch,
+                                   state_fn=lambda: take(states, i), features_fn=programs.features_fn,
+                                   fresh_params_fn=programs.fresh_params, fuse_fn=programs.fuse_fn,
+                                   graphdef_eval=programs.graphdef_eval)
+                new_ms, logged = method.on_epoch_end(epoch, val, ms, ctx), ctx.logged
+                if ctx.replaced:  # the hook installed new parameters: write this run's state back
+                    states = put(states, i, ctx.state._replace(method_state=new_ms))
+                elif new_ms is not ms:  # only its method state: written back for every such run at once
+                    new_states[i] = new_ms
             m["steps"] = int(steps[i])
             record = {"epoch": epoch, "step": m["steps"], "train": {n: float(np.mean(v[i])) for n, v in mets.items()},
                       "val": {"loss": val["loss"],
                               **{f"{h}_{n}": v for h, d in val["heads"].items() for n, v in d.items()},
-                              **{f"mipd_{mm}": v for mm, v in val.get("mipd", {}).items()}, **ctx.logged},
+                              **{f"mipd_{mm}": v for mm, v in val.get("mipd", {}).items()}, **logged},
                       "time_s": epoch_time}
             if wait is not None:
                 record["input_wait_fraction"] = wait

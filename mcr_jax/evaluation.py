@@ -131,6 +131,10 @@ def shapley(run, params, rest, split, hparams=None) -> dict:
     names, task, mode = tuple(run.info.modalities), method.task, str(ec.shapley_absent)
 
     def host_pass(keep):
+        on_device = getattr(run, "subset_split", None)  # the whole split in one program, when it is on the device
+        got = None if on_device is None else on_device(params, rest, split, keep, dict(hparams or {}))
+        if got is not None:
+            return got
         logits, latents, labels = [], {}, []
         keep = jnp.asarray(keep, jnp.float32)
         for batch in run.batches(split, run.eval_batch_size, train=False, epoch=0):

@@ -49,7 +49,7 @@ from mcr_jax.models.build import build_model
 from mcr_jax.optim import make_optimizer
 from mcr_jax.shared_jit import shared_jit
 from mcr_jax.state import StepOutput, TrainState, init_state, split_model
-from mcr_jax.steps import eval_layout, make_epoch_fn, make_eval_fn, make_eval_step, make_train_step
+from mcr_jax.steps import eval_layout, make_epoch_fn, make_eval_fn, make_eval_step, make_train_step, scan_split
 
 #: the splits the trainer evaluates (validation every epoch, both at the end)
 EVAL_SPLITS = ("validation", "test")
@@ -280,7 +280,7 @@ class Programs:
         self._eval_step = shared_jit(over_runs(self.eval_step, k, (0, 0, None, None, 0)),
                                   in_shardings=(rep, rep, shard, rep, rep))
         self.device_arrays: dict[str, Any] = {}
-        self._epoch_fn = self._eval_fn = None
+        self._epoch_fn = self._eval_fn = self._subset_fn = None
         self._aot: dict[str, Any] = {}  # programs compiled ahead of their first call (precompile)
         if self.compiled:
             self.device_arrays["train"] = parallel.replicate(self.data.arrays("train"), mesh)
@@ -290,6 +290,11 @@ class Programs:
             fn = make_eval_fn(self.eval_step, batch_sharding=shard)
             self._eval_fn = shared_jit(over_runs(fn, k, (0, 0, None, 0, None, None, None, None)),
                                        in_shardings=(rep,) * 8)
+            subset = make_subset_predict(method, geval)
+            self._subset_fn = shared_jit(
+                lambda p, r, arrays, keep, hparams, rows, mask, first, base: scan_split(
+                    lambda batch, i: subset(p, r, batch, keep, hparams), arrays, rows, mask, first, base,
+                    batch_sharding=shard), in_shardings=(rep,) * 9)
 
         encode = shared_jit(lambda p, r, b: nnx.merge(geval, p, r).encode(*model_inputs(b, info.modalities)),
                             in_shardings=(rep, rep, shard))
@@ -437,6 +442,24 @@ class Programs:
             labels.append(batch["label"])
         outs, masks, labels = parallel.to_host((outs, masks, labels))
         return EvalOutput.from_batches(outs, masks, labels)
+
+    def subset_split(self, params, rest, split: str, keep, hparams):
+        """One run's ``subset_predict`` (inputs of modality ``i`` zeroed where ``keep[i] == 0``) over
+        a whole device-resident split, in as many calls as the evaluation: ``(logits [N, C],
+        {modality: latents [N, ...]}, labels [N])`` of the split's examples in order; None when the
+        split is not on the device (then :func:`mcr_jax.evaluation.shapley` goes batch by batch)."""
+        if self._subset_fn is None:
+            return None
+        arrays, chunks, nb = self._eval_splits[split]
+        keep = jnp.asarray(keep, jnp.float32)
+        parts = parallel.to_host([self._subset_fn(params, rest, arrays, keep, hparams, *c) for c in chunks])
+        out = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs])[:nb], *parts)
+        valid = out["mask"].reshape(-1) > 0
+
+        def rows(x):
+            return x.reshape(-1, *x.shape[2:])[valid]
+
+        return rows(out["logits"]), {m: rows(z) for m, z in out["latents"].items()}, rows(out["label"])
 
     def compile_counts(self) -> dict[str, int]:
         """How many programs each compiled function holds (each compiles once per run set; tested)."""

@@ -161,19 +161,27 @@ def make_eval_fn(eval_step, *, batch_sharding=None):
     scores validation and test with one program; :func:`eval_layout` gives a split's layout)."""
 
     def run(params, rest, arrays, hparams, rows, mask, first, base):
-        def body(_, xs):
-            i, r, m = xs
-            batch = gather_batch(arrays, r, m, base)
-            if batch_sharding is not None:
-                batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-            out = eval_step(params, rest, batch, i, hparams)
-            return None, dict(out, mask=batch["mask"], label=batch["label"])
-
-        index = first + jnp.arange(rows.shape[0], dtype=jnp.int32)
-        return jax.lax.scan(body, None, (index, rows, mask))[1]
+        return scan_split(lambda batch, i: eval_step(params, rest, batch, i, hparams), arrays, rows, mask, first,
+                          base, batch_sharding=batch_sharding)
 
     return run
 
 
+def scan_split(fn, arrays, rows, mask, first, base, *, batch_sharding=None):
+    """``fn(batch, index)`` for every batch ``arrays[base + rows[i]]`` of a device-resident split
+    (``rows``, ``mask``: ``[num_batches, B]``; batch ``i`` has index ``first + i``), in one
+    ``lax.scan``: its outputs with a leading ``[num_batches]`` axis, plus ``mask`` and ``label``."""
+
+    def body(_, xs):
+        i, r, m = xs
+        batch = gather_batch(arrays, r, m, base)
+        if batch_sharding is not None:
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+        return None, dict(fn(batch, i), mask=batch["mask"], label=batch["label"])
+
+    index = first + jnp.arange(rows.shape[0], dtype=jnp.int32)
+    return jax.lax.scan(body, None, (index, rows, mask))[1]
+
+
 __all__ = ["EVAL_PERMUTATION_SEED", "eval_layout", "gather_batch", "make_epoch_fn", "make_eval_fn",
-           "make_eval_step", "make_train_step"]
+           "make_eval_step", "make_train_step", "scan_split"]

@@ -143,3 +143,44 @@ def test_diagnostic_matches_a_slow_evaluation_of_every_subset(three):
     assert len(set(tables[0].values())) > 2  # and the subsets' values are not all alike
     run.config.eval.shapley = False
     assert evaluation.shapley(run, params, handle.rest, "test") == {}
+
+
+def test_the_device_resident_pass_equals_the_batch_by_batch_pass():
+    """Programs.subset_split (the whole split in one compiled program, used when the split is on the
+    device) gives evaluation.shapley the same logits, latents and labels as the host batch loop, so
+    the same Shapley values and subset values, for every way of making a modality absent."""
+    from experiments.configs import synthetic
+    from mcr_jax.programs import Programs
+
+    cfg = synthetic.get_config("smoke")
+    cfg.data.num_test = 70  # test in several chunks of validation's layout, the last one padded
+    cfg.eval.batch_size = 16
+    cfg.parallel.num_devices = 1
+    progs = Programs.single(cfg)
+    assert progs.compiled
+    params = jax.tree.map(lambda x: x[0], progs.states.params)
+    rest = jax.tree.map(lambda x: x[0], progs.states.rest)
+    batch_by_batch = types.SimpleNamespace(**{n: getattr(progs, n) for n in (
+        "method", "info", "config", "eval_batch_size", "batches", "subset_predict", "fuse_fn")})
+    for keep in ([1.0, 1.0], [1.0, 0.0], [0.0, 0.0]):
+        split = progs.subset_split(params, rest, "test", keep, {})
+        assert split[0].shape[0] == 70 and split[2].shape == (70,)
+    for mode in evaluation.SHAPLEY_ABSENT:
+        cfg.eval.shapley_absent = mode
+        for split in ("validation", "test"):
+            device = evaluation.shapley(progs, params, rest, split)
+            host = evaluation.shapley(batch_by_batch, params, rest, split)
+            assert device["shapley_subsets"] == pytest.approx(host["shapley_subsets"], abs=1e-12), (mode, split)
+            assert device["shapley"] == pytest.approx(host["shapley"], abs=1e-12), (mode, split)
+    # the pieces themselves, against the host loop's
+    keep = np.array([1.0, 0.0], np.float32)
+    logits, latents, labels = progs.subset_split(params, rest, "test", keep, {})
+    ref_logits, ref_labels = [], []
+    for batch in progs.batches("test", progs.eval_batch_size, train=False, epoch=0):
+        out = jax.device_get(progs.subset_predict(params, rest, batch, jnp.asarray(keep), {}))
+        valid = np.asarray(batch["mask"]) > 0
+        ref_logits.append(np.asarray(out["logits"])[valid])
+        ref_labels.append(np.asarray(batch["label"])[valid])
+    np.testing.assert_allclose(logits, np.concatenate(ref_logits), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(labels, np.concatenate(ref_labels))
+    assert set(latents) == set(progs.info.modalities)
