@@ -166,7 +166,7 @@ def test_the_device_resident_pass_equals_the_batch_by_batch_pass():
         split = progs.subset_split(params, rest, "test", keep, {})
         assert split[0].shape[0] == 70 and split[2].shape == (70,)
     for mode in evaluation.SHAPLEY_ABSENT:
-        cfg.eval.shapley_absent = mode
+        progs.config.eval.shapley_absent = mode  # the programs' own (resolved) config, shared by both
         for split in ("validation", "test"):
             device = evaluation.shapley(progs, params, rest, split)
             host = evaluation.shapley(batch_by_batch, params, rest, split)
