@@ -138,7 +138,7 @@ def time_compile(progs: Programs):
     compiled epoch is returned for timing."""
     out = {("eval (validation and test)" if k == "eval_validation" else k.replace("_", " ")): v
            for k, v in progs.precompile().items()}
-    return out, progs._aot["epoch"]
+    return out, progs._epoch_fn.compile(progs.states, progs.device_arrays["train"], progs.epoch_rows(1))
 
 
 def time_epoch(compiled, progs: Programs, reps: int) -> tuple[float, float]:
@@ -153,9 +153,9 @@ def time_epoch(compiled, progs: Programs, reps: int) -> tuple[float, float]:
         state, m = compiled(state, arrays, rows)
         jax.block_until_ready((state.params, m))
         epoch_s.append(time.perf_counter() - t0)
-    val = progs._aot["eval_validation"]
     arrays, chunks, _ = progs._eval_splits["validation"]
     args = (state.params, state.rest, arrays, state.hparams, *chunks[0])
+    val = progs._eval_fn.compile(*args)
     jax.block_until_ready(val(*args))
     eval_s = []
     for _ in range(reps):

@@ -281,7 +281,6 @@ class Programs:
                                   in_shardings=(rep, rep, shard, rep, rep))
         self.device_arrays: dict[str, Any] = {}
         self._epoch_fn = self._eval_fn = self._subset_fn = None
-        self._aot: dict[str, Any] = {}  # programs compiled ahead of their first call (precompile)
         if self.compiled:
             self.device_arrays["train"] = parallel.replicate(self.data.arrays("train"), mesh)
             self._epoch_fn = shared_jit(over_runs(make_epoch_fn(self.step, batch_sharding=shard), k, (0, None, 0)),
@@ -358,16 +357,14 @@ class Programs:
         if self._epoch_fn is None:
             return times
         t0 = time.perf_counter()
-        self._aot["epoch"] = self._epoch_fn.compile(self.states, self.device_arrays["train"], self.epoch_rows(1))
+        self._epoch_fn.compile(self.states, self.device_arrays["train"], self.epoch_rows(1))
         times["epoch"] = time.perf_counter() - t0
         for split in EVAL_SPLITS:
             arrays, chunks, _ = self._eval_splits[split]
             if split != "validation" and arrays is self._eval_splits["validation"][0]:
-                self._aot[f"eval_{split}"] = self._aot["eval_validation"]  # the same program
-                continue
+                continue  # the validation program scores this split too
             t0 = time.perf_counter()
-            self._aot[f"eval_{split}"] = self._eval_fn.compile(self.states.params, self.states.rest, arrays,
-                                                               self.states.hparams, *chunks[0])
+            self._eval_fn.compile(self.states.params, self.states.rest, arrays, self.states.hparams, *chunks[0])
             times[f"eval_{split}"] = time.perf_counter() - t0
         return times
 
@@ -414,8 +411,7 @@ class Programs:
             weights = None
         states = self.set_epoch(states, epoch)
         if self._epoch_fn is not None:
-            states, mets = self._aot.get("epoch", self._epoch_fn)(states, self.device_arrays["train"],
-                                                                  self.epoch_rows(epoch, weights))
+            states, mets = self._epoch_fn(states, self.device_arrays["train"], self.epoch_rows(epoch, weights))
             return states, {k: np.asarray(v) for k, v in parallel.to_host(mets).items()}, None
         t0, step_metrics = time.perf_counter(), []
         with _Prefetch(lambda: self.run_batches(epoch, weights), self.prefetch) as batches:
@@ -431,8 +427,7 @@ class Programs:
         """Every run's outputs on ``split`` (stacked ``params`` / ``rest`` / ``hparams``)."""
         if self._eval_fn is not None:
             arrays, chunks, nb = self._eval_splits[split]
-            fn = self._aot.get(f"eval_{split}", self._eval_fn)
-            parts = parallel.to_host([fn(params, rest, arrays, hparams, *c) for c in chunks])
+            parts = parallel.to_host([self._eval_fn(params, rest, arrays, hparams, *c) for c in chunks])
             out = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1)[:, :nb], *parts)
             return EvalOutput.from_scanned(out)
         outs, masks, labels = [], [], []
