@@ -94,6 +94,8 @@ def test_one_compiled_program_scores_validation_and_test_of_other_sizes(ahead):
         for m in a["mipd"]:
             assert a["mipd"][m] == pytest.approx(b["mipd"][m], rel=1e-4)
     assert compiled.compile_counts()["eval"] == 1
+    compiled.train_epoch(compiled.states, 1)  # a precompiled epoch is the one training runs
+    assert compiled.compile_counts()["epoch"] == 1
 
 
 def _recording(monkeypatch):
