@@ -71,13 +71,31 @@ def stack(trees):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
+def _on_device(*trees) -> bool:
+    """Whether every leaf of ``trees`` is a JAX array (then one compiled call does a whole tree:
+    one dispatch instead of one per leaf; the same values)."""
+    leaves = jax.tree.leaves(trees)
+    return bool(leaves) and all(isinstance(x, jax.Array) for x in leaves)
+
+
+_take = jax.jit(lambda tree, k: jax.tree.map(lambda x: x[k], tree))
+_put = jax.jit(lambda tree, k, value: jax.tree.map(lambda x, v: x.at[k].set(v), tree, value))
+_put_rows = jax.jit(lambda tree, index, rows: jax.tree.map(lambda x, *vs: x.at[index].set(jnp.stack(vs)), tree,
+                                                           *rows))
+
+
 def take(tree, k: int):
     """Entry ``k`` of a stacked pytree."""
+    if _on_device(tree):
+        return _take(tree, k)
     return jax.tree.map(lambda x: x[k], tree)
 
 
 def put(tree, k: int, value):
     """A stacked pytree with entry ``k`` replaced (device arrays: a new tree; NumPy: in place)."""
+    if _on_device(tree, value):
+        return _put(tree, k, value)
+
     def one(x, v):
         if isinstance(x, np.ndarray):
             x[k] = v
@@ -91,6 +109,8 @@ def put_rows(tree, rows: dict):
     """A stacked pytree with entry ``k`` replaced by ``rows[k]`` for every ``k`` of ``rows``: one
     update per leaf, however many runs changed (device arrays: a new tree; NumPy: in place)."""
     index = sorted(rows)
+    if _on_device(tree, [rows[k] for k in index]):
+        return _put_rows(tree, np.asarray(index, np.int32), [rows[k] for k in index])
     new = stack([rows[k] for k in index])
 
     def one(x, v):
